@@ -1,0 +1,66 @@
+"""Built-in keyed aggregations, written with the same state API users get.
+
+Reduce and aggregate carry a per-job function and serde, while state is declared on the
+class (that is how the runtime discovers it). Each call therefore makes a small subclass with
+its own descriptor: the runtime sees ordinary declared state and nothing is special-cased.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from operators.operator import Context, Operator
+from operators.record import Record
+from operators.serde import Serde
+from operators.state import AggregateFunction, AggregatingStateDescriptor, ValueStateDescriptor
+
+
+class Count(Operator):
+    """Running count per key."""
+
+    count = ValueStateDescriptor[int](type=int, default=0)
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        n = self.count.value() + 1
+        self.count.update(n)
+        ctx.emit(n)
+
+
+class _Fold(Operator):
+    """Running ``fn(acc, value)`` per key; ``acc`` is declared by the generated subclass."""
+
+    acc: Any
+
+    def __init__(self, fn: Callable[[Any, Any], Any], initial: Any) -> None:
+        self.fn = fn
+        self.initial = initial
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        cur = self.acc.value()
+        new = record.value if cur is None and self.initial is None else self.fn(cur, record.value)
+        self.acc.update(new)
+        ctx.emit(new)
+
+
+class _Aggregate(Operator):
+    state: Any
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        self.state.add(record.value)
+        ctx.emit(self.state.get())
+
+
+def fold_operator(
+    kind: str, fn: Callable[[Any, Any], Any], serde: Serde[Any], initial: Any = None
+) -> Operator:
+    """``sum`` (initial 0) and ``reduce`` (initial: the first value) as one operator."""
+    cls = type(kind, (_Fold,), {"acc": ValueStateDescriptor[Any](serde=serde, default=initial)})
+    op: Operator = cls(fn, initial)
+    return op
+
+
+def aggregate_operator(function: AggregateFunction[Any, Any, Any], serde: Serde[Any]) -> Operator:
+    desc = AggregatingStateDescriptor[Any, Any, Any](aggregate_function=function, serde=serde)
+    op: Operator = type("Aggregate", (_Aggregate,), {"state": desc})()
+    return op

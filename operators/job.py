@@ -1,0 +1,323 @@
+"""The job builder: sources, transformations, ``key_by`` hops and sinks.
+
+A :class:`Job` is a description only. ``key_by`` ends a *stage*: records are re-keyed and
+written to the internal repartition topic ``<job>.<stage>.repartition`` that the next stage
+reads, so that all records of one key meet in one task (and one state backend). Every stage
+instance for one input partition is a *task*; that is the unit that moves between workers.
+
+    job = Job("wordcount")
+    (job.source("lines", value_serde=STR)
+        .flat_map(str.split)
+        .key_by(lambda word: word, key_serde=STR)
+        .count(name="counts")
+        .sink("word-counts", key_serde=STR, value_serde=JSON))
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from operators.operator import Operator
+from operators.serde import BYTES, JSON, Serde
+
+_TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class ErrorPolicy(str, Enum):
+    """What happens to a record that cannot be deserialized or whose operator raises.
+
+    Nothing is dropped silently: every path is counted in metrics.
+    """
+
+    FAIL = "fail"  #: stop the worker, naming topic/partition/offset; commit nothing past it
+    SKIP = "skip"  #: count it and go on
+    DEAD_LETTER = "dead_letter"  #: write it to ``<job>.dlq`` with error headers and go on
+
+
+class JobDefinitionError(ValueError):
+    """The job description is inconsistent (reported at build time, before any I/O)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MapStep:
+    fn: Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FlatMapStep:
+    fn: Callable[[Any], Iterable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class FilterStep:
+    fn: Callable[[Any], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStep:
+    """A user (or built-in) operator; ``prototype`` is copied once per task."""
+
+    operator_id: str
+    prototype: Operator
+
+    def instantiate(self) -> Operator:
+        """A fresh operator for one task: tasks never share Python objects."""
+        op = copy.deepcopy(self.prototype)
+        op.operator_id = self.operator_id
+        return op
+
+
+Step = MapStep | FlatMapStep | FilterStep | ProcessStep
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """The inputs of a stage: one or more co-partitioned topics (same partition count)."""
+
+    topics: tuple[str, ...]
+    key_serde: Serde[Any]
+    value_serde: Serde[Any]
+    internal: bool = False  #: a repartition topic written by the previous stage
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    topic: str
+    key_serde: Serde[Any]
+    value_serde: Serde[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RepartitionSpec:
+    """``key_by``: compute the new key from the value and hop to the next stage."""
+
+    topic: str
+    key_fn: Callable[[Any], Any]
+    key_serde: Serde[Any]
+    value_serde: Serde[Any]
+    partitions: int | None  #: None: same count as the stage's source
+
+
+@dataclass(slots=True)
+class Stage:
+    index: int
+    name: str
+    source: SourceSpec
+    steps: list[Step] = field(default_factory=list)
+    output: SinkSpec | RepartitionSpec | None = None
+
+    @property
+    def group_id_suffix(self) -> str:
+        return self.name
+
+    def process_steps(self) -> list[ProcessStep]:
+        return [s for s in self.steps if isinstance(s, ProcessStep)]
+
+
+class Stream:
+    """A chain of transformations inside one stage; ``key_by`` starts a new stage."""
+
+    def __init__(self, job: Job, stage: Stage) -> None:
+        self._job = job
+        self._stage = stage
+
+    def _add(self, step: Step) -> Stream:
+        if self._stage.output is not None:
+            raise JobDefinitionError(
+                f"{self._stage.name} of job {self._job.name!r} already ends in "
+                f"{type(self._stage.output).__name__}; add steps before it"
+            )
+        self._stage.steps.append(step)
+        return self
+
+    def map(self, fn: Callable[[Any], Any]) -> Stream:
+        """Replace each value by ``fn(value)``; the key is kept."""
+        return self._add(MapStep(fn))
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> Stream:
+        """Replace each value by zero or more values ``fn(value)``; the key is kept."""
+        return self._add(FlatMapStep(fn))
+
+    def filter(self, fn: Callable[[Any], bool]) -> Stream:
+        """Keep the values for which ``fn(value)`` is true."""
+        return self._add(FilterStep(fn))
+
+    def process(self, operator: Operator, name: str | None = None) -> Stream:
+        """Run a user operator. ``name`` is its stable id (state namespace, changelog topic)."""
+        if not isinstance(operator, Operator):
+            raise JobDefinitionError(
+                f"process() takes an Operator instance, got {type(operator).__name__}"
+            )
+        op_id = name or operator.operator_id or self._job._auto_id(type(operator).__name__)
+        return self._add(ProcessStep(self._job._claim_id(op_id), operator))
+
+    # Built-in keyed aggregations: thin operators over the same state handles users get.
+    def count(self, name: str | None = None) -> Stream:
+        """Per key, count the records and emit the running count."""
+        from operators.builtins import Count
+
+        return self.process(Count(), name=name or self._job._auto_id("count"))
+
+    def sum(
+        self, fn: Callable[[Any], Any] | None = None, *, serde: Serde[Any] = JSON,
+        name: str | None = None,
+    ) -> Stream:
+        """Per key, sum ``fn(value)`` (default: the value) and emit the running sum."""
+        from operators.builtins import fold_operator
+
+        get = fn or _identity
+        op = fold_operator("Sum", lambda acc, v: acc + get(v), serde, initial=0)
+        return self.process(op, name=name or self._job._auto_id("sum"))
+
+    def reduce(
+        self, fn: Callable[[Any, Any], Any], *, serde: Serde[Any] = JSON, name: str | None = None
+    ) -> Stream:
+        """Per key, fold values with ``fn(acc, value)`` and emit the running result."""
+        from operators.builtins import fold_operator
+
+        op = fold_operator("Reduce", fn, serde)
+        return self.process(op, name=name or self._job._auto_id("reduce"))
+
+    def aggregate(
+        self, function: Any, *, serde: Serde[Any] = JSON, name: str | None = None
+    ) -> Stream:
+        """Per key, aggregate with an ``AggregateFunction`` and emit its result."""
+        from operators.builtins import aggregate_operator
+
+        op = aggregate_operator(function, serde)
+        return self.process(op, name=name or self._job._auto_id("aggregate"))
+
+    def key_by(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        key_serde: Serde[Any] = JSON,
+        value_serde: Serde[Any] = JSON,
+        partitions: int | None = None,
+    ) -> Stream:
+        """Re-key by ``fn(value)`` and repartition: ends this stage, starts the next one.
+
+        The values cross an internal topic, so ``value_serde`` must be able to encode them.
+        """
+        next_index = self._stage.index + 1
+        next_name = f"stage{next_index}"
+        topic = f"{self._job.name}.{next_name}.repartition"
+        self._stage.output = RepartitionSpec(topic, fn, key_serde, value_serde, partitions)
+        stage = Stage(
+            next_index, next_name, SourceSpec((topic,), key_serde, value_serde, internal=True)
+        )
+        self._job.stages.append(stage)
+        return Stream(self._job, stage)
+
+    def sink(
+        self, topic: str, *, key_serde: Serde[Any] = JSON, value_serde: Serde[Any] = JSON
+    ) -> None:
+        """Write ``(key, value)`` to ``topic`` (the job's output; not created by headrace)."""
+        _check_topic(topic)
+        if self._stage.output is not None:
+            raise JobDefinitionError(f"{self._stage.name} already has an output")
+        self._stage.output = SinkSpec(topic, key_serde, value_serde)
+
+
+class Job:
+    """A named dataflow. Its name prefixes every topic and consumer group it owns."""
+
+    def __init__(self, name: str, *, error_policy: ErrorPolicy | str = ErrorPolicy.FAIL) -> None:
+        _check_topic(name)
+        self.name = name
+        self.error_policy = ErrorPolicy(error_policy)
+        self.stages: list[Stage] = []
+        self._ids: set[str] = set()
+        self._auto_counter = 0
+
+    def source(
+        self,
+        *topics: str,
+        key_serde: Serde[Any] = BYTES,
+        value_serde: Serde[Any] = BYTES,
+    ) -> Stream:
+        """Read one topic, or several co-partitioned topics (same partition count).
+
+        Partition ``p`` of every topic goes to the same task, so state keyed by the record key
+        sees all topics' records of that key.
+        """
+        if self.stages:
+            raise JobDefinitionError("a job has one source; use key_by to add stages")
+        if not topics:
+            raise JobDefinitionError("source() needs at least one topic")
+        for t in topics:
+            _check_topic(t)
+        stage = Stage(0, "stage0", SourceSpec(tuple(topics), key_serde, value_serde))
+        self.stages.append(stage)
+        return Stream(self, stage)
+
+    # -- derived names -----------------------------------------------------------------------
+    def group_id(self, stage: Stage) -> str:
+        return f"{self.name}.{stage.name}"
+
+    def changelog_topic(self, operator_id: str) -> str:
+        return f"{self.name}.{operator_id}.changelog"
+
+    @property
+    def checkpoint_topic(self) -> str:
+        return f"{self.name}.checkpoints"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return f"{self.name}.dlq"
+
+    def transactional_id(self, stage: Stage, partition: int) -> str:
+        return f"{self.name}.{stage.name}.{partition}"
+
+    def stateful_operators(self) -> list[tuple[Stage, ProcessStep]]:
+        from operators.state import declared_state
+
+        return [
+            (stage, step)
+            for stage in self.stages
+            for step in stage.process_steps()
+            if declared_state(type(step.prototype))
+        ]
+
+    def find_operator(self, operator_id: str) -> tuple[Stage, ProcessStep]:
+        for stage in self.stages:
+            for step in stage.process_steps():
+                if step.operator_id == operator_id:
+                    return stage, step
+        known = ", ".join(s.operator_id for st in self.stages for s in st.process_steps())
+        raise JobDefinitionError(
+            f"job {self.name!r} has no operator {operator_id!r} (operators: {known or 'none'})"
+        )
+
+    def validate(self) -> None:
+        """Check the description is complete; called by the runtime before any I/O."""
+        if not self.stages:
+            raise JobDefinitionError(f"job {self.name!r} has no source")
+
+    # -- ids ---------------------------------------------------------------------------------
+    def _auto_id(self, kind: str) -> str:
+        self._auto_counter += 1
+        return f"{kind.lower()}-{self._auto_counter}"
+
+    def _claim_id(self, op_id: str) -> str:
+        _check_topic(op_id)
+        if op_id in self._ids:
+            raise JobDefinitionError(f"operator id {op_id!r} is used twice in job {self.name!r}")
+        self._ids.add(op_id)
+        return op_id
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _check_topic(name: str) -> None:
+    if not _TOPIC_CHARS.match(name) or len(name) > 200:
+        raise JobDefinitionError(
+            f"{name!r} is not usable in a Kafka topic name (use letters, digits, '.', '_', '-')"
+        )

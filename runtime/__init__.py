@@ -1,0 +1,1 @@
+"""headrace runtime: HOW a job runs (state backends, checkpoints, Kafka, workers)."""

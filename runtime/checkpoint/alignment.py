@@ -1,0 +1,202 @@
+"""Barrier alignment for a task that reads a repartition partition.
+
+This module is where the checkpoint *cut* of a downstream task is decided. It does no I/O.
+
+The problem
+-----------
+A repartition partition ``q`` interleaves records from every upstream task (a *channel*: the
+upstream partition that wrote the record, carried in the ``hr.ch`` header). Each upstream task
+writes barrier ``n`` into every repartition partition when it checkpoints ``n``. Checkpoint ``n``
+of the downstream task must contain, from every channel, exactly the records that channel wrote
+before its barrier ``n`` — the records its upstream checkpoint ``n`` already accounted for.
+
+Alignment (Flink's rule, DESIGN.md section 5.4): after barrier ``n`` arrives on channel ``c``,
+later records of ``c`` are *held* until barrier ``n`` has arrived on every channel; then the task
+checkpoints and releases them. A channel whose next barrier is ``m > n`` (its task restarted, or
+skipped ids while catching up) counts as having passed ``n``; the checkpoint id is then the
+smallest id any channel passed. An alignment timeout lets the task checkpoint *unaligned*
+(every channel not yet passed contributes everything read so far) rather than stall for ever.
+
+Why a single committed offset is not enough
+--------------------------------------------
+Kafka stores one committed offset per partition, but the cut above is not a prefix of the
+partition: held records of an early channel sit *before* included records of a late channel.
+Committing the offset after the last barrier would lose the held records; committing the
+offset of the first held record would count the late channel's records twice on replay.
+
+So a checkpoint records, per channel ``c``, ``X_c``: the first offset of ``c`` that is *not* in
+the checkpoint (the offset after ``c``'s barrier when ``c`` passed, else the read position).
+The committed offset is ``O = min(X_c)``: everything before ``O`` is included. On restore the
+task seeks to ``O`` and skips records of channel ``c`` below ``X_c`` (they are already in the
+state). Only channels with ``X_c > O`` need to be stored, in the offset-commit metadata. This
+gives exactly-once state across the hop without any coordinator and without a second topic.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Where checkpoint ``checkpoint_id`` cuts one input partition.
+
+    ``offset`` is the offset to commit; ``skip`` maps channel -> first offset of that channel
+    that is *not* included, for channels whose included records extend past ``offset``.
+    """
+
+    checkpoint_id: int
+    offset: int
+    skip: dict[int, int] = field(default_factory=dict)
+    aligned: bool = True
+
+
+class BarrierAligner:
+    """Per-channel alignment state of one repartition input partition.
+
+    The owner feeds items in partition order through :meth:`on_record` / :meth:`on_barrier`
+    and processes records for which they return True. When :attr:`ready` becomes True the
+    owner takes the checkpoint (:meth:`cut`), then calls :meth:`complete` and processes the
+    records it releases.
+    """
+
+    __slots__ = (
+        "_align_started",
+        "_barrier_offset",
+        "_clock",
+        "_held",
+        "_passed",
+        "_skip",
+        "channels",
+        "last_checkpoint",
+        "position",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        last_checkpoint: int = 0,
+        position: int = 0,
+        skip: dict[int, int] | None = None,
+        timeout: float = 60.0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.channels = channels
+        self.last_checkpoint = last_checkpoint
+        #: next offset to read (everything below was consumed: processed, held or skipped)
+        self.position = position
+        self.timeout = timeout
+        self._clock = clock
+        self._passed = [last_checkpoint] * channels
+        self._barrier_offset = [-1] * channels
+        self._held: list[deque[tuple[int, Any, int | None]]] = [deque() for _ in range(channels)]
+        self._skip = dict(skip or {})
+        self._align_started: float | None = None
+
+    # -- feeding -------------------------------------------------------------------------------
+    def admit(self, channel: int, offset: int) -> bool:
+        """Is a record at ``offset`` of ``channel`` new (not already in the restored state)?
+
+        Only consulted while a restore skip list is active (rare), so the hot path is a
+        truthiness test of an empty dict.
+        """
+        self.position = offset + 1
+        skip = self._skip
+        if skip:
+            if offset >= max(skip.values()):
+                skip.clear()
+            elif offset < skip.get(channel, -1):
+                return False
+        return True
+
+    def on_record(self, channel: int, offset: int, item: Any) -> bool:
+        """A data record; True if it should be processed now, False if it is held."""
+        if self._passed[channel] > self.last_checkpoint:
+            self._held[channel].append((offset, item, None))
+            return False
+        return True
+
+    def on_barrier(self, channel: int, offset: int, checkpoint_id: int) -> None:
+        """A barrier record of ``channel``; may make the aligner :attr:`ready`."""
+        if self._passed[channel] > self.last_checkpoint:
+            # The channel is already blocked: its later barriers wait in line with its records.
+            self._held[channel].append((offset, None, checkpoint_id))
+            return
+        self._pass(channel, offset, checkpoint_id)
+
+    def _pass(self, channel: int, offset: int, checkpoint_id: int) -> None:
+        if checkpoint_id <= self._passed[channel]:
+            return  # a stale or repeated barrier (an upstream replay): nothing to align
+        self._passed[channel] = checkpoint_id
+        self._barrier_offset[channel] = offset
+        if checkpoint_id > self.last_checkpoint and self._align_started is None:
+            self._align_started = self._clock()
+
+    # -- checkpointing -------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Every channel has passed a barrier newer than the last checkpoint."""
+        return min(self._passed) > self.last_checkpoint
+
+    @property
+    def aligning(self) -> bool:
+        return self._align_started is not None
+
+    def timed_out(self) -> bool:
+        started = self._align_started
+        return started is not None and self._clock() - started >= self.timeout
+
+    def alignment_seconds(self) -> float:
+        started = self._align_started
+        return 0.0 if started is None else self._clock() - started
+
+    def cut(self, *, force: bool = False) -> Cut:
+        """The cut for the checkpoint to take now.
+
+        Without ``force`` the aligner must be :attr:`ready`. With ``force`` (alignment timeout,
+        or a final checkpoint on revocation) channels that have not passed contribute every
+        record read so far, and the checkpoint is marked unaligned unless it was ready anyway.
+        """
+        aligned = self.ready
+        if not aligned and not force:
+            raise RuntimeError("cut() before alignment completed")
+        last = self.last_checkpoint
+        passed = [p for p in self._passed if p > last]
+        checkpoint_id = min(passed) if passed else last
+        firsts = [
+            self._barrier_offset[c] + 1 if self._passed[c] > last else self.position
+            for c in range(self.channels)
+        ]
+        # Records already skipped as restored stay skipped: carry an active skip list forward.
+        for c, x in self._skip.items():
+            firsts[c] = max(firsts[c], x)
+        offset = min(firsts) if firsts else self.position
+        skip = {c: x for c, x in enumerate(firsts) if x > offset}
+        return Cut(checkpoint_id, offset, skip, aligned)
+
+    def complete(self, checkpoint_id: int) -> list[Any]:
+        """Checkpoint ``checkpoint_id`` is taken: unblock channels and release held records.
+
+        Returns the released data records in per-channel order; releasing may pass further
+        barriers, so the owner checks :attr:`ready` again after processing them.
+        """
+        self.last_checkpoint = max(self.last_checkpoint, checkpoint_id)
+        self._align_started = None
+        released: list[Any] = []
+        for c in range(self.channels):
+            held = self._held[c]
+            while held and self._passed[c] <= self.last_checkpoint:
+                offset, item, barrier = held.popleft()
+                if barrier is None:
+                    released.append(item)
+                else:
+                    self._pass(c, offset, barrier)
+        return released
+
+    def held_count(self) -> int:
+        return sum(len(h) for h in self._held)

@@ -1,0 +1,164 @@
+"""Committing a task's checkpoint: the one place where durability is decided.
+
+A :class:`~runtime.task.PendingCheckpoint` was captured synchronously at the cut (state changes,
+outputs before the cut, input offsets and skip list, barrier records). Committing it means making
+all of that durable *together*, so that a crash at any instant leaves either the previous
+checkpoint or this one — never a mix (DESIGN.md section 5.5):
+
+exactly_once
+    Every task has its own transactional producer (``transactional.id`` =
+    ``<job>.<stage>.<partition>``): when the task moves, the new owner's ``init_transactions``
+    fences the old one and aborts its open transaction. Outputs, changelog writes, barrier
+    records, the checkpoint-log ack and the input offsets (``send_offsets_to_transaction``, with
+    the checkpoint metadata) go into one transaction per checkpoint. Readers use
+    ``read_committed``, so aborted changelog writes are invisible on restore.
+
+at_least_once
+    One shared idempotent producer. Outputs, changelog writes and barriers are sent and their
+    delivery acknowledged, *then* the offsets are committed with the checkpoint metadata. A crash
+    between the two leaves changelog writes of a checkpoint that never committed: the metadata's
+    ``cl`` (the changelog offset of the last committed write) lets restore tell them apart; the
+    restoring task rewrites those keys with their committed values at its next checkpoint
+    (:meth:`OperatorStateStore.force_dirty`), so stale writes never become "valid" later.
+
+Only after the commit does the task write the changes into its local backend, recording the
+changelog offset in the same write batch: a local RocksDB store therefore never holds
+uncommitted state, and a restart replays only the changelog tail past that offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from operators.job import Job
+from runtime.checkpoint.log import CheckpointAck
+from runtime.checkpoint.metadata import CheckpointMetadata
+from runtime.faults import maybe_crash
+from runtime.kafka.producer import BatchSender, Delivery, last_offset, wait_delivered
+from runtime.task import OutRecord, PendingCheckpoint, StageTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TaskIO:
+    """A task plus the Kafka clients and bookkeeping its checkpoints need."""
+
+    task: StageTask
+    sender: BatchSender
+    group_id: str
+    changelog_topics: dict[str, str]
+    #: operator id -> offset of the last changelog record this task's state includes
+    changelog_last: dict[str, int | None] = field(default_factory=dict)
+    #: deliveries of outputs sent since the last checkpoint (acknowledged at the next one)
+    unacked: list[Delivery] = field(default_factory=list)
+    #: offsets of the last committed checkpoint, per input (topic, partition)
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    #: the task's own transactional producer (exactly-once) or None
+    producer: AIOKafkaProducer | None = None
+    restored: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.stage.name}/{self.task.partition}"
+
+
+class Committer:
+    """Carries out checkpoints under one processing guarantee."""
+
+    def __init__(
+        self,
+        job: Job,
+        *,
+        exactly_once: bool,
+        consumer: AIOKafkaConsumer,
+        worker_id: str,
+    ) -> None:
+        self.job = job
+        self.exactly_once = exactly_once
+        self.consumer = consumer
+        self.worker_id = worker_id
+
+    async def commit(self, io: TaskIO, pending: PendingCheckpoint) -> None:
+        started = time.perf_counter()
+        task, sender = io.task, io.sender
+        deliveries = io.unacked
+        io.unacked = []
+        deliveries += await sender.send(pending.outputs)
+        changelog: dict[str, list[Delivery]] = {}
+        changed = 0
+        for op_id, changes in pending.changes.items():
+            if changes:
+                changed += len(changes)
+                topic = io.changelog_topics[op_id]
+                records: list[OutRecord] = [(topic, task.partition, k, v, []) for k, v in changes]
+                changelog[op_id] = await sender.send(records)
+        deliveries += await sender.send(pending.barriers)
+        for op_id, d in changelog.items():
+            io.changelog_last[op_id] = await last_offset(d)
+        await wait_delivered(deliveries)
+        maybe_crash("after-changelog")
+
+        metadata = CheckpointMetadata(
+            pending.checkpoint_id,
+            pending.skip,
+            {op: off for op, off in io.changelog_last.items() if off is not None},
+        ).encode()
+        offsets: dict[TopicPartition, Any] = {
+            TopicPartition(t, p): OffsetAndMetadata(o, metadata)
+            for (t, p), o in pending.offsets.items()
+        }
+        ack = self._ack(io, pending, started, changed)
+        if self.exactly_once:
+            producer = io.producer
+            assert producer is not None
+            await sender.send([ack])
+            if offsets:
+                await producer.send_offsets_to_transaction(offsets, io.group_id)
+            maybe_crash("before-commit")
+            await producer.commit_transaction()
+            maybe_crash("after-commit")
+            await producer.begin_transaction()
+        else:
+            maybe_crash("before-commit")
+            if offsets:
+                await self.consumer.commit(offsets)
+            maybe_crash("after-commit")
+            io.unacked += await sender.send([ack])
+        io.committed = dict(pending.offsets)
+        task.checkpoint_committed(io.changelog_last)
+        log.debug(
+            "task %s committed checkpoint %d (%d changed keys, %.1f ms%s)",
+            io.name,
+            pending.checkpoint_id,
+            changed,
+            (time.perf_counter() - started) * 1000,
+            "" if pending.aligned else ", unaligned",
+        )
+
+    def _ack(
+        self, io: TaskIO, pending: PendingCheckpoint, started: float, changed: int
+    ) -> OutRecord:
+        ack = CheckpointAck(
+            job=self.job.name,
+            stage=io.task.stage.name,
+            partition=io.task.partition,
+            checkpoint_id=pending.checkpoint_id,
+            offsets={f"{t}/{p}": o for (t, p), o in pending.offsets.items()},
+            changelog_offsets=dict(io.changelog_last),
+            aligned=pending.aligned,
+            final=pending.final,
+            worker=self.worker_id,
+            timestamp_ms=int(time.time() * 1000),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            alignment_ms=round(pending.alignment_seconds * 1000, 3),
+            changed_keys=changed,
+        )
+        key, value = ack.encode()
+        return (self.job.checkpoint_topic, 0, key, value, [])

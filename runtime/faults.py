@@ -1,0 +1,32 @@
+"""Fault injection for recovery tests: kill this process at a named checkpoint phase.
+
+Enabled only by environment variables, read once at import, so production code pays one
+dictionary lookup per phase per checkpoint and nothing per record:
+
+* ``HEADRACE_FAULT_PHASE``: the phase name, e.g. ``after-changelog`` (changelog written, commit
+  not yet done), ``after-commit`` (committed, local store not yet updated), ``during-restore``;
+* ``HEADRACE_FAULT_AFTER``: kill at the N-th time the phase is reached (default 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+PHASES = ("after-changelog", "before-commit", "after-commit", "during-restore")
+
+_PHASE = os.environ.get("HEADRACE_FAULT_PHASE")
+_AFTER = int(os.environ.get("HEADRACE_FAULT_AFTER", "1"))
+_seen: dict[str, int] = {}
+
+
+def maybe_crash(phase: str) -> None:
+    if _PHASE != phase:
+        return
+    _seen[phase] = n = _seen.get(phase, 0) + 1
+    if n >= _AFTER:
+        log.error("fault injection: SIGKILL at phase %s (occurrence %d)", phase, n)
+        os.kill(os.getpid(), signal.SIGKILL)

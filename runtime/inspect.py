@@ -1,0 +1,127 @@
+"""Reading a job's durable records without running it: checkpoints and state.
+
+State that cannot be inspected is a common complaint about streaming runtimes; in headrace the
+changelog *is* the state, so ``headrace state`` rebuilds it in memory from the changelog with the
+same restore code a worker uses, then decodes it with the operator's declared serdes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import TopicPartition
+
+from operators.job import Job
+from runtime.checkpoint.log import CheckpointAck, CheckpointSummary, summarize
+from runtime.checkpoint.restore import RestoreTarget, restore
+from runtime.config import Settings
+from runtime.kafka.topics import plan_layout, topic_partitions
+from runtime.state.backend import open_backend
+from runtime.state.keys import StatePartitionKey
+from runtime.state.store import OperatorStateStore
+
+
+async def _layout_tasks(job: Job, admin: AIOKafkaAdminClient) -> dict[str, int]:
+    sources = list(job.stages[0].source.topics)
+    found = await topic_partitions(admin, sources)
+    if sources[0] not in found:
+        return {}
+    return plan_layout(job, found[sources[0]], {}).stage_partitions
+
+
+async def read_all(settings: Settings, tps: list[TopicPartition], *, committed: bool) -> list[Any]:
+    """Every record of ``tps`` up to their current end."""
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if committed else "read_uncommitted",
+    )
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: list[Any] = []
+        pending = {tp for tp in tps if ends[tp] > 0}
+        deadline = time.monotonic() + 120
+        while pending and time.monotonic() < deadline:
+            for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
+                out.extend(records)
+            for tp in list(pending):
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def read_checkpoints(job: Job, settings: Settings) -> list[CheckpointSummary]:
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+    await admin.start()
+    try:
+        stage_partitions = await _layout_tasks(job, admin)
+        exists = await topic_partitions(admin, [job.checkpoint_topic])
+    finally:
+        await admin.close()
+    if not exists:
+        return []
+    expected = {f"{stage}/{p}" for stage, n in stage_partitions.items() for p in range(n)}
+    records = await read_all(settings, [TopicPartition(job.checkpoint_topic, 0)], committed=True)
+    acks = [CheckpointAck.decode(r.value) for r in records if r.value]
+    return summarize([a for a in acks if a.job == job.name], expected)
+
+
+async def read_state(
+    job: Job,
+    operator_id: str,
+    settings: Settings,
+    *,
+    partition: int | None = None,
+    key: str | None = None,
+) -> Iterator[str]:
+    stage, step = job.find_operator(operator_id)
+    topic = job.changelog_topic(operator_id)
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+    await admin.start()
+    try:
+        n = (await topic_partitions(admin, [topic])).get(topic, 0)
+    finally:
+        await admin.close()
+    partitions = [partition] if partition is not None else list(range(n))
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+    )
+    await consumer.start()
+    lines: list[str] = []
+    try:
+        for p in partitions:
+            store = OperatorStateStore(
+                open_backend("memory"), StatePartitionKey(operator_id, p, p)
+            )
+            op = step.instantiate()
+            store.bind_operator(op)
+            await restore(consumer, [RestoreTarget(store, topic, p, None)])
+            for state_name, user_key, map_key, value in store.dump():
+                shown_key = _render_key(stage.source.key_serde, user_key)
+                if key is not None and shown_key != key:
+                    continue
+                where = f"[{map_key!r}]" if map_key is not None else ""
+                lines.append(f"partition={p} state={state_name} key={shown_key}{where} value={value!r}")
+    finally:
+        await consumer.stop()
+    return iter(lines)
+
+
+def _render_key(serde: Any, raw: bytes) -> str:
+    try:
+        return str(serde.deserialize(raw))
+    except Exception:
+        return repr(raw)

@@ -1,0 +1,164 @@
+"""``headrace kafka start|stop|status|jars``: drive the local KRaft broker from a shell.
+
+Mounted by runtime/cli.py as ``headrace kafka``; also runnable as
+``python -m runtime.kafka.cli`` (what .ci/run and the Makefile use, so they work before the
+console script exists).
+
+``start`` prints human-readable progress on stderr and only ``export ...`` lines on stdout,
+so both of these work::
+
+    headrace kafka start                      # read the hint, copy the export line
+    eval "$(headrace kafka start)"            # scripts: sets the env vars directly
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from runtime.kafka.local_broker import (
+    LocalBroker,
+    LocalBrokerError,
+    ensure_jars,
+    kafka_home,
+    kafka_version,
+)
+
+#: Env var telling the pytest plugin where an already-running local broker lives, so tests
+#: that stop/restart the broker can control the one CI started.
+BROKER_DIR_ENV = "HEADRACE_LOCAL_BROKER_DIR"
+
+_run_dir_option = click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Broker state directory (config, data, logs, PID). Default: deploy/kafka/run.",
+)
+
+
+def _info(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(name="kafka")
+def kafka_cli() -> None:
+    """Run a real single-node Apache Kafka broker (KRaft) locally, without Docker."""
+
+
+@kafka_cli.command()
+@click.option("--offline", is_flag=True, help="Run Maven offline (-o).")
+def jars(offline: bool) -> None:
+    """Fetch the broker jars with Maven (no-op when present) and print their directory."""
+    started = time.monotonic()
+    try:
+        lib = ensure_jars(offline=offline)
+    except LocalBrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _info(f"Kafka {kafka_version()} jars ready in {time.monotonic() - started:.1f}s")
+    click.echo(str(lib))
+
+
+@kafka_cli.command()
+@_run_dir_option
+@click.option("--port", type=int, default=None, help="Client port (default: previous or free).")
+@click.option("--controller-port", type=int, default=None, help="KRaft controller port.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Stay attached; stop the broker on Ctrl-C / SIGTERM.",
+)
+def start(
+    run_dir: Path | None,
+    port: int | None,
+    controller_port: int | None,
+    timeout: float,
+    foreground: bool,
+) -> None:
+    """Start the broker (or confirm it is running) and print export lines for it."""
+    broker = LocalBroker(run_dir, port=port, controller_port=controller_port)
+    was_running = broker.is_running()
+    try:
+        jar_started = time.monotonic()
+        ensure_jars(broker.home)
+        jar_seconds = time.monotonic() - jar_started
+        startup = broker.start(timeout=timeout)
+    except LocalBrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if jar_seconds > 1.0:
+        _info(f"fetched Kafka jars with Maven in {jar_seconds:.1f}s")
+    verb = "already running" if was_running else f"started in {startup:.1f}s"
+    _info(
+        f"Kafka {kafka_version(broker.home)} broker {verb}: {broker.bootstrap_servers} "
+        f"(pid {broker.pid}, run dir {broker.run_dir}, log {broker.log_file})"
+    )
+    click.echo(f"export KAFKA_BOOTSTRAP_SERVERS={shlex.quote(broker.bootstrap_servers)}")
+    click.echo(f"export {BROKER_DIR_ENV}={shlex.quote(str(broker.run_dir))}")
+    if foreground:
+        _wait_for_signal()
+        _info("stopping broker ...")
+        broker.stop()
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    while not done.wait(1.0):
+        pass
+
+
+@kafka_cli.command()
+@_run_dir_option
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Before SIGKILL.")
+@click.option("--kill", "hard", is_flag=True, help="SIGKILL at once (simulate a crash).")
+def stop(run_dir: Path | None, timeout: float, hard: bool) -> None:
+    """Stop the broker started from this run dir (data is kept)."""
+    broker = LocalBroker(run_dir)
+    try:
+        stopped = broker.kill() if hard else broker.stop(timeout=timeout)
+    except LocalBrokerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _info(f"broker {'stopped' if stopped else 'was not running'} ({broker.run_dir})")
+
+
+@kafka_cli.command()
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run_dir: Path | None, as_json: bool) -> None:
+    """Show whether the broker runs; exit 3 when it does not (like LSB init scripts)."""
+    broker = LocalBroker(run_dir)
+    info = broker.status()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        state = "running" if info["running"] else "stopped"
+        click.echo(f"{state}: {info['bootstrap_servers'] or '-'} pid={info['pid'] or '-'}")
+        for key in ("accepting_connections", "formatted", "cluster_id", "kafka_version"):
+            click.echo(f"  {key}: {info[key]}")
+        click.echo(f"  run_dir: {info['run_dir']}")
+        click.echo(f"  log_file: {info['log_file']}")
+    if not info["running"]:
+        sys.exit(3)
+
+
+@kafka_cli.command()
+def home() -> None:
+    """Print the directory holding pom.xml and target/lib."""
+    click.echo(str(kafka_home()))
+
+
+if __name__ == "__main__":
+    kafka_cli()

@@ -1,0 +1,188 @@
+"""The topics a job reads, writes and owns, checked and created before anything is consumed.
+
+Partition counts of internal topics follow their source: a repartition topic has the partition
+count of the stage that writes it (unless ``key_by(partitions=...)`` says otherwise), and a
+changelog has one partition per task of its stage. headrace creates what is missing and refuses
+to start, naming the topic, when an existing one does not fit (DESIGN.md section 4): a wrong
+partition count would silently send keys to the wrong task and state to the wrong changelog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from operators.job import Job, RepartitionSpec, SinkSpec, Stage
+from operators.state import declared_state
+
+log = logging.getLogger(__name__)
+
+
+class TopicConfigError(RuntimeError):
+    """A topic is missing or does not fit the job; raised at start-up, before consuming."""
+
+
+@dataclass(frozen=True, slots=True)
+class InternalTopic:
+    name: str
+    partitions: int
+    compact: bool
+    configs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TopicLayout:
+    """Partition counts of every stage's input, and the internal topics they imply."""
+
+    stage_partitions: dict[str, int]
+    internal: list[InternalTopic]
+    sinks: dict[str, int]
+
+    def partitions_of(self, stage: Stage) -> int:
+        return self.stage_partitions[stage.name]
+
+    def downstream_partitions(self, stage: Stage) -> int | None:
+        output = stage.output
+        if isinstance(output, RepartitionSpec):
+            return next(t.partitions for t in self.internal if t.name == output.topic)
+        return None
+
+
+async def topic_partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    """Partition count per existing topic (missing topics are absent from the result).
+
+    Only topics that exist are described: a metadata request naming a missing topic makes a
+    broker with ``auto.create.topics.enable=true`` create it with its default partition count,
+    which would then be "wrong" for a changelog or repartition topic.
+    """
+    present = set(await admin.list_topics())
+    names = [t for t in topics if t in present]
+    found: dict[str, int] = {}
+    if not names:
+        return found
+    for t in await admin.describe_topics(names):
+        if t.get("error_code", 0) == 0 and t.get("partitions"):
+            found[t["topic"]] = len(t["partitions"])
+    return found
+
+
+def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> TopicLayout:
+    stage_partitions: dict[str, int] = {}
+    internal: list[InternalTopic] = []
+    partitions = source_partitions
+    for stage in job.stages:
+        stage_partitions[stage.name] = partitions
+        for step in stage.process_steps():
+            if declared_state(type(step.prototype)):
+                internal.append(
+                    InternalTopic(job.changelog_topic(step.operator_id), partitions, compact=True)
+                )
+        if isinstance(stage.output, RepartitionSpec):
+            partitions = stage.output.partitions or partitions
+            internal.append(InternalTopic(stage.output.topic, partitions, compact=False))
+    internal.append(
+        InternalTopic(
+            job.checkpoint_topic, 1, compact=False, configs={"retention.ms": str(86_400_000)}
+        )
+    )
+    internal.append(InternalTopic(job.dead_letter_topic, 1, compact=False))
+    return TopicLayout(stage_partitions, internal, sinks)
+
+
+async def ensure_topics(
+    admin: AIOKafkaAdminClient, job: Job, *, replication_factor: int = 1
+) -> TopicLayout:
+    """Check sources and sinks, create missing internal topics, verify existing ones."""
+    job.validate()
+    sources = list(job.stages[0].source.topics)
+    sink_topics = [s.output.topic for s in job.stages if isinstance(s.output, SinkSpec)]
+    found = await topic_partitions(admin, sources + sink_topics)
+    missing = [t for t in sources + sink_topics if t not in found]
+    if missing:
+        raise TopicConfigError(
+            f"job {job.name!r}: topic(s) {', '.join(missing)} do not exist; create the source "
+            "and sink topics before starting the job (headrace only creates its own topics)"
+        )
+    counts = {t: found[t] for t in sources}
+    if len(set(counts.values())) > 1:
+        raise TopicConfigError(
+            f"job {job.name!r}: source topics must be co-partitioned (same partition count), "
+            f"found {counts}"
+        )
+    layout = plan_layout(job, counts[sources[0]], {t: found[t] for t in sink_topics})
+
+    wanted = {t.name: t for t in layout.internal}
+    existing = await topic_partitions(admin, list(wanted))
+    to_create = [t for name, t in wanted.items() if name not in existing]
+    if to_create:
+        log.info("creating topics: %s", ", ".join(t.name for t in to_create))
+        resp = await admin.create_topics(
+            [
+                NewTopic(
+                    t.name,
+                    t.partitions,
+                    replication_factor,
+                    topic_configs={
+                        "cleanup.policy": "compact" if t.compact else "delete",
+                        **t.configs,
+                    },
+                )
+                for t in to_create
+            ]
+        )
+        for name, code, *_ in resp.topic_errors:
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another worker was first)
+                raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
+        existing = await _await_metadata(admin, wanted)
+    wrong = [
+        f"{name} has {existing.get(name)} partitions, expected {t.partitions}"
+        for name, t in wanted.items()
+        if existing.get(name) != t.partitions
+    ]
+    if wrong:
+        raise TopicConfigError(
+            f"job {job.name!r}: internal topics do not fit: {'; '.join(wrong)}. Their partition "
+            "counts follow the source topics; delete them (state is lost) or restore the source "
+            "partition count"
+        )
+    policies = await cleanup_policies(admin, [t.name for t in wanted.values() if t.compact])
+    not_compacted = [n for n, p in policies.items() if "compact" not in p]
+    if not_compacted:
+        raise TopicConfigError(
+            f"job {job.name!r}: changelog topic(s) {', '.join(not_compacted)} must have "
+            "cleanup.policy=compact, or old state would be deleted by retention"
+        )
+    return layout
+
+
+async def _await_metadata(
+    admin: AIOKafkaAdminClient, wanted: dict[str, InternalTopic], timeout: float = 15.0
+) -> dict[str, int]:
+    """Metadata of freshly created topics propagates asynchronously; wait until it is complete."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        existing = await topic_partitions(admin, list(wanted))
+        if all(existing.get(n) == t.partitions for n, t in wanted.items()):
+            return existing
+        if asyncio.get_running_loop().time() > deadline:
+            return existing
+        await asyncio.sleep(0.2)
+
+
+async def cleanup_policies(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, str]:
+    if not topics:
+        return {}
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+    out: dict[str, str] = {}
+    for response in await admin.describe_configs(resources):
+        obj: Any = response.to_object()
+        for res in obj["resources"]:
+            for entry in res["config_entries"]:
+                if entry["config_names"] == "cleanup.policy":
+                    out[res["resource_name"]] = entry["config_value"]
+    return out

@@ -1,0 +1,471 @@
+"""The worker process: every stage of a job, as consumer-group members, with tasks per partition.
+
+For each stage the worker is a member of the consumer group ``<job>.<stage>``; the partitions
+Kafka assigns to it become tasks (:class:`runtime.task.StageTask`). The range assignor keeps
+partition ``p`` of co-partitioned inputs on one member. Scaling out is starting another worker.
+
+Rebalances are eager in aiokafka (every member gives up everything, then receives its new
+share), so revoked tasks are *suspended* after their final checkpoint rather than dropped: when a
+partition comes straight back and nobody committed anything for it meanwhile, the task resumes
+with its in-memory state; otherwise it is restored from its changelog in the background while
+its inputs stay paused (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.structs import TopicPartition
+
+from operators.job import ErrorPolicy, Job, Stage
+from operators.state import declared_state
+from runtime.checkpoint.commit import Committer, TaskIO
+from runtime.checkpoint.metadata import CheckpointMetadata
+from runtime.checkpoint.restore import RestoreTarget, restore
+from runtime.config import Settings
+from runtime.kafka.producer import BatchSender
+from runtime.kafka.topics import TopicLayout, ensure_topics
+from runtime.state.backend import open_backend
+from runtime.state.keys import StatePartitionKey
+from runtime.state.store import OperatorStateStore
+from runtime.task import StageTask
+
+log = logging.getLogger(__name__)
+
+_PRODUCER_SETTINGS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "linger_ms": 5,
+    "max_batch_size": 512 * 1024,
+}
+
+
+class Worker:
+    """Runs one job until stopped; ``await worker.run()``; ``worker.stop()`` from a signal."""
+
+    def __init__(self, job: Job, settings: Settings, *, clock: Callable[[], float] = time.time):
+        self.job = job
+        self.settings = settings
+        self.clock = clock
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.error_policy = ErrorPolicy(settings.error_policy or job.error_policy)
+        self._stop = asyncio.Event()
+        self.runners: list[StageRunner] = []
+        self.layout: TopicLayout | None = None
+        self.admin: AIOKafkaAdminClient | None = None
+        self.shared_producer: AIOKafkaProducer | None = None
+        self.failure: BaseException | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def ready(self) -> bool:
+        """All assigned tasks restored (the health endpoint's readiness)."""
+        return bool(self.runners) and all(r.ready() for r in self.runners)
+
+    async def run(self) -> None:
+        s = self.settings
+        log.info("worker %s starting job %r with %r", self.worker_id, self.job.name, s)
+        self.admin = AIOKafkaAdminClient(**s.kafka_kwargs(), client_id=f"{s.client_id}-admin")
+        await self.admin.start()
+        try:
+            self.layout = await ensure_topics(self.admin, self.job)
+            if not s.exactly_once:
+                self.shared_producer = AIOKafkaProducer(
+                    **s.kafka_kwargs(), client_id=s.client_id, **_PRODUCER_SETTINGS
+                )
+                await self.shared_producer.start()
+            self.runners = [StageRunner(self, stage) for stage in self.job.stages]
+            for r in self.runners:
+                await r.start()
+            loops = [asyncio.create_task(r.loop(), name=f"loop-{r.stage.name}") for r in self.runners]
+            stop_wait = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([*loops, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            self._stop.set()
+            for t in done:
+                if t is not stop_wait and t.exception() is not None:
+                    self.failure = t.exception()
+            for t in loops:
+                if not t.done():
+                    await t  # loops exit at their next iteration once _stop is set
+                elif t.exception() is not None and self.failure is None:
+                    self.failure = t.exception()
+            for r in self.runners:
+                await r.shutdown(final_checkpoint=self.failure is None)
+        finally:
+            if self.shared_producer is not None:
+                await self.shared_producer.stop()
+            await self.admin.close()
+        if self.failure is not None:
+            raise self.failure
+        log.info("worker %s stopped cleanly", self.worker_id)
+
+    # -- shared factories --------------------------------------------------------------------
+    def partition_counts(self) -> dict[str, int]:
+        assert self.layout is not None
+        counts = dict(self.layout.sinks)
+        counts.update({t.name: t.partitions for t in self.layout.internal})
+        return counts
+
+    def open_store(self, operator_id: str, partition: int) -> OperatorStateStore:
+        s = self.settings
+        path: Path | None = None
+        if s.state_backend == "rocksdb":
+            path = s.state_dir / self.job.name / operator_id / str(partition)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        backend = open_backend(s.state_backend, path)
+        return OperatorStateStore(
+            backend, StatePartitionKey(operator_id, partition, partition), clock=self.clock
+        )
+
+
+class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One stage of the job in this worker: its group membership, tasks and loop."""
+
+    def __init__(self, worker: Worker, stage: Stage) -> None:
+        self.worker = worker
+        self.stage = stage
+        self.job = worker.job
+        s = worker.settings
+        self.group_id = self.job.group_id(stage)
+        isolation = "read_committed" if s.exactly_once else "read_uncommitted"
+        self.consumer = AIOKafkaConsumer(
+            **s.kafka_kwargs(),
+            client_id=f"{s.client_id}-{stage.name}",
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level=isolation,
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        self.restore_consumer = AIOKafkaConsumer(
+            **s.kafka_kwargs(),
+            client_id=f"{s.client_id}-{stage.name}-restore",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level=isolation,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        self.committer = Committer(
+            self.job,
+            exactly_once=s.exactly_once,
+            consumer=self.consumer,
+            worker_id=worker.worker_id,
+        )
+        self.tasks: dict[int, TaskIO] = {}
+        self.suspended: dict[int, TaskIO] = {}
+        self.restoring: dict[int, TaskIO] = {}
+        self._restore_job: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()
+        self.stateful = [
+            step.operator_id
+            for step in stage.process_steps()
+            if declared_state(type(step.prototype))
+        ]
+
+    def ready(self) -> bool:
+        return not self.restoring
+
+    def input_tps(self, partition: int) -> list[TopicPartition]:
+        return [TopicPartition(t, partition) for t in self.stage.source.topics]
+
+    async def start(self) -> None:
+        await self.restore_consumer.start()
+        await self.consumer.start()
+        self.consumer.subscribe(list(self.stage.source.topics), listener=self)
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def loop(self) -> None:
+        s = self.worker.settings
+        consumer = self.consumer
+        while not self.worker.stopping:
+            batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
+            async with self.lock:
+                for tp, records in batches.items():
+                    io = self.tasks.get(tp.partition)
+                    if io is None:
+                        continue  # revoked meanwhile: the new owner reads them again
+                    await self._feed(io, records)
+                now = self.worker.clock()
+                for io in list(self.tasks.values()):
+                    io.task.tick(now)
+                    while io.task.pending is not None:
+                        await self.committer.commit(io, io.task.pending)
+                await self._send_outputs()
+
+    async def _feed(self, io: TaskIO, records: list[Any]) -> None:
+        task = io.task
+        i = 0
+        while i < len(records):
+            i = task.feed(records, i)
+            while task.pending is not None:
+                await self.committer.commit(io, task.pending)
+
+    async def _send_outputs(self) -> None:
+        for io in list(self.tasks.values()):
+            out = io.task.out
+            if out:
+                records = out[:]
+                out.clear()
+                io.task.counters.records_out += len(records)
+                io.unacked += await io.sender.send(records)
+
+    # -- rebalance -------------------------------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._cancel_restore()
+        async with self.lock:
+            for p in sorted({tp.partition for tp in revoked}):
+                io = self.tasks.pop(p, None)
+                if io is None:
+                    continue
+                try:
+                    await self.committer.commit(io, io.task.final_checkpoint())
+                    self.suspended[p] = io
+                except Exception:
+                    log.exception("final checkpoint of task %s failed; dropping it", io.name)
+                    await self._close(io)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        partitions = sorted({tp.partition for tp in assigned})
+        if assigned:
+            self.consumer.pause(*assigned)
+        committed = await self._committed(partitions)
+        new: list[int] = []
+        for p in partitions:
+            io = self.suspended.pop(p, None)
+            if io is not None and await self._reusable(io, committed):
+                await self._resume_suspended(io)
+                continue
+            if io is not None:
+                await self._close(io)
+            new.append(p)
+        for io in self.suspended.values():
+            await self._close(io)
+        self.suspended.clear()
+        if new:
+            for p in new:
+                self.restoring[p] = self._make_task(p)
+            self._restore_job = asyncio.create_task(self._restore(new, committed))
+
+    async def _committed(self, partitions: list[int]) -> dict[TopicPartition, Any]:
+        admin = self.worker.admin
+        assert admin is not None
+        tps = [tp for p in partitions for tp in self.input_tps(p)]
+        if not tps:
+            return {}
+        found = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
+        return {tp: om for tp, om in found.items() if om is not None and om.offset >= 0}
+
+    async def _reusable(self, io: TaskIO, committed: dict[TopicPartition, Any]) -> bool:
+        """Nobody changed the committed checkpoint since this task's final one."""
+        now = {(tp.topic, tp.partition): om.offset for tp, om in committed.items()
+               if tp.partition == io.task.partition}
+        if now != io.committed:
+            return False
+        if self.worker.settings.exactly_once:
+            return True
+        # at-least-once: another owner may have written changelog records it never committed
+        tps = [TopicPartition(io.changelog_topics[op], io.task.partition) for op in self.stateful]
+        if not tps:
+            return True
+        ends = await self.restore_consumer.end_offsets(tps)
+        for op, tp in zip(self.stateful, tps, strict=True):
+            last = io.changelog_last.get(op)
+            if ends[tp] != (0 if last is None else last + 1):
+                return False
+        return True
+
+    async def _resume_suspended(self, io: TaskIO) -> None:
+        p = io.task.partition
+        if io.producer is not None:
+            # Another member may have initialised our transactional id meanwhile (fencing our
+            # producer) without committing: take it back before writing again.
+            await io.producer.stop()
+            io.producer = await self._start_producer(p)
+            io.sender = BatchSender(io.producer, self.worker.partition_counts())
+        for tp in self.input_tps(p):
+            off = io.committed.get((tp.topic, tp.partition))
+            if off is not None:
+                self.consumer.seek(tp, off)
+        self.tasks[p] = io
+        self.consumer.resume(*self.input_tps(p))
+        log.info("task %s resumed with its in-memory state", io.name)
+
+    def _make_task(self, partition: int) -> TaskIO:
+        w, s = self.worker, self.worker.settings
+        layout = w.layout
+        assert layout is not None
+        stores = {op: w.open_store(op, partition) for op in self.stateful}
+        upstream = None
+        if self.stage.source.internal:
+            previous = self.job.stages[self.stage.index - 1]
+            upstream = layout.partitions_of(previous)
+        task = StageTask(
+            self.job,
+            self.stage,
+            partition,
+            stores,
+            upstream_partitions=upstream,
+            downstream_partitions=layout.downstream_partitions(self.stage),
+            checkpoint_interval_ms=s.checkpoint_interval_ms,
+            alignment_timeout=s.alignment_timeout_s,
+            clock=w.clock,
+            error_policy=w.error_policy,
+        )
+        assert w.shared_producer is not None or s.exactly_once
+        return TaskIO(
+            task=task,
+            sender=BatchSender(w.shared_producer, w.partition_counts())  # type: ignore[arg-type]
+            if w.shared_producer is not None
+            else None,  # type: ignore[arg-type]
+            group_id=self.group_id,
+            changelog_topics={op: self.job.changelog_topic(op) for op in self.stateful},
+        )
+
+    async def _start_producer(self, partition: int) -> AIOKafkaProducer:
+        s = self.worker.settings
+        producer = AIOKafkaProducer(
+            **s.kafka_kwargs(),
+            client_id=f"{s.client_id}-{self.stage.name}-{partition}",
+            transactional_id=self.job.transactional_id(self.stage, partition),
+            **_PRODUCER_SETTINGS,
+        )
+        await producer.start()  # init_transactions: fences a zombie owner, aborts its txn
+        return producer
+
+    async def _restore(self, partitions: list[int], committed: dict[TopicPartition, Any]) -> None:
+        started = time.monotonic()
+        targets: list[RestoreTarget] = []
+        metas: dict[int, CheckpointMetadata | None] = {}
+        s = self.worker.settings
+        for p in partitions:
+            io = self.restoring[p]
+            if s.exactly_once:
+                io.producer = await self._start_producer(p)
+                io.sender = BatchSender(io.producer, self.worker.partition_counts())
+            meta = None
+            for tp in self.input_tps(p):
+                om = committed.get(tp)
+                if om is not None:
+                    meta = CheckpointMetadata.decode(om.metadata) or meta
+            metas[p] = meta
+            for op in self.stateful:
+                valid_until = None
+                if not s.exactly_once:
+                    valid_until = meta.changelog_offsets.get(op, -1) if meta else -1
+                targets.append(
+                    RestoreTarget(io.task.stores[op], self.job.changelog_topic(op), p, valid_until)
+                )
+
+        def progress(t: RestoreTarget) -> None:
+            log.info(
+                "restoring %s[%d]: %d/%d records",
+                t.topic,
+                t.partition,
+                t.applied,
+                max(0, t.end - (t.start or 0)),
+            )
+
+        await restore(
+            self.restore_consumer, targets, batch_size=s.restore_batch_size, progress=progress
+        )
+        for t in targets:
+            io = self.restoring[t.partition]
+            op = next(o for o in self.stateful if self.job.changelog_topic(o) == t.topic)
+            io.changelog_last[op] = t.last_applied
+        async with self.lock:
+            for p in partitions:
+                await self._install(p, metas[p], committed)
+        log.info(
+            "stage %s: restored task(s) %s in %.2fs",
+            self.stage.name,
+            partitions,
+            time.monotonic() - started,
+        )
+
+    async def _install(
+        self, p: int, meta: CheckpointMetadata | None, committed: dict[TopicPartition, Any]
+    ) -> None:
+        """A restored task starts: open its operators, seek its inputs, resume them."""
+        io = self.restoring.pop(p)
+        positions = {
+            (tp.topic, tp.partition): committed[tp].offset
+            for tp in self.input_tps(p)
+            if tp in committed
+        }
+        io.committed = dict(positions)
+        io.task.open(
+            last_checkpoint=meta.checkpoint_id if meta else 0,
+            positions=positions,
+            skip=meta.skip if meta else None,
+        )
+        if io.producer is not None:
+            await io.producer.begin_transaction()
+        for tp in self.input_tps(p):
+            if tp in committed:
+                self.consumer.seek(tp, committed[tp].offset)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+        io.restored = True
+        self.tasks[p] = io
+        self.consumer.resume(*self.input_tps(p))
+
+    async def _cancel_restore(self) -> None:
+        job = self._restore_job
+        if job is not None and not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+        elif job is not None and job.done() and not job.cancelled() and job.exception():
+            raise job.exception()  # type: ignore[misc]
+        self._restore_job = None
+        for io in self.restoring.values():
+            await self._close(io)
+        self.restoring.clear()
+
+    async def _close(self, io: TaskIO) -> None:
+        with contextlib.suppress(Exception):
+            io.task.close()
+        for store in io.task.stores.values():
+            store.backend.close()
+        if io.producer is not None:
+            with contextlib.suppress(Exception):
+                await io.producer.stop()
+
+    async def shutdown(self, *, final_checkpoint: bool) -> None:
+        await self._cancel_restore()
+        async with self.lock:
+            for io in list(self.tasks.values()):
+                if final_checkpoint:
+                    try:
+                        await self._send_outputs()
+                        await self.committer.commit(io, io.task.final_checkpoint())
+                    except Exception:
+                        log.exception("final checkpoint of %s failed", io.name)
+                elif io.producer is not None:
+                    with contextlib.suppress(Exception):
+                        await io.producer.abort_transaction()
+                await self._close(io)
+            self.tasks.clear()
+            for io in self.suspended.values():
+                await self._close(io)
+            self.suspended.clear()
+        await self.consumer.stop()
+        await self.restore_consumer.stop()
