@@ -14,6 +14,8 @@ checks every count against a direct count of the corpus.
 
 from __future__ import annotations
 
+import os
+
 from operators.job import Job
 from operators.serde import INT, STR
 
@@ -34,7 +36,13 @@ def build(name: str = "wordcount", source: str = "lines", sink: str = "word-coun
     return job
 
 
-job = build()
+# The demo and the tests run the same module with their own topic names (environment variables),
+# so that a shared broker's existing topics are never touched.
+job = build(
+    os.environ.get("WORDCOUNT_JOB", "wordcount"),
+    os.environ.get("WORDCOUNT_SOURCE", "lines"),
+    os.environ.get("WORDCOUNT_SINK", "word-counts"),
+)
 
 if __name__ == "__main__":
     from examples.demo import main

@@ -19,7 +19,7 @@ import copy
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from operators.operator import Operator
@@ -28,7 +28,7 @@ from operators.serde import BYTES, JSON, Serde
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-class ErrorPolicy(str, Enum):
+class ErrorPolicy(StrEnum):
     """What happens to a record that cannot be deserialized or whose operator raises.
 
     Nothing is dropped silently: every path is counted in metrics.
@@ -164,7 +164,10 @@ class Stream:
         return self.process(Count(), name=name or self._job._auto_id("count"))
 
     def sum(
-        self, fn: Callable[[Any], Any] | None = None, *, serde: Serde[Any] = JSON,
+        self,
+        fn: Callable[[Any], Any] | None = None,
+        *,
+        serde: Serde[Any] = JSON,
         name: str | None = None,
     ) -> Stream:
         """Per key, sum ``fn(value)`` (default: the value) and emit the running sum."""

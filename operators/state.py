@@ -163,6 +163,14 @@ class MapState(ABC, Generic[K, V]):
     def is_empty(self) -> bool:
         """Whether the map of the current key has no entries."""
 
+    def __iter__(self) -> Iterator[K]:
+        """Iterate the keys (a snapshot), like a dict."""
+        return self.keys()
+
+    def __contains__(self, key: object) -> bool:
+        """``key in state``, like a dict."""
+        return self.contains(key)  # type: ignore[arg-type]
+
     @abstractmethod
     def clear(self) -> None:
         """Remove every entry of the current key's map."""

@@ -57,9 +57,18 @@ def _setup_logging(level: str) -> None:
 
 def _kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--bootstrap-servers", help="Kafka bootstrap servers [HEADRACE_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS]."),
-        click.option("--security-protocol", type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]), help="Kafka security protocol."),
-        click.option("--sasl-mechanism", help="SASL mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512."),
+        click.option(
+            "--bootstrap-servers",
+            help="Kafka bootstrap servers [HEADRACE_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS].",
+        ),
+        click.option(
+            "--security-protocol",
+            type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
+            help="Kafka security protocol.",
+        ),
+        click.option(
+            "--sasl-mechanism", help="SASL mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512."
+        ),
         click.option("--sasl-username", help="SASL user name."),
         click.option("--ssl-cafile", help="CA bundle for SSL."),
         click.option("--ssl-certfile", help="Client certificate for SSL."),
@@ -71,8 +80,13 @@ def _kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="INFO", show_default=True, envvar="HEADRACE_LOG_LEVEL",
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    envvar="HEADRACE_LOG_LEVEL",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def cli(log_level: str) -> None:
     """headrace: stateful stream processing for Python on Apache Kafka.
 
@@ -87,13 +101,29 @@ def cli(log_level: str) -> None:
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
 @_kafka_options
-@click.option("--guarantee", "processing_guarantee", type=click.Choice([g.value for g in Guarantee]),
-              help="exactly_once (transactions, default) or at_least_once.")
+@click.option(
+    "--guarantee",
+    "processing_guarantee",
+    type=click.Choice([g.value for g in Guarantee]),
+    help="exactly_once (transactions, default) or at_least_once.",
+)
 @click.option("--checkpoint-interval-ms", type=int, help="Checkpoint interval (default 1000).")
-@click.option("--state-backend", type=click.Choice(["memory", "rocksdb"]), help="State backend (default memory).")
+@click.option(
+    "--state-backend",
+    type=click.Choice(["memory", "rocksdb"]),
+    help="State backend (default memory).",
+)
 @click.option("--state-dir", help="Directory for RocksDB state (default .headrace/state).")
-@click.option("--error-policy", type=click.Choice(["fail", "skip", "dead_letter"]), help="Override the job's error policy.")
-@click.option("--alignment-timeout-s", type=float, help="Checkpoint unaligned after waiting this long (default 60).")
+@click.option(
+    "--error-policy",
+    type=click.Choice(["fail", "skip", "dead_letter"]),
+    help="Override the job's error policy.",
+)
+@click.option(
+    "--alignment-timeout-s",
+    type=float,
+    help="Checkpoint unaligned after waiting this long (default 60).",
+)
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics and /health on this port.")
 def run(job_spec: str, **options: Any) -> None:
     """Start a worker for MODULE:JOB (e.g. examples.wordcount:job).
@@ -155,10 +185,20 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
 @click.option("--partition", type=int, help="Only this partition (task).")
 @click.option("--key", "key", help="Only this key (as the stage's key serde renders it).")
 @click.option("--limit", default=50, show_default=True, help="Maximum entries to print.")
-@click.option("--guarantee", "processing_guarantee", type=click.Choice([g.value for g in Guarantee]),
-              help="Read committed state only (exactly_once, default) or everything written.")
-def state(job_spec: str, operator_id: str, partition: int | None, key: str | None,
-          limit: int, **options: Any) -> None:
+@click.option(
+    "--guarantee",
+    "processing_guarantee",
+    type=click.Choice([g.value for g in Guarantee]),
+    help="Read committed state only (exactly_once, default) or everything written.",
+)
+def state(
+    job_spec: str,
+    operator_id: str,
+    partition: int | None,
+    key: str | None,
+    limit: int,
+    **options: Any,
+) -> None:
     """Print an operator's state, read from its changelog topic (no worker needed)."""
     from runtime.inspect import read_state
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 
-class Guarantee(str, Enum):
+class Guarantee(StrEnum):
     EXACTLY_ONCE = "exactly_once"
     AT_LEAST_ONCE = "at_least_once"
 
@@ -97,5 +97,7 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
     if "state_dir" in out:
         out["state_dir"] = Path(out["state_dir"])
     if out.get("state_backend") not in (None, "memory", "rocksdb"):
-        raise ValueError(f"state backend must be 'memory' or 'rocksdb', got {out['state_backend']!r}")
+        raise ValueError(
+            f"state backend must be 'memory' or 'rocksdb', got {out['state_backend']!r}"
+        )
     return out

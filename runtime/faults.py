@@ -24,7 +24,7 @@ _seen: dict[str, int] = {}
 
 
 def maybe_crash(phase: str) -> None:
-    if _PHASE != phase:
+    if phase != _PHASE:
         return
     _seen[phase] = n = _seen.get(phase, 0) + 1
     if n >= _AFTER:

@@ -35,10 +35,13 @@ async def _layout_tasks(job: Job, admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 async def read_all(settings: Settings, tps: list[TopicPartition], *, committed: bool) -> list[Any]:
     """Every record of ``tps`` up to their current end."""
+    # auto_offset_reset must be "earliest": aiokafka resolves seek_to_beginning() with the
+    # consumer's reset policy, so with the default "latest" it would start at the end.
     consumer = AIOKafkaConsumer(
         **settings.kafka_kwargs(),
         group_id=None,
         enable_auto_commit=False,
+        auto_offset_reset="earliest",
         isolation_level="read_committed" if committed else "read_uncommitted",
     )
     await consumer.start()
@@ -50,7 +53,7 @@ async def read_all(settings: Settings, tps: list[TopicPartition], *, committed: 
         pending = {tp for tp in tps if ends[tp] > 0}
         deadline = time.monotonic() + 120
         while pending and time.monotonic() < deadline:
-            for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
+            for records in (await consumer.getmany(*pending, timeout_ms=500)).values():
                 out.extend(records)
             for tp in list(pending):
                 if await consumer.position(tp) >= ends[tp]:
@@ -97,15 +100,14 @@ async def read_state(
         **settings.kafka_kwargs(),
         group_id=None,
         enable_auto_commit=False,
+        auto_offset_reset="earliest",
         isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
     )
     await consumer.start()
     lines: list[str] = []
     try:
         for p in partitions:
-            store = OperatorStateStore(
-                open_backend("memory"), StatePartitionKey(operator_id, p, p)
-            )
+            store = OperatorStateStore(open_backend("memory"), StatePartitionKey(operator_id, p, p))
             op = step.instantiate()
             store.bind_operator(op)
             await restore(consumer, [RestoreTarget(store, topic, p, None)])
@@ -114,7 +116,9 @@ async def read_state(
                 if key is not None and shown_key != key:
                     continue
                 where = f"[{map_key!r}]" if map_key is not None else ""
-                lines.append(f"partition={p} state={state_name} key={shown_key}{where} value={value!r}")
+                lines.append(
+                    f"partition={p} state={state_name} key={shown_key}{where} value={value!r}"
+                )
     finally:
         await consumer.stop()
     return iter(lines)

@@ -222,10 +222,15 @@ def local_broker(kafka_endpoint: KafkaEndpoint) -> Iterator[LocalBroker]:
     """
     broker = kafka_endpoint.local
     if broker is None:
+        where = {
+            "env": f"an external broker from ${BOOTSTRAP_ENV}",
+            "docker": "a testcontainers Kafka container",
+            "local": "a local broker",
+        }[kafka_endpoint.kind]
         reason = (
-            f"test needs to stop/restart the broker, but the session uses a {kafka_endpoint.kind}"
-            f" broker ({kafka_endpoint.bootstrap_servers}); unset {BOOTSTRAP_ENV} or set "
-            f"{BROKER_DIR_ENV} / {BACKEND_ENV}=local"
+            f"test needs to stop/restart the broker, but the session uses {where} "
+            f"({kafka_endpoint.bootstrap_servers}); to run it, unset {BOOTSTRAP_ENV}, or also "
+            f"set {BROKER_DIR_ENV} to its run dir, or set {BACKEND_ENV}=local"
         )
         if in_ci():
             pytest.fail(reason, pytrace=False)

@@ -236,7 +236,11 @@ class StageTask:
         output = self.stage.output
         task = self
         if isinstance(output, SinkSpec):
-            topic, kser, vser = output.topic, output.key_serde.serialize, output.value_serde.serialize
+            topic, kser, vser = (
+                output.topic,
+                output.key_serde.serialize,
+                output.value_serde.serialize,
+            )
             reuse_key = output.key_serde == self.stage.source.key_serde
 
             def sink(k: Any, v: Any) -> None:

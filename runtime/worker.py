@@ -93,7 +93,9 @@ class Worker:
             self.runners = [StageRunner(self, stage) for stage in self.job.stages]
             for r in self.runners:
                 await r.start()
-            loops = [asyncio.create_task(r.loop(), name=f"loop-{r.stage.name}") for r in self.runners]
+            loops = [
+                asyncio.create_task(r.loop(), name=f"loop-{r.stage.name}") for r in self.runners
+            ]
             stop_wait = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*loops, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             self._stop.set()
@@ -173,6 +175,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.suspended: dict[int, TaskIO] = {}
         self.restoring: dict[int, TaskIO] = {}
         self._restore_job: asyncio.Task[None] | None = None
+        self.restore_error: BaseException | None = None
         self.lock = asyncio.Lock()
         self.stateful = [
             step.operator_id
@@ -196,6 +199,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         s = self.worker.settings
         consumer = self.consumer
         while not self.worker.stopping:
+            if self.restore_error is not None:
+                raise self.restore_error
             batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
             async with self.lock:
                 for tp, records in batches.items():
@@ -246,12 +251,26 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         partitions = sorted({tp.partition for tp in assigned})
         if assigned:
             self.consumer.pause(*assigned)
+        # Exactly-once: initialise each task's transactional producer *before* reading the
+        # committed offsets. InitProducerId returns only once the previous owner's transaction
+        # is complete, and offsets committed in a transaction become visible only then (the
+        # offset fetch does not wait for pending transactional offsets).
+        producers: dict[int, AIOKafkaProducer] = {}
+        if self.worker.settings.exactly_once:
+            for p in partitions:
+                old = self.suspended.get(p)
+                if old is not None and old.producer is not None:
+                    with contextlib.suppress(Exception):
+                        await old.producer.stop()
+                    old.producer = None
+            started = await asyncio.gather(*(self._start_producer(p) for p in partitions))
+            producers = dict(zip(partitions, started, strict=True))
         committed = await self._committed(partitions)
         new: list[int] = []
         for p in partitions:
             io = self.suspended.pop(p, None)
             if io is not None and await self._reusable(io, committed):
-                await self._resume_suspended(io)
+                await self._resume_suspended(io, producers.get(p))
                 continue
             if io is not None:
                 await self._close(io)
@@ -261,8 +280,18 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.suspended.clear()
         if new:
             for p in new:
-                self.restoring[p] = self._make_task(p)
+                self.restoring[p] = self._make_task(p, producers.get(p))
             self._restore_job = asyncio.create_task(self._restore(new, committed))
+            self._restore_job.add_done_callback(self._restore_done)
+
+    def _restore_done(self, job: asyncio.Task[None]) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            log.error("restore of stage %s failed: %s", self.stage.name, job.exception())
+            self.restore_error = job.exception()
+
+    def _use_producer(self, io: TaskIO, producer: AIOKafkaProducer) -> None:
+        io.producer = producer
+        io.sender = BatchSender(producer, self.worker.partition_counts())
 
     async def _committed(self, partitions: list[int]) -> dict[TopicPartition, Any]:
         admin = self.worker.admin
@@ -275,8 +304,11 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _reusable(self, io: TaskIO, committed: dict[TopicPartition, Any]) -> bool:
         """Nobody changed the committed checkpoint since this task's final one."""
-        now = {(tp.topic, tp.partition): om.offset for tp, om in committed.items()
-               if tp.partition == io.task.partition}
+        now = {
+            (tp.topic, tp.partition): om.offset
+            for tp, om in committed.items()
+            if tp.partition == io.task.partition
+        }
         if now != io.committed:
             return False
         if self.worker.settings.exactly_once:
@@ -292,14 +324,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 return False
         return True
 
-    async def _resume_suspended(self, io: TaskIO) -> None:
+    async def _resume_suspended(self, io: TaskIO, producer: AIOKafkaProducer | None) -> None:
         p = io.task.partition
-        if io.producer is not None:
-            # Another member may have initialised our transactional id meanwhile (fencing our
-            # producer) without committing: take it back before writing again.
-            await io.producer.stop()
-            io.producer = await self._start_producer(p)
-            io.sender = BatchSender(io.producer, self.worker.partition_counts())
+        if producer is not None:
+            # A fresh producer: another member may have initialised our transactional id
+            # meanwhile (fencing the old one) without committing anything.
+            self._use_producer(io, producer)
+            await producer.begin_transaction()
         for tp in self.input_tps(p):
             off = io.committed.get((tp.topic, tp.partition))
             if off is not None:
@@ -308,7 +339,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.resume(*self.input_tps(p))
         log.info("task %s resumed with its in-memory state", io.name)
 
-    def _make_task(self, partition: int) -> TaskIO:
+    def _make_task(self, partition: int, producer: AIOKafkaProducer | None) -> TaskIO:
+        """A task and its I/O; ``producer`` is its own transactional one, else the shared one."""
         w, s = self.worker, self.worker.settings
         layout = w.layout
         assert layout is not None
@@ -329,14 +361,14 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             clock=w.clock,
             error_policy=w.error_policy,
         )
-        assert w.shared_producer is not None or s.exactly_once
+        sending = producer or w.shared_producer
+        assert sending is not None
         return TaskIO(
             task=task,
-            sender=BatchSender(w.shared_producer, w.partition_counts())  # type: ignore[arg-type]
-            if w.shared_producer is not None
-            else None,  # type: ignore[arg-type]
+            sender=BatchSender(sending, w.partition_counts()),
             group_id=self.group_id,
             changelog_topics={op: self.job.changelog_topic(op) for op in self.stateful},
+            producer=producer,
         )
 
     async def _start_producer(self, partition: int) -> AIOKafkaProducer:
@@ -357,9 +389,6 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         s = self.worker.settings
         for p in partitions:
             io = self.restoring[p]
-            if s.exactly_once:
-                io.producer = await self._start_producer(p)
-                io.sender = BatchSender(io.producer, self.worker.partition_counts())
             meta = None
             for tp in self.input_tps(p):
                 om = committed.get(tp)

@@ -22,7 +22,8 @@ from runtime.task import OutRecord
 @lru_cache(maxsize=131_072)
 def _murmur2_partition(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (same as the Java client), cached: hot keys repeat."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    h: int = murmur2(key)
+    return (h & 0x7FFFFFFF) % partitions
 
 
 class BatchSender:
@@ -61,7 +62,10 @@ class BatchSender:
                     futures.append(await self._submit(batch, topic, p, count))
                     batch = producer.create_batch()
                     count = 0
-                    if batch.append(key=rec[2], value=rec[3], timestamp=None, headers=rec[4]) is None:
+                    if (
+                        batch.append(key=rec[2], value=rec[3], timestamp=None, headers=rec[4])
+                        is None
+                    ):
                         raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
                 count += 1
             if count:

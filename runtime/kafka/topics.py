@@ -161,10 +161,10 @@ async def ensure_topics(
 
 
 async def _await_metadata(
-    admin: AIOKafkaAdminClient, wanted: dict[str, InternalTopic], timeout: float = 15.0
+    admin: AIOKafkaAdminClient, wanted: dict[str, InternalTopic], wait_s: float = 15.0
 ) -> dict[str, int]:
     """Metadata of freshly created topics propagates asynchronously; wait until it is complete."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + wait_s
     while True:
         existing = await topic_partitions(admin, list(wanted))
         if all(existing.get(n) == t.partitions for n, t in wanted.items()):

@@ -159,6 +159,11 @@ class BoundState:
         """Mark a cached entry dirty (force_dirty); False if it is not cached."""
         raise NotImplementedError
 
+    def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
+        """(map key, value) of a stored entry, for inspection (TTL envelope stripped, expiry
+        not checked)."""
+        raise NotImplementedError
+
     def dirty_count(self) -> int:
         return len(self._dirty)
 
@@ -264,15 +269,23 @@ class _ScalarState(BoundState):
 
     # store hooks
     def changes(self, out: list[Change]) -> None:
+        # Runs once per dirty key per checkpoint: locals instead of attribute/method lookups.
         cache = self._cache
         ttl = self._ttl
-        to_bytes = self._to_bytes
+        prefix = self._prefix
+        pack = _U32.pack
+        scoped = not isinstance(self, KeyedHandle)  # scoped: the user key is already bytes
+        ukb_of = self._ukb
+        to_bytes: Callable[[Any], bytes] = self._to_bytes
+        if type(self)._to_bytes is _ScalarState._to_bytes:
+            to_bytes = self._serde.serialize
         uk: Any = None
         try:
             for uk in self._dirty:
                 value = cache.pop(uk)
                 cache[uk] = value  # move to the end: most recently written
-                key = self._skey(self._ukb(uk))
+                ukb = uk if scoped else ukb_of(uk)
+                key = prefix + pack(len(ukb)) + ukb
                 if value is _ABSENT:
                     out.append((key, None))
                 elif ttl is None:
@@ -284,6 +297,12 @@ class _ScalarState(BoundState):
         except Exception as exc:
             raise self._error(uk, "serialize", exc) from exc
         self._dirty.clear()
+
+    def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
+        try:
+            return None, self._from_bytes(raw if self._ttl is None else raw[8:])
+        except Exception as exc:
+            raise self._error(user_key, "deserialize stored bytes", exc) from exc
 
     def mark(self, user_key: bytes, map_key: bytes | None) -> bool:
         if map_key is not None:
@@ -689,6 +708,13 @@ class MapHandle(BoundState, MapState[Any, Any]):
         except Exception as exc:
             raise self._error((uk, mk), "serialize map entry", exc) from exc
         self._dirty.clear()
+
+    def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
+        try:
+            mk = None if map_key is None else self._key_serde.deserialize(map_key)
+            return mk, self._serde.deserialize(raw if self._ttl is None else raw[8:])
+        except Exception as exc:
+            raise self._error((user_key, map_key), "deserialize stored map entry", exc) from exc
 
     def mark(self, user_key: bytes, map_key: bytes | None) -> bool:
         if map_key is None or user_key not in self._cache:

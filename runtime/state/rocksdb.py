@@ -11,7 +11,9 @@ some consistent checkpoint and its offset, and the tail is replayed from the cha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+import weakref
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -26,7 +28,7 @@ __all__ = ["RocksDBBackend"]
 class RocksDBBackend:
     """A :class:`~runtime.state.backend.StateBackend` on a local RocksDB directory."""
 
-    __slots__ = ("_db", "_path")
+    __slots__ = ("_db", "_path", "_scans")
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
@@ -34,6 +36,7 @@ class RocksDBBackend:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         self._db: Rdict | None = Rdict(str(self._path), options)
+        self._scans: weakref.WeakSet[Generator[tuple[bytes, bytes], None, None]] = weakref.WeakSet()
 
     @property
     def path(self) -> Path:
@@ -74,7 +77,14 @@ class RocksDBBackend:
     # -- scans --------------------------------------------------------------------------------
 
     def range_scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        scan = self._scan(prefix)
+        self._scans.add(scan)
+        return scan
+
+    def _scan(self, prefix: bytes) -> Generator[tuple[bytes, bytes], None, None]:
         # The iterator pins an implicit RocksDB snapshot, so concurrent writes do not show up.
+        # It also keeps the database open (and its LOCK file held) for as long as it lives,
+        # which is why close() closes every scan still alive first.
         items = cast(Iterator[tuple[bytes, bytes]], self.db.items(from_key=prefix))
         for key, value in items:
             if not key.startswith(prefix):
@@ -142,6 +152,11 @@ class RocksDBBackend:
         self.db.compact_range(None, None)
 
     def close(self) -> None:
+        # An abandoned, half-consumed scan would keep RocksDB's LOCK held after close(), and
+        # reopening the directory (the task coming back to this worker) would then fail.
+        for scan in list(self._scans):
+            with contextlib.suppress(ValueError):  # a scan closing us from inside its loop
+                scan.close()
         db, self._db = self._db, None
         if db is not None:
             db.close()

@@ -402,6 +402,20 @@ class OperatorStateStore:
             dirty_entries=sum(h.dirty_count() for h in states),
         )
 
+    def dump(self) -> Iterator[tuple[str, bytes, Any, Any]]:
+        """Every STORED entry of this store as ``(state name, user key bytes, map key, value)``
+        (map key decoded, ``None`` except for MapState; value decoded with the bound state's
+        serde, raw bytes for states that are not bound). For inspection tools: it reads the
+        backend only, so call it after a restore or a checkpoint, not mid-interval."""
+        for skey, raw in self.backend.range_scan(self._part_prefix):
+            _, name, user_key, map_key = decode_storage_key(skey)
+            handle = self._states.get(name)
+            if handle is None:
+                yield name, user_key, map_key, raw
+            else:
+                mk, value = handle.decode_entry(user_key, map_key, raw)
+                yield name, user_key, mk, value
+
     def storage_keys(self) -> Iterator[tuple[bytes, bytes]]:
         """Every stored entry of this store's states (not metadata), in key order."""
         return self.backend.range_scan(self._part_prefix)

@@ -205,6 +205,19 @@ def test_rocksdb_survives_close_and_reopen(tmp_path: Path) -> None:
         backend.get(b"a")
 
 
+def test_rocksdb_close_with_an_abandoned_scan_releases_the_lock(tmp_path: Path) -> None:
+    backend = open_backend("rocksdb", tmp_path / "task-1")
+    backend.write_batch([(bytes([i]), b"v") for i in range(10)])
+    scan = backend.range_scan(b"")
+    next(scan)  # half-consumed: its RocksDB iterator would keep the database open
+    backend.close()
+    reopened = open_backend("rocksdb", tmp_path / "task-1")  # LOCK must be free
+    try:
+        assert len(content(reopened)) == 10
+    finally:
+        reopened.close()
+
+
 def test_open_backend_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown state backend"):
         open_backend("redis", tmp_path)

@@ -25,7 +25,7 @@ SAMPLE = encode_snapshot(42, [(b"", b""), (b"key-1", b"value-1"), (b"k\xff", b"\
 
 def test_every_truncation_rejected() -> None:
     for size in range(len(SAMPLE)):
-        with pytest.raises(SnapshotError, match="truncated|bad magic") as info:
+        with pytest.raises(SnapshotError, match=r"truncated|bad magic") as info:
             decode_snapshot(SAMPLE[:size])
         if size >= 4:
             assert f"truncated at byte {size}" in str(info.value)
