@@ -3,6 +3,7 @@
     headrace run MODULE:JOB            start a worker (run it again, anywhere, to scale out)
     headrace checkpoints MODULE:JOB    recent checkpoints and whether each is complete
     headrace state MODULE:JOB OP       read an operator's state from its changelog and print it
+    headrace status MODULE:JOB         members, tasks, lag, last checkpoint, restores under way
     headrace kafka start|stop|status   a local single-node Kafka broker for development
 
 Every ``run`` option can also come from the environment as ``HEADRACE_<OPTION>`` (for example
@@ -87,7 +88,15 @@ def _kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     envvar="HEADRACE_LOG_LEVEL",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    envvar="HEADRACE_LOG_FORMAT",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="json: one JSON object per line (for log shippers).",
+)
+def cli(log_level: str, log_format: str) -> None:
     """headrace: stateful stream processing for Python on Apache Kafka.
 
     Operators declare typed state; every partition gets its own task and state backend;
@@ -95,7 +104,9 @@ def cli(log_level: str) -> None:
     partitions when Kafka rebalances them. Secrets (SASL password) are read from the
     environment only (HEADRACE_SASL_PASSWORD, HEADRACE_SSL_PASSWORD) and never logged.
     """
-    _setup_logging(log_level)
+    from runtime.metrics import setup_logging
+
+    setup_logging(log_level, log_format.lower())
 
 
 @cli.command()
@@ -213,6 +224,25 @@ def state(
             break
     if shown == 0:
         click.echo("no state found")
+
+
+@cli.command()
+@click.argument("job_spec", metavar="MODULE:JOB")
+@_kafka_options
+@click.option(
+    "--guarantee",
+    "processing_guarantee",
+    type=click.Choice([g.value for g in Guarantee]),
+    help="Lag against committed data (exactly_once, default) or everything written.",
+)
+def status(job_spec: str, **options: Any) -> None:
+    """Show a running job: group members, tasks per worker, lag per partition, the last
+    complete checkpoint and restores under way (workers publish to <job>.status)."""
+    from runtime.status import read_status, render
+
+    job = load_job(job_spec)
+    settings = Settings.from_env(**options)
+    click.echo(render(asyncio.run(read_status(job, settings))))
 
 
 cli.add_command(kafka_cli)

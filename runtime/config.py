@@ -41,6 +41,11 @@ class Settings:
     ssl_password: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
 
+    def __post_init__(self) -> None:
+        # Accept plain strings/ints from code as well as from the environment.
+        for name, value in _coerce({f.name: getattr(self, f.name) for f in fields(self)}).items():
+            object.__setattr__(self, name, value)
+
     @property
     def exactly_once(self) -> bool:
         return self.processing_guarantee is Guarantee.EXACTLY_ONCE
@@ -78,7 +83,7 @@ class Settings:
         if "KAFKA_BOOTSTRAP_SERVERS" in env and "bootstrap_servers" not in values:
             values["bootstrap_servers"] = env["KAFKA_BOOTSTRAP_SERVERS"]
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**_coerce(values))
+        return cls(**values)
 
 
 def _coerce(values: dict[str, Any]) -> dict[str, Any]:

@@ -355,3 +355,51 @@ if pytest_asyncio is not None:
             # Best effort: the broker may have been stopped by the test itself.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(kafka_admin.delete_topics(created), 10)
+
+
+# --------------------------------------------------------------------------------------
+# Recovery testing: fault driver and replay verifier (runtime.recovery)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fault_driver(kafka_endpoint: KafkaEndpoint, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``fault_driver("pkg.mod:job", env={...}, seed=1)`` -> a started-nothing FaultDriver.
+
+    It runs ``headrace run`` worker processes against the session broker and injects faults
+    (kill -9, checkpoint-phase crashes, rebalance storms, broker restarts when the broker is a
+    LocalBroker). Every process it started is killed and reaped after the test.
+    """
+    from runtime.recovery.driver import FaultDriver
+
+    drivers: list[FaultDriver] = []
+
+    def make(job_spec: str, **kwargs: Any) -> FaultDriver:
+        kwargs.setdefault("broker", kafka_endpoint.local)
+        kwargs.setdefault("workdir", tmp_path / f"driver-{len(drivers)}")
+        driver = FaultDriver(job_spec, bootstrap_servers=kafka_endpoint.bootstrap_servers, **kwargs)
+        drivers.append(driver)
+        return driver
+
+    yield make
+    for driver in drivers:
+        driver.close()
+
+
+@pytest.fixture
+def recovery_verifier(kafka_bootstrap_servers: str) -> Callable[..., Any]:
+    """``recovery_verifier(replay, key_serde=..., value_serde=...)`` -> a Verifier."""
+    from runtime.recovery.verify import Verifier
+
+    def make(replay: Callable[..., Any], **kwargs: Any) -> Verifier:
+        return Verifier(kafka_bootstrap_servers, replay, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def wordcount_verifier(kafka_bootstrap_servers: str) -> Any:
+    """The Verifier for word-count-shaped jobs (STR lines in, per-word INT counts out)."""
+    from runtime.recovery.verify import wordcount_verifier as make
+
+    return make(kafka_bootstrap_servers)

@@ -33,7 +33,15 @@ from operators.job import (
 from operators.operator import SAME_KEY, Operator
 from operators.record import Record, describe_key
 from runtime.checkpoint.alignment import BarrierAligner
-from runtime.checkpoint.barrier import barrier_headers, barrier_id, channel_headers
+from runtime.checkpoint.barrier import (
+    BARRIER_HEADER,
+    SEQUENCE_HEADER,
+    barrier_headers,
+    barrier_id,
+    channel_headers,
+    dedupe_slot,
+    sequence,
+)
 from runtime.state.store import OperatorStateStore
 
 log = logging.getLogger(__name__)
@@ -92,6 +100,8 @@ class PendingCheckpoint:
     final: bool
     #: operator id -> [(storage key, value bytes or None for a delete)]
     changes: dict[str, list[tuple[bytes, bytes | None]]]
+    #: at-least-once: highest repartition sequence processed per slot (part of the cut)
+    seen: dict[int, int]
     #: outputs produced before the cut (they belong to this checkpoint's transaction)
     outputs: list[OutRecord]
     #: barrier records for every partition of the repartition output, if any
@@ -142,6 +152,7 @@ class StageTask:
         alignment_timeout: float = 60.0,
         clock: Callable[[], float],
         error_policy: ErrorPolicy | None = None,
+        sequence_outputs: bool = False,
     ) -> None:
         self.job = job
         self.stage = stage
@@ -163,6 +174,12 @@ class StageTask:
         self.aligner: BarrierAligner | None = None
         self._upstream_partitions = upstream_partitions
         self._alignment_timeout = alignment_timeout
+        # at-least-once dedupe across the repartition hop (see runtime.checkpoint.barrier)
+        self._sequence_outputs = sequence_outputs and not stage.source.internal
+        self._out_index = 0
+        self._topic_index = {t: i for i, t in enumerate(stage.source.topics)}
+        self.seen: dict[int, int] = {}
+        self.duplicates_dropped = 0
         if stage.source.internal and not upstream_partitions:
             raise ValueError(f"{stage.name} reads a repartition topic: upstream_partitions needed")
         self.operators: list[Operator] = []
@@ -267,7 +284,21 @@ class StageTask:
                 kb = rkser(key_fn(v))
                 out_append((rtopic, crc32(kb) % n, kb, rvser(v), headers))
 
-            return repartition
+            if not self._sequence_outputs:
+                return repartition
+            channel = headers[0]
+            topic_index = self._topic_index
+
+            def repartition_sequenced(k: Any, v: Any) -> None:
+                r = task._cur
+                assert r is not None
+                seq = sequence(r.offset, task._out_index, topic_index[r.topic])
+                task._out_index += 1
+                kb = rkser(key_fn(v))
+                seq_header = (SEQUENCE_HEADER, b"%d" % seq)
+                out_append((rtopic, crc32(kb) % n, kb, rvser(v), [channel, seq_header]))
+
+            return repartition_sequenced
 
         def discard(k: Any, v: Any) -> None:
             return None
@@ -281,9 +312,11 @@ class StageTask:
         last_checkpoint: int = 0,
         positions: dict[tuple[str, int], int] | None = None,
         skip: dict[int, int] | None = None,
+        seen: dict[int, int] | None = None,
     ) -> None:
         """Start after restore: ``positions`` are the committed offsets per input partition."""
         self.last_checkpoint = last_checkpoint
+        self.seen = dict(seen or {})
         self._positions = dict(positions or {})
         if self.stage.source.internal:
             assert self._upstream_partitions
@@ -298,6 +331,12 @@ class StageTask:
             )
         for op, ctx in zip(self.operators, self._contexts, strict=True):
             op.open(ctx)
+
+    def position(self, topic: str) -> int:
+        """Next offset to read from this task's partition of ``topic``."""
+        if self.aligner is not None:
+            return self.aligner.position
+        return self._positions.get((topic, self.partition), 0)
 
     def close(self) -> None:
         for op in self.operators:
@@ -326,7 +365,7 @@ class StageTask:
     def _feed_aligned(self, records: Sequence[RawRecord], start: int) -> int:
         aligner = self.aligner
         assert aligner is not None
-        process = self._process
+        process = self._process_sequenced
         n = len(records)
         i = start
         while i < n:
@@ -336,19 +375,32 @@ class StageTask:
             channel = int(headers[0][1])
             if not aligner.admit(channel, r.offset):
                 continue
-            if len(headers) > 1:
+            if len(headers) > 1 and headers[1][0] == BARRIER_HEADER:
                 aligner.on_barrier(channel, r.offset, int(headers[1][1]))
                 if aligner.ready:
                     self._prepare(force=False, final=False)
                     break
             elif aligner.on_record(channel, r.offset, r):
-                self.counters.records_in += 1
-                process(r)
+                process(r, channel)
         if n:
             self._positions[(records[0].topic, self.partition)] = aligner.position
         return i
 
+    def _process_sequenced(self, r: RawRecord, channel: int) -> None:
+        """A repartition record: drop it if an upstream replay already delivered it."""
+        self.counters.records_in += 1
+        headers = r.headers
+        if len(headers) > 1:
+            seq = int(headers[1][1])
+            slot = dedupe_slot(channel, seq)
+            if seq <= self.seen.get(slot, -1):
+                self.duplicates_dropped += 1
+                return
+            self.seen[slot] = seq
+        self._process(r)
+
     def _process(self, r: RawRecord) -> None:
+        self._out_index = 0
         out = self.out
         mark = len(out)
         kind = "deserialization"
@@ -444,7 +496,16 @@ class StageTask:
                 (output.topic, p, None, b"", headers) for p in range(self.downstream_partitions)
             ]
         self.pending = PendingCheckpoint(
-            checkpoint_id, offsets, skip, aligned, final, changes, outputs, barriers, seconds
+            checkpoint_id,
+            offsets,
+            skip,
+            aligned,
+            final,
+            changes,
+            dict(self.seen),
+            outputs,
+            barriers,
+            seconds,
         )
 
     def checkpoint_committed(self, changelog_offsets: dict[str, int | None]) -> None:
@@ -462,8 +523,7 @@ class StageTask:
             self.counters.unaligned_checkpoints += 1
         if self.aligner is not None:
             for r in self.aligner.complete(pending.checkpoint_id):
-                self.counters.records_in += 1
-                self._process(r)
+                self._process_sequenced(r, int(r.headers[0][1]))
             if self.aligner.ready:
                 self._prepare(force=False, final=False)
 

@@ -36,9 +36,11 @@ from runtime.checkpoint.restore import RestoreTarget, restore
 from runtime.config import Settings
 from runtime.kafka.producer import BatchSender
 from runtime.kafka.topics import TopicLayout, ensure_topics
+from runtime.metrics import WorkerMetrics
 from runtime.state.backend import open_backend
 from runtime.state.keys import StatePartitionKey
 from runtime.state.store import OperatorStateStore
+from runtime.status import Operations
 from runtime.task import StageTask
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ class Worker:
         self.admin: AIOKafkaAdminClient | None = None
         self.shared_producer: AIOKafkaProducer | None = None
         self.failure: BaseException | None = None
+        self.metrics = WorkerMetrics(self)  #: its own registry (runtime/metrics.py)
+        self.ops_port: int | None = None  #: where /metrics, /health, /ready are served
+        self.ops = Operations(self)  #: ops HTTP server + status publisher (runtime/status.py)
 
     def stop(self) -> None:
         self._stop.set()
@@ -85,6 +90,7 @@ class Worker:
         await self.admin.start()
         try:
             self.layout = await ensure_topics(self.admin, self.job)
+            await self.ops.start()
             if not s.exactly_once:
                 self.shared_producer = AIOKafkaProducer(
                     **s.kafka_kwargs(), client_id=s.client_id, **_PRODUCER_SETTINGS
@@ -110,6 +116,7 @@ class Worker:
             for r in self.runners:
                 await r.shutdown(final_checkpoint=self.failure is None)
         finally:
+            await self.ops.stop()
             if self.shared_producer is not None:
                 await self.shared_producer.stop()
             await self.admin.close()
@@ -171,9 +178,11 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             consumer=self.consumer,
             worker_id=worker.worker_id,
         )
+        self.committer.metrics = worker.metrics
         self.tasks: dict[int, TaskIO] = {}
         self.suspended: dict[int, TaskIO] = {}
         self.restoring: dict[int, TaskIO] = {}
+        self.restore_targets: list[RestoreTarget] = []  #: of the restore under way (metrics)
         self._restore_job: asyncio.Task[None] | None = None
         self.restore_error: BaseException | None = None
         self.lock = asyncio.Lock()
@@ -202,6 +211,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             if self.restore_error is not None:
                 raise self.restore_error
             batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
+            started = time.perf_counter()
             async with self.lock:
                 for tp, records in batches.items():
                     io = self.tasks.get(tp.partition)
@@ -214,6 +224,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     while io.task.pending is not None:
                         await self.committer.commit(io, io.task.pending)
                 await self._send_outputs()
+            if batches:
+                self.worker.metrics.batch_processed(self.stage.name, started, batches)
 
     async def _feed(self, io: TaskIO, records: list[Any]) -> None:
         task = io.task
@@ -241,11 +253,20 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 if io is None:
                     continue
                 try:
-                    await self.committer.commit(io, io.task.final_checkpoint())
-                    self.suspended[p] = io
+                    final = io.task.final_checkpoint()
+                    await self.committer.commit(io, final)
                 except Exception:
                     log.exception("final checkpoint of task %s failed; dropping it", io.name)
                     await self._close(io)
+                    continue
+                if final.skip:
+                    # Alignment was under way: the cut is not a prefix of the input and the
+                    # records held back were processed on release. Only a restore (which
+                    # applies the skip list) rebuilds exactly the committed state; resuming the
+                    # in-memory state would count records after the cut twice.
+                    await self._close(io)
+                    continue
+                self.suspended[p] = io
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         partitions = sorted({tp.partition for tp in assigned})
@@ -360,6 +381,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             alignment_timeout=s.alignment_timeout_s,
             clock=w.clock,
             error_policy=w.error_policy,
+            sequence_outputs=not s.exactly_once,
         )
         sending = producer or w.shared_producer
         assert sending is not None
@@ -402,6 +424,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 targets.append(
                     RestoreTarget(io.task.stores[op], self.job.changelog_topic(op), p, valid_until)
                 )
+        self.restore_targets = targets
 
         def progress(t: RestoreTarget) -> None:
             log.info(
@@ -444,6 +467,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             last_checkpoint=meta.checkpoint_id if meta else 0,
             positions=positions,
             skip=meta.skip if meta else None,
+            seen=meta.seen if meta else None,
         )
         if io.producer is not None:
             await io.producer.begin_transaction()
@@ -481,10 +505,16 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
     async def shutdown(self, *, final_checkpoint: bool) -> None:
         await self._cancel_restore()
         async with self.lock:
+            if final_checkpoint:
+                # Once, before any task closes: a final checkpoint can release held records
+                # whose outputs must not go through another task's closed producer.
+                try:
+                    await self._send_outputs()
+                except Exception:
+                    log.exception("sending outputs before the final checkpoints failed")
             for io in list(self.tasks.values()):
                 if final_checkpoint:
                     try:
-                        await self._send_outputs()
                         await self.committer.commit(io, io.task.final_checkpoint())
                     except Exception:
                         log.exception("final checkpoint of %s failed", io.name)

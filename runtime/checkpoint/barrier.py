@@ -14,6 +14,23 @@ from __future__ import annotations
 
 CHANNEL_HEADER = "hr.ch"
 BARRIER_HEADER = "hr.barrier"
+SEQUENCE_HEADER = "hr.seq"
+
+# At-least-once dedupe across a repartition hop.
+#
+# Under at-least-once a source task that crashes replays its input from its last committed
+# offsets and writes the same repartition records again. Kafka transactions are what prevent
+# that under exactly-once; under at-least-once the downstream task drops the replays itself:
+# every repartition record of a *source* stage carries a sequence number derived from where it
+# came from — (input offset, index of the output for that input, input topic) — which is the
+# same on replay because the source stage processes each input partition in offset order. The
+# downstream task keeps, per (channel, input topic), the highest sequence it has *processed*
+# (not merely received: held records are not in the checkpoint), stores it in the checkpoint
+# metadata, and skips records at or below it. State is then exact across the hop even under
+# at-least-once; only the sink output may repeat. Later hops (a stage fed by a repartition
+# topic, whose processing order is not offset order because of alignment) carry no sequence.
+SEQ_INDEX_BITS = 20  #: up to ~1M outputs per input record
+SEQ_TOPIC_BITS = 4  #: up to 16 co-partitioned source topics
 
 
 def barrier_id(now_seconds: float, interval_ms: int) -> int:
@@ -24,6 +41,15 @@ def barrier_id(now_seconds: float, interval_ms: int) -> int:
 def channel_headers(channel: int) -> list[tuple[str, bytes]]:
     """Headers of a data record (a list: aiokafka's C batch builder accepts nothing else)."""
     return [(CHANNEL_HEADER, b"%d" % channel)]
+
+
+def sequence(offset: int, index: int, topic_index: int) -> int:
+    return (((offset << SEQ_INDEX_BITS) | index) << SEQ_TOPIC_BITS) | topic_index
+
+
+def dedupe_slot(channel: int, seq: int) -> int:
+    """The (channel, input topic) pair a sequence number is ordered within."""
+    return (channel << SEQ_TOPIC_BITS) | (seq & ((1 << SEQ_TOPIC_BITS) - 1))
 
 
 def barrier_headers(channel: int, checkpoint_id: int) -> list[tuple[str, bytes]]:

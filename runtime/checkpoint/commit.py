@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
@@ -42,6 +43,9 @@ from runtime.checkpoint.metadata import CheckpointMetadata
 from runtime.faults import maybe_crash
 from runtime.kafka.producer import BatchSender, Delivery, last_offset, wait_delivered
 from runtime.task import OutRecord, PendingCheckpoint, StageTask
+
+if TYPE_CHECKING:
+    from runtime.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,9 @@ class Committer:
         self.exactly_once = exactly_once
         self.consumer = consumer
         self.worker_id = worker_id
+        #: called at each phase of a commit; kills the process when fault injection is on
+        self.fault: Callable[[str], None] = maybe_crash
+        self.metrics: WorkerMetrics | None = None  #: set by the worker (runtime/metrics.py)
 
     async def commit(self, io: TaskIO, pending: PendingCheckpoint) -> None:
         started = time.perf_counter()
@@ -91,24 +98,25 @@ class Committer:
         deliveries = io.unacked
         io.unacked = []
         deliveries += await sender.send(pending.outputs)
+        task.counters.records_out += len(pending.outputs)  # the rest count in the worker loop
         changelog: dict[str, list[Delivery]] = {}
         changed = 0
         for op_id, changes in pending.changes.items():
             if changes:
                 changed += len(changes)
                 topic = io.changelog_topics[op_id]
-                records: list[OutRecord] = [(topic, task.partition, k, v, []) for k, v in changes]
-                changelog[op_id] = await sender.send(records)
+                changelog[op_id] = await sender.send_pairs(topic, task.partition, changes)
         deliveries += await sender.send(pending.barriers)
         for op_id, d in changelog.items():
             io.changelog_last[op_id] = await last_offset(d)
         await wait_delivered(deliveries)
-        maybe_crash("after-changelog")
+        self.fault("after-changelog")
 
         metadata = CheckpointMetadata(
             pending.checkpoint_id,
             pending.skip,
             {op: off for op, off in io.changelog_last.items() if off is not None},
+            pending.seen,
         ).encode()
         offsets: dict[TopicPartition, Any] = {
             TopicPartition(t, p): OffsetAndMetadata(o, metadata)
@@ -121,18 +129,22 @@ class Committer:
             await sender.send([ack])
             if offsets:
                 await producer.send_offsets_to_transaction(offsets, io.group_id)
-            maybe_crash("before-commit")
+            self.fault("before-commit")
             await producer.commit_transaction()
-            maybe_crash("after-commit")
+            self.fault("after-commit")
             await producer.begin_transaction()
         else:
-            maybe_crash("before-commit")
+            self.fault("before-commit")
             if offsets:
                 await self.consumer.commit(offsets)
-            maybe_crash("after-commit")
+            self.fault("after-commit")
             io.unacked += await sender.send([ack])
         io.committed = dict(pending.offsets)
         task.checkpoint_committed(io.changelog_last)
+        if self.metrics is not None:
+            self.metrics.checkpoint_committed(
+                task.stage.name, pending, time.perf_counter() - started
+            )
         log.debug(
             "task %s committed checkpoint %d (%d changed keys, %.1f ms%s)",
             io.name,

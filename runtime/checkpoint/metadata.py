@@ -7,6 +7,8 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
 * ``cp``: the checkpoint id;
 * ``skip``: per upstream channel, the first offset of that channel not in the checkpoint, for
   channels whose cut lies past the committed offset (see :mod:`runtime.checkpoint.alignment`);
+* ``seen``: at-least-once only, per (channel, input topic) slot the highest repartition
+  sequence number processed (see :mod:`runtime.checkpoint.barrier`);
 * ``cl``: per stateful operator, the changelog offset after this checkpoint's writes. Under
   at-least-once the changelog may hold writes of a checkpoint that never committed its offsets;
   restore treats records past ``cl`` as stale (DESIGN.md section 5.5).
@@ -28,6 +30,7 @@ class CheckpointMetadata:
     checkpoint_id: int
     skip: dict[int, int] = field(default_factory=dict)
     changelog_offsets: dict[str, int] = field(default_factory=dict)
+    seen: dict[int, int] = field(default_factory=dict)
 
     def encode(self) -> str:
         doc: dict[str, object] = {"v": FORMAT, "cp": self.checkpoint_id}
@@ -35,6 +38,8 @@ class CheckpointMetadata:
             doc["skip"] = {str(c): x for c, x in self.skip.items()}
         if self.changelog_offsets:
             doc["cl"] = self.changelog_offsets
+        if self.seen:
+            doc["seen"] = {str(c): x for c, x in self.seen.items()}
         return orjson.dumps(doc).decode()
 
     @classmethod
@@ -50,6 +55,7 @@ class CheckpointMetadata:
                 int(doc["cp"]),
                 {int(c): int(x) for c, x in doc.get("skip", {}).items()},
                 {str(k): int(v) for k, v in doc.get("cl", {}).items()},
+                {int(c): int(x) for c, x in doc.get("seen", {}).items()},
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None

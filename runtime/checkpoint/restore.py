@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -65,6 +66,49 @@ class RestoreTarget:
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+    def apply(self, records: Sequence[Any], batch_size: int) -> None:
+        """Apply changelog records (anything with offset/key/value), batching the writes."""
+        state_prefix = partition_prefix(self.store.partition_key)
+        meta_prefix = metadata_prefix(self.store.partition_key)
+        prefixes = (state_prefix, meta_prefix)
+        valid_until = self.valid_until
+        batch = self._batch
+        for r in records:
+            key = r.key
+            if key is None or not key.startswith(prefixes):
+                raise ChangelogCorruptError(
+                    self.topic, self.partition, r.offset, "its key is not in this task's namespace"
+                )
+            if valid_until is not None and r.offset > valid_until:
+                self.stale.add(key)
+                continue
+            batch.append((key, r.value))
+            self.last_applied = r.offset
+        self.applied += len(records)
+        if len(batch) >= batch_size:
+            self.flush()
+            maybe_crash("during-restore")
+
+    def flush(self) -> None:
+        if self._batch:
+            self.store.restore(self._batch)
+            self._batch = []
+
+    def finish(self) -> None:
+        """Last batch, stale-key compensation, and the local store's new changelog offset."""
+        self.flush()
+        if self.stale:
+            log.info(
+                "%s[%d]: %d key(s) written by a checkpoint that never committed; they will be "
+                "rewritten with their committed values",
+                self.topic,
+                self.partition,
+                len(self.stale),
+            )
+            self.store.force_dirty(self.stale)
+        # Record how far the local store now is, so a restart replays only what follows.
+        self.store.apply_changes([], changelog_offset=self.last_applied)
 
 
 def plan_start(target: RestoreTarget) -> None:
@@ -116,35 +160,12 @@ async def restore(
             consumer.seek(t.tp, t.start)
         if t.end > (t.start or 0):
             pending.add(t.tp)
-    # State keys and the store's metadata keys (descriptor kinds/serdes travel with the state).
-    prefixes = {
-        t.tp: (partition_prefix(t.store.partition_key), metadata_prefix(t.store.partition_key))
-        for t in targets
-    }
     consumer.pause(*[tp for tp in tps if tp not in pending])
     last_report = time.monotonic()
     while pending:
         batches = await consumer.getmany(*pending, timeout_ms=500, max_records=batch_size)
         for tp, records in batches.items():
-            target = by_tp[tp]
-            prefix = prefixes[tp]
-            valid_until = target.valid_until
-            batch = target._batch
-            for r in records:
-                key = r.key
-                if key is None or not key.startswith(prefix):  # one C call for a tuple
-                    raise ChangelogCorruptError(
-                        tp.topic, tp.partition, r.offset, "its key is not in this task's namespace"
-                    )
-                if valid_until is not None and r.offset > valid_until:
-                    target.stale.add(key)
-                    continue
-                batch.append((key, r.value))
-                target.last_applied = r.offset
-            target.applied += len(records)
-            if len(batch) >= batch_size:
-                _flush(target)
-                maybe_crash("during-restore")
+            by_tp[tp].apply(records, batch_size)
         for tp in list(pending):
             if await consumer.position(tp) >= by_tp[tp].end:
                 pending.discard(tp)
@@ -155,24 +176,7 @@ async def restore(
             for t in targets:
                 progress(t)
     for t in targets:
-        _flush(t)
-        if t.stale:
-            log.info(
-                "%s[%d]: %d key(s) written by a checkpoint that never committed; they will be "
-                "rewritten with their committed values",
-                t.topic,
-                t.partition,
-                len(t.stale),
-            )
-            t.store.force_dirty(t.stale)
-        # Record how far the local store now is, so a restart replays only what follows.
-        t.store.apply_changes([], changelog_offset=t.last_applied)
+        t.finish()
         if progress is not None:
             progress(t)
     consumer.assign([])
-
-
-def _flush(target: RestoreTarget) -> None:
-    if target._batch:
-        target.store.restore(target._batch)
-        target._batch = []

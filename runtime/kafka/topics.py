@@ -91,7 +91,18 @@ def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> Topi
         )
     )
     internal.append(InternalTopic(job.dead_letter_topic, 1, compact=False))
+    # Worker status for `headrace status` (runtime/status.py): latest record per worker.
+    internal.append(
+        InternalTopic(
+            status_topic(job), 1, compact=True, configs={"delete.retention.ms": str(3_600_000)}
+        )
+    )
     return TopicLayout(stage_partitions, internal, sinks)
+
+
+def status_topic(job: Job) -> str:
+    """``<job>.status``: each worker's latest status record, keyed by worker id."""
+    return f"{job.name}.status"
 
 
 async def ensure_topics(

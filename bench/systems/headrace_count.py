@@ -1,0 +1,95 @@
+"""headrace under the benchmark (project venv). Runs until SIGTERM (final checkpoint, exit 0).
+
+``--mode keyed`` (S1/S2/S4): one stage, source keyed by word -> count -> sink; no key_by.
+``--mode lines`` (issue 4): the examples.wordcount job shape (flat_map split, key_by, count).
+``--restore-only``: join the group, restore, print ``RESTORED <seconds>`` once ready, exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+from examples.wordcount import build as build_wordcount
+from operators.job import Job
+from operators.serde import BYTES, INT, STR
+from runtime.config import Guarantee, Settings
+from runtime.worker import Worker
+
+
+def keyed_job(name: str, source: str, sink: str) -> Job:
+    job = Job(name)
+    (
+        job.source(source, key_serde=STR, value_serde=BYTES)
+        .count(name="counts")
+        .sink(sink, key_serde=STR, value_serde=INT)
+    )
+    return job
+
+
+class _RestoreTimes(logging.Handler):
+    pattern = re.compile(r"restored task\(s\) .* in ([0-9.]+)s")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = self.pattern.search(record.getMessage())
+        if m:
+            self.seconds.append(float(m.group(1)))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--job", required=True)
+    ap.add_argument("--mode", choices=["keyed", "lines"], default="keyed")
+    ap.add_argument("--guarantee", default="at_least_once")
+    ap.add_argument("--backend", default="memory")
+    ap.add_argument("--state-dir", default=".headrace/bench-state")
+    ap.add_argument("--interval-ms", type=int, default=1000)
+    ap.add_argument("--restore-only", action="store_true")
+    a = ap.parse_args()
+    times = _RestoreTimes()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("runtime.worker").setLevel(logging.INFO)
+    logging.getLogger("runtime.worker").addHandler(times)
+    if a.mode == "keyed":
+        job = keyed_job(a.job, a.input, a.output)
+    else:
+        job = build_wordcount(a.job, a.input, a.output)
+    settings = Settings(
+        bootstrap_servers=a.bootstrap,
+        processing_guarantee=Guarantee(a.guarantee),
+        checkpoint_interval_ms=a.interval_ms,
+        state_backend=a.backend,
+        state_dir=Path(a.state_dir),
+    )
+    worker = Worker(job, settings)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, worker.stop)
+    loop.add_signal_handler(signal.SIGINT, worker.stop)
+    started = time.monotonic()
+    run = asyncio.create_task(worker.run())
+    if a.restore_only:
+        while not (worker.ready() and all(r.tasks for r in worker.runners)):
+            if run.done():
+                break
+            await asyncio.sleep(0.01)
+        total = time.monotonic() - started
+        print(f"RESTORED {max(times.seconds, default=float('nan'))} {total}", flush=True)
+        worker.stop()
+    await run
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

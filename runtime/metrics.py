@@ -1,0 +1,416 @@
+"""Operating a worker: Prometheus metrics, health endpoints and structured logs (DESIGN.md 8).
+
+Every :class:`~runtime.worker.Worker` owns one :class:`WorkerMetrics` with its *own*
+``CollectorRegistry`` (nothing is registered globally, so workers and tests never see each
+other's series). Two kinds of series:
+
+* **Read at scrape time** from the worker's live objects by :class:`_TaskCollector`: records
+  in/out, skipped and dead-lettered records, checkpoints (the :class:`~runtime.task.TaskCounters`
+  the task already keeps), tasks per state, restore progress and consumer lag. The per-record
+  path is untouched: a scrape reads plain integers. Counters belong to a task; when a partition
+  moves the task's counters start again from zero, which Prometheus treats as a counter reset.
+* **Observed at events**: checkpoint duration, size (changed keys and bytes) and alignment
+  time once per committed checkpoint (:meth:`WorkerMetrics.checkpoint_committed`, called by the
+  committer), and processing time once per polled batch (:meth:`WorkerMetrics.batch_processed`).
+
+:class:`OpsServer` serves ``/metrics``, ``/health`` (live: the event loop answers and the worker
+has not failed) and ``/ready`` (every assigned task is restored: :meth:`Worker.ready`) on
+``Settings.metrics_port``. It is a tiny HTTP/1.0 server on the worker's own asyncio loop, so the
+collectors read the worker's dicts from the thread that changes them: no locks, no races.
+
+:func:`setup_logging` gives ``--log-format json`` (``HEADRACE_LOG_FORMAT=json``): one JSON object
+per line. Secret values from the environment (``HEADRACE_SASL_PASSWORD``,
+``HEADRACE_SSL_PASSWORD``) are masked in every log line, in either format, as a second line of
+defence behind :class:`~runtime.config.Settings` hiding them from its ``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from runtime.task import PendingCheckpoint
+    from runtime.worker import Worker
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_SIZE_BUCKETS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+_BYTES_BUCKETS = (0, 1_024, 16_384, 131_072, 1_048_576, 8_388_608, 67_108_864, 536_870_912)
+
+
+class WorkerMetrics:
+    """All metrics of one worker, in a registry of its own."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.registry = CollectorRegistry(auto_describe=True)
+        job = worker.job.name
+        self.job = job
+        r = self.registry
+        self.checkpoint_duration = Histogram(
+            "headrace_checkpoint_duration_seconds",
+            "Time to commit one task checkpoint (changelog, outputs, offsets).",
+            ["job", "stage"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_keys = Histogram(
+            "headrace_checkpoint_changed_keys",
+            "State keys written to the changelog by one task checkpoint.",
+            ["job", "stage"],
+            buckets=_SIZE_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_bytes = Histogram(
+            "headrace_checkpoint_bytes",
+            "Bytes of state (keys + values) written to the changelog by one task checkpoint.",
+            ["job", "stage"],
+            buckets=_BYTES_BUCKETS,
+            registry=r,
+        )
+        self.alignment = Histogram(
+            "headrace_checkpoint_alignment_seconds",
+            "Time a task waited for barriers from all upstream partitions.",
+            ["job", "stage"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "headrace_batch_processing_seconds",
+            "Time to process one polled batch of records (including checkpoints it triggered).",
+            ["job", "stage"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.record_delay = Gauge(
+            "headrace_record_delay_seconds",
+            "Now minus the timestamp of the newest record processed (end-to-end delay).",
+            ["job", "stage"],
+            registry=r,
+        )
+        Gauge("headrace_worker_info", "This worker.", ["job", "worker"], registry=r).labels(
+            job, worker.worker_id
+        ).set(1)
+        self.lag: dict[tuple[str, str, int], int] = {}
+        r.register(_TaskCollector(self))
+
+    # -- events ---------------------------------------------------------------------------------
+    def checkpoint_committed(self, stage: str, pending: PendingCheckpoint, seconds: float) -> None:
+        """Once per committed task checkpoint (off the per-record path)."""
+        keys = 0
+        size = 0
+        for changes in pending.changes.values():
+            keys += len(changes)
+            for k, v in changes:
+                size += len(k) + (len(v) if v is not None else 0)
+        self.checkpoint_duration.labels(self.job, stage).observe(seconds)
+        self.checkpoint_keys.labels(self.job, stage).observe(keys)
+        self.checkpoint_bytes.labels(self.job, stage).observe(size)
+        self.alignment.labels(self.job, stage).observe(pending.alignment_seconds)
+
+    def batch_processed(self, stage: str, started: float, batches: dict[Any, list[Any]]) -> None:
+        """Once per non-empty poll: ``started`` is ``time.perf_counter()`` before processing."""
+        self.batch_seconds.labels(self.job, stage).observe(time.perf_counter() - started)
+        newest = max((records[-1].timestamp for records in batches.values() if records), default=0)
+        if newest > 0:
+            self.record_delay.labels(self.job, stage).set(max(0.0, time.time() - newest / 1000))
+
+    async def refresh_lag(self) -> None:
+        """Consumer lag per running task input: last stable offset (exactly-once) or high
+        watermark minus the consumer's position. Both come from the last fetch response, so this
+        costs no request; partitions not fetched yet are left out."""
+        lag: dict[tuple[str, str, int], int] = {}
+        exactly_once = self.worker.settings.exactly_once
+        for runner in list(self.worker.runners):
+            consumer = runner.consumer
+            for p in list(runner.tasks):
+                for tp in runner.input_tps(p):
+                    try:
+                        end = (
+                            consumer.last_stable_offset(tp)
+                            if exactly_once
+                            else consumer.highwater(tp)
+                        )
+                        if end is None or end < 0:
+                            continue
+                        position = await asyncio.wait_for(consumer.position(tp), 1.0)
+                    except Exception:  # revoked meanwhile, or no position yet
+                        continue
+                    lag[(runner.stage.name, tp.topic, tp.partition)] = max(0, end - position)
+        self.lag = lag
+
+    async def exposition(self) -> bytes:
+        await self.refresh_lag()
+        return generate_latest(self.registry)
+
+
+class _TaskCollector(Collector):
+    """Reads task counters, task states, restore progress and lag at scrape time."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        worker = self.metrics.worker
+        job = self.metrics.job
+        counters = {
+            "records_in": families[0],
+            "records_out": families[1],
+            "skipped": families[2],
+            "dead_lettered": families[3],
+            "checkpoints": families[4],
+            "unaligned_checkpoints": families[5],
+        }
+        tasks, restored, restore_total, lag, ready = families[6:11]
+        for runner in list(worker.runners):
+            stage = runner.stage.name
+            for state, ios in (
+                ("running", runner.tasks),
+                ("restoring", runner.restoring),
+                ("suspended", runner.suspended),
+            ):
+                tasks.add_metric([job, stage, state], len(ios))
+            for p, io in list(runner.tasks.items()):
+                c = io.task.counters
+                labels = [job, stage, str(p)]
+                for name, family in counters.items():
+                    family.add_metric(labels, getattr(c, name))
+            for t in list(runner.restore_targets):
+                if t.partition not in runner.restoring:
+                    continue
+                labels = [job, stage, str(t.partition), t.topic]
+                restored.add_metric(labels, t.applied)
+                restore_total.add_metric(labels, max(0, t.end - (t.start or 0)))
+        for (stage, topic, partition), n in self.metrics.lag.items():
+            lag.add_metric([job, stage, topic, str(partition)], n)
+        ready.add_metric([job], 1 if worker.ready() else 0)
+        yield from families
+
+    def _families(self) -> list[Any]:
+        task_labels = ["job", "stage", "partition"]
+        restore_labels = ["job", "stage", "partition", "changelog"]
+        return [
+            CounterMetricFamily(
+                "headrace_records_in", "Records consumed by a task.", labels=task_labels
+            ),
+            CounterMetricFamily(
+                "headrace_records_out", "Records produced by a task.", labels=task_labels
+            ),
+            CounterMetricFamily(
+                "headrace_records_skipped",
+                "Records skipped by the 'skip' error policy.",
+                labels=task_labels,
+            ),
+            CounterMetricFamily(
+                "headrace_records_dead_lettered",
+                "Records sent to the dead-letter topic by the 'dead_letter' error policy.",
+                labels=task_labels,
+            ),
+            CounterMetricFamily(
+                "headrace_checkpoints", "Checkpoints committed by a task.", labels=task_labels
+            ),
+            CounterMetricFamily(
+                "headrace_unaligned_checkpoints",
+                "Checkpoints a task took unaligned (alignment timeout).",
+                labels=task_labels,
+            ),
+            GaugeMetricFamily(
+                "headrace_tasks",
+                "Tasks of this worker by state (running, restoring, suspended).",
+                labels=["job", "stage", "state"],
+            ),
+            GaugeMetricFamily(
+                "headrace_restore_records_restored",
+                "Changelog records applied so far by a restore under way.",
+                labels=restore_labels,
+            ),
+            GaugeMetricFamily(
+                "headrace_restore_records_total",
+                "Changelog records a restore under way has to apply.",
+                labels=restore_labels,
+            ),
+            GaugeMetricFamily(
+                "headrace_consumer_lag_records",
+                "Records between a task's consumer position and the end of its input partition.",
+                labels=["job", "stage", "topic", "partition"],
+            ),
+            GaugeMetricFamily(
+                "headrace_ready", "1 when every assigned task is restored.", labels=["job"]
+            ),
+        ]
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+class OpsServer:
+    """``/metrics``, ``/health``, ``/ready`` on the worker's event loop (HTTP/1.0, GET only)."""
+
+    def __init__(self, worker: Worker, metrics: WorkerMetrics, port: int, host: str = "") -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.port = port
+        self.host = host
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self.host or None, self.port, reuse_address=True
+        )
+        sock = self._server.sockets[0].getsockname()
+        self.port = int(sock[1])
+        log.info("serving /metrics, /health and /ready on port %d", self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass  # headers are not needed
+            parts = request.decode("latin-1").split()
+            method = parts[0] if parts else ""
+            path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
+            status, ctype, body = await self._route(method, path)
+            head = (
+                f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (b"" if method == "HEAD" else body))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            pass
+        except Exception:
+            log.exception("ops endpoint failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+        worker = self.worker
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE, await self.metrics.exposition()
+        if path in ("/health", "/healthz", "/live"):
+            if worker.failure is not None:
+                return "503 Service Unavailable", "text/plain", b"failed\n"
+            return "200 OK", "text/plain", b"ok\n"
+        if path in ("/ready", "/readyz"):
+            if worker.failure is None and not worker.stopping and worker.ready():
+                return "200 OK", "text/plain", b"ready\n"
+            restoring = sum(len(r.restoring) for r in worker.runners)
+            return (
+                "503 Service Unavailable",
+                "text/plain",
+                f"not ready: {restoring} task(s) restoring\n".encode(),
+            )
+        return "404 Not Found", "text/plain", b"/metrics /health /ready\n"
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+_SECRET_ENV = ("HEADRACE_SASL_PASSWORD", "HEADRACE_SSL_PASSWORD")
+#: LogRecord attributes that are not "extra" fields
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def _secrets() -> list[str]:
+    return [v for name in _SECRET_ENV if len(v := os.environ.get(name, "")) >= 3]
+
+
+def _mask(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces secret values from the environment by ``***`` in the rendered message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets = _secrets()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            masked = _mask(message, self.secrets)
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, exception and any ``extra``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets = _secrets()
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value
+        line = orjson.dumps(out, default=str).decode()
+        return _mask(line, self.secrets) if self.secrets else line
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Root logging for the CLI: ``fmt`` is ``text`` or ``json``."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper()))
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+def parse_exposition(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """``(name, labels, value)`` per sample of a Prometheus text exposition (tests, status)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name, dict(sample.labels), float(sample.value)

@@ -1,0 +1,43 @@
+"""Recovery testing for headrace jobs: a fault driver and a replay-based verifier.
+
+Used by headrace's own ``tests/recovery`` and, through the pytest plugin (``fault_driver``,
+``recovery_verifier``/``wordcount_verifier`` fixtures), by users testing their jobs.
+"""
+
+from runtime.recovery.driver import (
+    FaultDriver,
+    FaultEvent,
+    WorkerProcess,
+    produce_paced,
+    skewed_partitioner,
+)
+from runtime.recovery.verify import (
+    Report,
+    VerificationError,
+    Verifier,
+    check_at_least_once,
+    check_exactly_once,
+    check_state,
+    read_final_state,
+    read_topic,
+    wordcount_replay,
+    wordcount_verifier,
+)
+
+__all__ = [
+    "FaultDriver",
+    "FaultEvent",
+    "Report",
+    "VerificationError",
+    "Verifier",
+    "WorkerProcess",
+    "check_at_least_once",
+    "check_exactly_once",
+    "check_state",
+    "produce_paced",
+    "read_final_state",
+    "read_topic",
+    "skewed_partitioner",
+    "wordcount_replay",
+    "wordcount_verifier",
+]

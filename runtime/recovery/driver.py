@@ -1,0 +1,428 @@
+"""Driving real worker processes through faults: kill -9, rebalance storms, broker restarts.
+
+A :class:`FaultDriver` runs ``python -m runtime.cli run MODULE:JOB`` processes (the same command
+users deploy) and injects faults while a :func:`produce_paced` task feeds the input at a
+bounded rate. Every random choice comes from one seeded :class:`random.Random`, so a failing
+run can be repeated with its seed (printed in :meth:`FaultDriver.summary`).
+
+Workers run in *slots*: slot ``i`` always uses the state directory ``<workdir>/state/slot-i``,
+so a worker restarted in the slot after a kill finds the RocksDB state its predecessor left
+(as a Kubernetes pod with a persistent volume would) and can reuse it. Each process writes its
+log to ``<workdir>/logs/slot-<i>-<n>.log``.
+
+Faults:
+
+* :meth:`FaultDriver.kill` / :meth:`FaultDriver.random_kills`: SIGKILL at random moments;
+* :meth:`FaultDriver.crash_at_phase`: a worker started with ``HEADRACE_FAULT_PHASE`` kills
+  itself inside a checkpoint (``after-changelog``, ``before-commit``, ``after-commit``) or a
+  restore (``during-restore``), see :mod:`runtime.faults`;
+* :meth:`FaultDriver.rebalance_storm`: workers join, leave (SIGTERM) and die (SIGKILL);
+* :meth:`FaultDriver.restart_broker`: stop and start a :class:`LocalBroker` while data flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from aiokafka import AIOKafkaProducer
+
+from runtime.kafka.local_broker import LocalBroker
+
+__all__ = [
+    "FaultDriver",
+    "FaultEvent",
+    "WorkerProcess",
+    "produce_paced",
+    "skewed_partitioner",
+]
+
+FAULT_LINE = "fault injection: SIGKILL at phase"
+#: logged by Worker.run, after the CLI installed its SIGTERM handler
+STARTED_LINE = "starting job"
+
+
+@dataclass
+class FaultEvent:
+    at: float  #: seconds since the driver started
+    kind: str  #: start, kill9, sigterm, phase-crash, broker-restart, ...
+    detail: str = ""
+
+
+@dataclass
+class WorkerProcess:
+    """One ``headrace run`` process."""
+
+    name: str
+    slot: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+    started: float = field(default_factory=time.monotonic)
+    _log_file: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def started_up(self) -> bool:
+        """The worker installed its signal handlers (it logged that it is starting the job)."""
+        return STARTED_LINE in self.log()
+
+    async def wait_started(self, wait_s: float = 30.0) -> bool:
+        """Wait until a SIGTERM would be handled gracefully (or the process is gone)."""
+        deadline = time.monotonic() + wait_s
+        while self.alive() and not self.started_up():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def wait(self, wait_s: float) -> int | None:
+        """The exit code, or None if still running after ``wait_s`` seconds."""
+        deadline = time.monotonic() + wait_s
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.05)
+        self._close_log()
+        return self.proc.returncode
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def reap(self) -> None:
+        """Kill if still running and collect the exit status (no zombie, no ResourceWarning)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        self._close_log()
+
+
+class FaultDriver:
+    """Runs worker processes of one job and injects faults; always :meth:`close` it."""
+
+    def __init__(
+        self,
+        job_spec: str,
+        *,
+        bootstrap_servers: str,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        seed: int = 0,
+        broker: LocalBroker | None = None,
+        cwd: Path | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.job_spec = job_spec
+        self.bootstrap_servers = bootstrap_servers
+        self.workdir = Path(workdir)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.broker = broker
+        self.cwd = cwd or Path.cwd()
+        self.python = python
+        self.base_env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+            "HEADRACE_BOOTSTRAP_SERVERS": bootstrap_servers,
+            **dict(env or {}),
+        }
+        for var in ("HEADRACE_FAULT_PHASE", "HEADRACE_FAULT_AFTER"):
+            if var not in (env or {}):
+                self.base_env.pop(var, None)
+        self.workers: list[WorkerProcess] = []
+        self.events: list[FaultEvent] = []
+        self._t0 = time.monotonic()
+        self._runs: dict[int, int] = {}
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "state").mkdir(parents=True, exist_ok=True)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _event(self, kind: str, detail: str = "") -> None:
+        self.events.append(FaultEvent(round(time.monotonic() - self._t0, 2), kind, detail))
+
+    def alive(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.alive()]
+
+    def any_alive(self) -> bool:
+        return bool(self.alive())
+
+    def count(self, kind: str) -> int:
+        return sum(1 for e in self.events if e.kind == kind)
+
+    @property
+    def faults(self) -> int:
+        """Faults injected so far (kills, phase crashes, SIGTERMs, broker restarts)."""
+        kinds = {"kill9", "phase-crash", "sigterm", "broker-restart"}
+        return sum(1 for e in self.events if e.kind in kinds)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"===== {w.name} (rc={w.returncode}) =====\n{w.log()}" for w in self.workers
+        )
+
+    def summary(self) -> str:
+        lines = [f"fault driver seed={self.seed}: {self.faults} fault(s), events:"]
+        lines += [f"  {e.at:7.2f}s {e.kind:14} {e.detail}" for e in self.events]
+        return "\n".join(lines)
+
+    def state_dir(self, slot: int) -> Path:
+        return self.workdir / "state" / f"slot-{slot}"
+
+    # -- processes -----------------------------------------------------------------------------
+    def start_worker(
+        self,
+        *,
+        slot: int | None = None,
+        env: Mapping[str, str] | None = None,
+        fault_phase: str | None = None,
+        fault_after: int = 1,
+    ) -> WorkerProcess:
+        """Start a worker in ``slot`` (default: the lowest slot with no running worker)."""
+        busy = {w.slot for w in self.alive()}
+        if slot is None:
+            slot = next(i for i in range(len(busy) + 1) if i not in busy)
+        elif slot in busy:
+            raise RuntimeError(f"slot {slot} already has a running worker")
+        run = self._runs[slot] = self._runs.get(slot, 0) + 1
+        name = f"slot-{slot}-{run}"
+        proc_env = {**self.base_env, "HEADRACE_STATE_DIR": str(self.state_dir(slot))}
+        proc_env.update(env or {})
+        if fault_phase is not None:
+            proc_env["HEADRACE_FAULT_PHASE"] = fault_phase
+            proc_env["HEADRACE_FAULT_AFTER"] = str(fault_after)
+        log_path = self.workdir / "logs" / f"{name}.log"
+        log_file = log_path.open("wb")
+        proc = subprocess.Popen(
+            [self.python, "-m", "runtime.cli", "run", self.job_spec],
+            env=proc_env,
+            cwd=self.cwd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        worker = WorkerProcess(name, slot, proc, log_path, proc_env, _log_file=log_file)
+        self.workers.append(worker)
+        detail = name + (f" fault={fault_phase}@{fault_after}" if fault_phase else "")
+        self._event("start", detail)
+        return worker
+
+    def pick(self) -> WorkerProcess:
+        alive = self.alive()
+        if not alive:
+            raise RuntimeError("no running worker to pick")
+        return self.rng.choice(alive)
+
+    async def kill(self, worker: WorkerProcess | None = None) -> WorkerProcess:
+        """SIGKILL ``worker`` (default: a random running one) and reap it."""
+        w = worker or self.pick()
+        w.signal(signal.SIGKILL)
+        await w.wait(10)
+        self._event("kill9", w.name)
+        return w
+
+    async def terminate(self, worker: WorkerProcess | None = None, wait_s: float = 60) -> int:
+        """SIGTERM (graceful: final checkpoint, leave the group); returns the exit code."""
+        w = worker or self.pick()
+        await w.wait_started()
+        w.signal(signal.SIGTERM)
+        self._event("sigterm", w.name)
+        rc = await w.wait(wait_s)
+        if rc is None:
+            w.reap()
+            raise AssertionError(f"{w.name} did not exit within {wait_s}s of SIGTERM")
+        return rc
+
+    async def crash_at_phase(
+        self,
+        phase: str,
+        *,
+        after: int = 1,
+        slot: int | None = None,
+        env: Mapping[str, str] | None = None,
+        wait_s: float = 60,
+    ) -> WorkerProcess:
+        """Start a worker that kills itself at the ``after``-th ``phase``; wait for it to die.
+
+        Raises if it did not die by the injected SIGKILL within ``wait_s`` seconds (then the
+        phase was never reached: the scenario does not test what it claims).
+        """
+        w = self.start_worker(slot=slot, env=env, fault_phase=phase, fault_after=after)
+        rc = await w.wait(wait_s)
+        if rc is None:
+            w.reap()
+            raise AssertionError(f"{w.name}: phase {phase!r} not reached {after}x in {wait_s}s")
+        if rc != -signal.SIGKILL or FAULT_LINE not in w.log():
+            raise AssertionError(f"{w.name} exited with {rc} instead of the injected SIGKILL")
+        self._event("phase-crash", f"{w.name} {phase}@{after}")
+        return w
+
+    async def random_kills(
+        self,
+        n: int,
+        *,
+        interval: tuple[float, float] = (1.0, 3.0),
+        respawn: bool = True,
+    ) -> None:
+        """``n`` kill -9 of random workers at random moments; each is restarted in its slot."""
+        for _ in range(n):
+            await asyncio.sleep(self.rng.uniform(*interval))
+            w = await self.kill()
+            if respawn:
+                self.start_worker(slot=w.slot)
+
+    async def rebalance_storm(
+        self,
+        changes: int,
+        *,
+        interval: tuple[float, float] = (0.5, 2.0),
+        min_workers: int = 1,
+        max_workers: int = 3,
+    ) -> None:
+        """``changes`` membership changes: joins, graceful leaves (SIGTERM) and kill -9."""
+        shrinks = 0
+        for _ in range(changes):
+            await asyncio.sleep(self.rng.uniform(*interval))
+            n = len(self.alive())
+            grow = n < min_workers + 1 or (n < max_workers and self.rng.random() < 0.5)
+            if grow:
+                self.start_worker()
+                continue
+            shrinks += 1
+            if shrinks % 2:  # leaves alternate: graceful SIGTERM, then kill -9
+                w = self.pick()
+                await w.wait_started()
+                w.signal(signal.SIGTERM)  # leaves in the background while the storm goes on
+                self._event("sigterm", w.name)
+            else:
+                await self.kill()
+
+    async def restart_broker(self, down_s: float = 2.0, *, hard: bool = False) -> None:
+        """Stop (or kill -9) the broker, keep it down ``down_s`` seconds, start it again."""
+        if self.broker is None:
+            raise RuntimeError("restart_broker needs the LocalBroker (the local_broker fixture)")
+        broker = self.broker
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, broker.kill if hard else broker.stop)
+        self._event("broker-restart", f"{'killed' if hard else 'stopped'}, down {down_s:.1f}s")
+        await asyncio.sleep(down_s)
+        await loop.run_in_executor(None, broker.start)
+        self._event("broker-up")
+
+    async def stop_all(self, wait_s: float = 60) -> dict[str, int | None]:
+        """SIGTERM every running worker and wait; returns name -> exit code."""
+        alive = self.alive()
+        for w in alive:
+            await w.wait_started()
+            w.signal(signal.SIGTERM)
+            self._event("stop", w.name)
+        codes = {w.name: await w.wait(wait_s) for w in alive}
+        return codes
+
+    def close(self) -> None:
+        """Kill whatever still runs and reap every process (safe to call twice)."""
+        for w in self.workers:
+            w.reap()
+
+
+# --------------------------------------------------------------------------------------
+# input
+# --------------------------------------------------------------------------------------
+
+
+def skewed_partitioner(
+    partitions: int,
+    *,
+    seed: int = 0,
+    hot: int = 0,
+    hot_share: float = 0.8,
+    idle: Sequence[int] = (),
+) -> Callable[[int], int]:
+    """``index -> partition``: ``hot_share`` of the records go to ``hot``, none to ``idle``."""
+    rng = random.Random(seed)
+    others = [p for p in range(partitions) if p != hot and p not in idle]
+
+    def choose(_index: int) -> int:
+        if not others or rng.random() < hot_share:
+            return hot
+        return rng.choice(others)
+
+    return choose
+
+
+async def produce_paced(
+    bootstrap_servers: str,
+    topic: str,
+    values: Sequence[bytes],
+    *,
+    rate: float,
+    partition_of: Callable[[int], int] | None = None,
+    chunk_s: float = 0.05,
+    key_of: Callable[[int], bytes | None] | None = None,
+) -> int:
+    """Produce ``values`` at about ``rate`` records/s (idempotent, acks=all); returns the count.
+
+    Survives a broker restart: sends wait in the producer's buffer and are retried.
+    """
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        request_timeout_ms=120_000,
+        retry_backoff_ms=200,
+    )
+    await producer.start()
+    try:
+        per_chunk = max(1, int(rate * chunk_s))
+        started = time.monotonic()
+        futures: list[Any] = []
+        for i, value in enumerate(values):
+            p = partition_of(i) if partition_of is not None else None
+            k = key_of(i) if key_of is not None else None
+            futures.append(await producer.send(topic, value, key=k, partition=p))
+            if (i + 1) % per_chunk == 0:
+                due = started + (i + 1) / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if len(futures) > 5000:
+                    await asyncio.gather(*futures)
+                    futures = []
+        await asyncio.gather(*futures)
+        return len(values)
+    finally:
+        await producer.stop()

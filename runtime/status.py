@@ -1,0 +1,358 @@
+"""``headrace status MODULE:JOB``: the job as an operator sees it, and where that comes from.
+
+What lives in Kafka is read directly: consumer-group members and their partitions (describe
+group), lag per partition (end offset minus committed offset) and the last complete checkpoint
+(``<job>.checkpoints``). What only a worker knows — which tasks it runs, which it is restoring
+and how far each restore has got — each worker publishes itself:
+
+**Mechanism: a compacted status topic.** Every worker writes a small JSON record to
+``<job>.status`` (1 partition, ``cleanup.policy=compact``, created with the job's other internal
+topics by :func:`runtime.kafka.topics.plan_layout`) keyed by its worker id, every
+``HEADRACE_STATUS_INTERVAL_S`` seconds (default 5) and on every rebalance, and a tombstone when
+it stops cleanly. Compaction keeps the latest record per worker, so the topic stays tiny.
+
+Why not scrape the workers' ``/metrics`` endpoints instead? ``status`` would have to find and
+reach every worker: Kafka does not know the metrics port, member hosts are often pod IPs that are
+unreachable from where an operator runs the CLI, and the endpoint is off unless
+``--metrics-port`` is set. Everyone who can run the job can read its topics, so the status topic
+works wherever the CLI can reach Kafka (laptop, CI, a bastion), needs no extra port or service
+discovery, and costs one small record per worker per interval. A worker killed without a clean
+stop leaves its last record behind; ``status`` marks records older than three intervals as
+stale, and the group's member list (from the broker) is always current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.structs import TopicPartition
+
+from operators.job import Job
+from runtime.config import Settings
+from runtime.kafka.topics import status_topic, topic_partitions
+from runtime.metrics import OpsServer
+
+if TYPE_CHECKING:
+    from runtime.checkpoint.log import CheckpointSummary
+    from runtime.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def status_interval() -> float:
+    return float(os.environ.get("HEADRACE_STATUS_INTERVAL_S", "5"))
+
+
+# -- the worker side ---------------------------------------------------------------------------
+
+
+def worker_snapshot(worker: Worker, lag: dict[tuple[str, str, int], int]) -> dict[str, Any]:
+    """What one worker tells ``headrace status`` about itself."""
+    stages: dict[str, Any] = {}
+    for r in list(worker.runners):
+        restores: dict[str, dict[str, int]] = {}
+        for t in list(r.restore_targets):
+            if t.partition in r.restoring:
+                key = f"{t.partition}:{t.topic}"
+                restores[key] = {"restored": t.applied, "total": max(0, t.end - (t.start or 0))}
+        stages[r.stage.name] = {
+            "running": sorted(r.tasks),
+            "restoring": sorted(r.restoring),
+            "suspended": sorted(r.suspended),
+            "restores": restores,
+            "records_in": {str(p): io.task.counters.records_in for p, io in r.tasks.items()},
+        }
+    return {
+        "worker": worker.worker_id,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job": worker.job.name,
+        "metrics_port": worker.ops_port,
+        "ready": worker.ready(),
+        "timestamp_ms": int(time.time() * 1000),
+        "interval_s": status_interval(),
+        "stages": stages,
+        "lag": {f"{stage}:{topic}/{p}": n for (stage, topic, p), n in lag.items()},
+    }
+
+
+class StatusPublisher:
+    """Publishes :func:`worker_snapshot` to ``<job>.status`` until stopped (see module doc)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.topic = status_topic(worker.job)
+        self.interval = status_interval()
+        self.producer: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.worker.settings
+        self.producer = AIOKafkaProducer(
+            **s.kafka_kwargs(), client_id=f"{s.client_id}-status", acks=1, linger_ms=0
+        )
+        await self.producer.start()
+        self._task = asyncio.create_task(self._loop(), name="status-publisher")
+
+    def poke(self) -> None:
+        """Publish soon (e.g. a rebalance changed the tasks)."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.publish()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # status is best effort: never stop the worker for it
+                log.warning("could not publish worker status: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+
+    async def publish(self) -> None:
+        assert self.producer is not None
+        metrics = self.worker.metrics
+        await metrics.refresh_lag()
+        value = orjson.dumps(worker_snapshot(self.worker, metrics.lag))
+        await self.producer.send_and_wait(
+            self.topic, value, key=self.worker.worker_id.encode(), partition=0
+        )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self.producer is not None:
+            with contextlib.suppress(Exception):  # tombstone: this worker has left
+                await asyncio.wait_for(
+                    self.producer.send_and_wait(
+                        self.topic, None, key=self.worker.worker_id.encode(), partition=0
+                    ),
+                    10,
+                )
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
+            self.producer = None
+
+
+# -- the CLI side ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Member:
+    member_id: str
+    client_id: str
+    host: str
+    partitions: list[tuple[str, int]]
+
+
+@dataclass(slots=True)
+class GroupStatus:
+    group_id: str
+    stage: str
+    state: str
+    members: list[Member]
+    #: (topic, partition) -> (committed offset or None, end offset)
+    offsets: dict[tuple[str, int], tuple[int | None, int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class JobStatus:
+    job: str
+    groups: list[GroupStatus]
+    workers: list[dict[str, Any]]
+    checkpoints: list[CheckpointSummary]
+    now_ms: int
+
+
+async def read_status(job: Job, settings: Settings) -> JobStatus:
+    from runtime.inspect import read_all, read_checkpoints
+
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs(), client_id="headrace-status")
+    await admin.start()
+    groups: list[GroupStatus] = []
+    try:
+        existing = await topic_partitions(
+            admin, [t for s in job.stages for t in s.source.topics] + [status_topic(job)]
+        )
+        for stage in job.stages:
+            gid = job.group_id(stage)
+            groups.append(await _describe_group(admin, gid, stage.name))
+            tps = [
+                TopicPartition(t, p) for t in stage.source.topics for p in range(existing.get(t, 0))
+            ]
+            if tps:
+                committed = await admin.list_consumer_group_offsets(gid, partitions=tps)
+                ends = await _end_offsets(settings, tps)
+                for tp in tps:
+                    om = committed.get(tp)
+                    off = om.offset if om is not None and om.offset >= 0 else None
+                    groups[-1].offsets[(tp.topic, tp.partition)] = (off, ends.get(tp, 0))
+    finally:
+        await admin.close()
+    workers: dict[str, dict[str, Any]] = {}
+    if status_topic(job) in existing:
+        records = await read_all(settings, [TopicPartition(status_topic(job), 0)], committed=False)
+        for r in records:
+            key = r.key.decode() if r.key else ""
+            if r.value is None:
+                workers.pop(key, None)
+            else:
+                workers[key] = orjson.loads(r.value)
+    checkpoints = await read_checkpoints(job, settings)
+    return JobStatus(
+        job.name,
+        groups,
+        sorted(workers.values(), key=lambda w: str(w["worker"])),
+        checkpoints,
+        int(time.time() * 1000),
+    )
+
+
+async def _describe_group(admin: AIOKafkaAdminClient, group_id: str, stage: str) -> GroupStatus:
+    responses = await admin.describe_consumer_groups([group_id])
+    for resp in responses:
+        for g in resp.groups:
+            error_code, gid, state, _ptype, _protocol, members = g[:6]
+            if gid != group_id or error_code:
+                continue
+            out = []
+            for m in members:
+                member_id, client_id, host, _meta, assignment = m[:5]
+                parts: list[tuple[str, int]] = []
+                if assignment:
+                    decoded = ConsumerProtocolMemberAssignment.decode(assignment)
+                    parts = sorted((tp.topic, tp.partition) for tp in decoded.partitions())
+                out.append(Member(member_id, client_id, host.lstrip("/"), parts))
+            return GroupStatus(group_id, stage, state or "Dead", out)
+    return GroupStatus(group_id, stage, "Dead", [])
+
+
+async def _end_offsets(settings: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+    )
+    await consumer.start()
+    try:
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        return ends
+    finally:
+        await consumer.stop()
+
+
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    frac = 1.0 if total <= 0 else min(1.0, done / total)
+    filled = round(frac * width)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%  {done:,}/{total:,}"
+
+
+def _ranges(parts: list[int]) -> str:
+    return ",".join(str(p) for p in parts) if parts else "-"
+
+
+def render(status: JobStatus) -> str:
+    """The human-readable status table."""
+    lines: list[str] = [f"job {status.job}"]
+    complete = next((c for c in status.checkpoints if c.complete), None)
+    if complete is None:
+        lines.append("last complete checkpoint: none yet")
+    else:
+        lines.append(
+            f"last complete checkpoint: {complete.checkpoint_id} "
+            f"({len(complete.acked & complete.expected)}/{len(complete.expected)} tasks, "
+            f"{'aligned' if complete.aligned else 'unaligned'}, "
+            f"slowest task {complete.max_duration_ms:.1f} ms)"
+        )
+    for g in status.groups:
+        lines.append("")
+        lines.append(f"group {g.group_id} ({g.state}, {len(g.members)} member(s))")
+        if g.members:
+            lines.append(f"  {'member':<52} {'host':<16} partitions")
+            for m in sorted(g.members, key=lambda m: m.member_id):
+                parts = _ranges(sorted({p for _, p in m.partitions}))
+                lines.append(f"  {m.member_id:<52} {m.host:<16} {parts}")
+        if g.offsets:
+            lines.append(f"  {'partition':<40} {'committed':>12} {'end':>12} {'lag':>10}")
+            for (topic, p), (committed, end) in sorted(g.offsets.items()):
+                lag = end - (committed or 0)
+                shown = "-" if committed is None else f"{committed:,}"
+                lines.append(f"  {f'{topic}/{p}':<40} {shown:>12} {end:>12,} {lag:>10,}")
+    lines.append("")
+    if not status.workers:
+        lines.append("workers: none reported (no worker running, or none published yet)")
+    else:
+        lines.append(f"workers ({len(status.workers)}), from {status.job}.status")
+        stage_names = [g.stage for g in status.groups]
+        header = f"  {'worker':<28} {'ready':<6} {'seen':>8}  " + "  ".join(
+            f"{s + ' tasks':<16}" for s in stage_names
+        )
+        lines.append(header.rstrip())
+        restores: list[str] = []
+        for w in status.workers:
+            age = (status.now_ms - int(w.get("timestamp_ms", 0))) / 1000
+            stale = age > 3 * float(w.get("interval_s", 5))
+            seen = f"{age:.0f}s ago" + (" (stale)" if stale else "")
+            cells = []
+            for s in stage_names:
+                st = w.get("stages", {}).get(s, {})
+                text = _ranges(st.get("running", []))
+                if st.get("restoring"):
+                    text += f" +restoring {_ranges(st['restoring'])}"
+                cells.append(f"{text:<16}")
+            ready = "yes" if w.get("ready") else "no"
+            lines.append(f"  {w['worker']:<28} {ready:<6} {seen:>8}  " + "  ".join(cells))
+            for s, st in w.get("stages", {}).items():
+                for key, prog in sorted(st.get("restores", {}).items()):
+                    partition, _, changelog = key.partition(":")
+                    restores.append(
+                        f"  {w['worker']:<28} {s}/{partition:<4} {changelog:<36} "
+                        + progress_bar(int(prog["restored"]), int(prog["total"]))
+                    )
+        if restores:
+            lines.append("")
+            lines.append("restores under way")
+            lines.extend(restores)
+        else:
+            lines.append("no restores under way")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+class Operations:
+    """The worker's operational side: the ops HTTP server (if a port is set) and the publisher."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.server: OpsServer | None = None
+        self.publisher = StatusPublisher(worker)
+
+    async def start(self) -> None:
+        port = self.worker.settings.metrics_port
+        if port is not None:
+            self.server = OpsServer(self.worker, self.worker.metrics, port)
+            await self.server.start()
+            self.worker.ops_port = self.server.port
+        await self.publisher.start()
+
+    async def stop(self) -> None:
+        await self.publisher.stop()
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None

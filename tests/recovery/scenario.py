@@ -1,0 +1,106 @@
+"""Shared set-up of the recovery suite: a word-count job on its own topics, run by real workers.
+
+Every scenario follows the same shape: create unique topics, start a paced producer of the
+seeded corpus (skewed: most records to partition 0, none to the last partition, which stays
+idle), run worker processes through faults with :class:`runtime.recovery.FaultDriver`, then let
+stable workers catch up, stop them gracefully and check output and state against the replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from examples.corpus import generate_lines
+from operators.job import Job
+from runtime.recovery import (
+    FaultDriver,
+    Report,
+    Verifier,
+    produce_paced,
+    skewed_partitioner,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PARTITIONS = 4
+IDLE_PARTITION = PARTITIONS - 1
+
+
+@dataclass
+class WordcountRun:
+    """One word-count job with unique topics, its fault driver and verifier."""
+
+    job: Job
+    source: str
+    sink: str
+    guarantee: str
+    backend: str
+    driver: FaultDriver
+    verifier: Verifier
+    bootstrap: str
+    seed: int
+    lines: list[str] = field(default_factory=list)
+
+    def produce(
+        self, count: int, *, rate: float, hot_share: float = 0.7, seed_offset: int = 0
+    ) -> asyncio.Task[int]:
+        """Produce ``count`` corpus lines in the background: skewed, one partition idle."""
+        lines = generate_lines(count, seed=self.seed + seed_offset)
+        self.lines += lines
+        return asyncio.create_task(
+            produce_paced(
+                self.bootstrap,
+                self.source,
+                [line.encode() for line in lines],
+                rate=rate,
+                partition_of=skewed_partitioner(
+                    PARTITIONS, seed=self.seed, hot=0, hot_share=hot_share, idle=[IDLE_PARTITION]
+                ),
+            )
+        )
+
+    async def finish_and_verify(
+        self, *, workers: int = 2, catch_up_s: float = 90.0, check_state: bool = True
+    ) -> Report:
+        """Make sure ``workers`` run, wait for the output to catch up, stop them gracefully
+        (every one must exit 0) and verify output and final state."""
+        while len(self.driver.alive()) < workers:
+            self.driver.start_worker()
+        expected = await self.verifier.expected(self.source)
+        await self.verifier.wait_caught_up(
+            expected, self.sink, wait_s=catch_up_s, alive=self.driver.any_alive
+        )
+        codes = await self.driver.stop_all()
+        bad = {n: c for n, c in codes.items() if c != 0}
+        assert not bad, f"workers did not stop cleanly: {bad}\n{self.diagnostics()}"
+        report = await self.verifier.verify(
+            input_topic=self.source,
+            output_topic=self.sink,
+            guarantee=self.guarantee,
+            job=self.job if check_state else None,
+            operator_id="counts",
+            expected=expected,
+        )
+        return report
+
+    def diagnostics(self, tail: int = 40) -> str:
+        parts = [self.driver.summary()]
+        for w in self.driver.workers:
+            lines = w.log().splitlines()
+            parts.append(f"----- {w.name} rc={w.returncode} (last {tail} lines)")
+            parts += lines[-tail:]
+        return "\n".join(parts)
+
+    def assert_ok(self, report: Report) -> None:
+        assert report.ok, f"{report.summary()}\n{self.diagnostics()}"
+
+
+MakeRun = Callable[..., Awaitable[WordcountRun]]
+
+
+def soak_scale() -> int:
+    """Multiplier for soak runs (``HEADRACE_SOAK_SCALE``, default 1)."""
+    return max(1, int(os.environ.get("HEADRACE_SOAK_SCALE", "1")))
