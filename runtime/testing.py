@@ -343,8 +343,12 @@ class JobTester:
                 await self._committer(io).commit(io, io.task.pending)
 
     def _committer(self, io: TaskIO) -> Committer:
-        c = Committer(self.job, exactly_once=self.exactly_once, consumer=None, worker_id="tester")  # type: ignore[arg-type]
-        c.consumer = _MemoryConsumer(self.log, io.group_id)  # type: ignore[assignment]
+        c = Committer(
+            self.job,
+            exactly_once=self.exactly_once,
+            consumer=_MemoryConsumer(self.log, io.group_id),
+            worker_id="tester",
+        )
         c.fault = self._fault
         return c
 
@@ -399,7 +403,7 @@ class JobTester:
             sender=_MemorySender(self.log, producer),  # type: ignore[arg-type]
             group_id=group,
             changelog_topics={op: self.job.changelog_topic(op) for op in stateful},
-            producer=producer,  # type: ignore[arg-type]
+            producer=producer,
             committed=dict(positions),
         )
         for op in stateful:
