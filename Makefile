@@ -44,6 +44,6 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Placeholder: the lead wires the word-count demo here.
+# The word-count demo: a local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), two workers, exact check.
 demo: venv kafka-jars
 	$(PY) -m examples.wordcount

@@ -1,5 +1,76 @@
 """headrace operators: WHAT a job is.
 
-The user's API: operators, their declared state, and the job builder. Nothing in this
+The user's API: operators, their declared state, serdes and the job builder. Nothing in this
 package performs I/O, touches Kafka or asyncio; :mod:`runtime` executes what is described here.
+
+    from operators import Job, Operator, ValueStateDescriptor, STR, INT
 """
+
+from operators.job import ErrorPolicy, Job, JobDefinitionError, Stream
+from operators.operator import SAME_KEY, Context, Operator
+from operators.record import Record
+from operators.serde import (
+    BYTES,
+    FLOAT,
+    INT,
+    JSON,
+    MSGPACK,
+    STR,
+    Serde,
+    SerdeError,
+    pickle_serde,
+    serde_for,
+)
+from operators.state import (
+    AggregateFunction,
+    AggregatingState,
+    AggregatingStateDescriptor,
+    KeyedState,
+    KeyedStateDescriptor,
+    ListState,
+    ListStateDescriptor,
+    MapState,
+    MapStateDescriptor,
+    ReducingState,
+    ReducingStateDescriptor,
+    StateDescriptor,
+    StateNotBoundError,
+    ValueState,
+    ValueStateDescriptor,
+)
+
+__all__ = [
+    "BYTES",
+    "FLOAT",
+    "INT",
+    "JSON",
+    "MSGPACK",
+    "SAME_KEY",
+    "STR",
+    "AggregateFunction",
+    "AggregatingState",
+    "AggregatingStateDescriptor",
+    "Context",
+    "ErrorPolicy",
+    "Job",
+    "JobDefinitionError",
+    "KeyedState",
+    "KeyedStateDescriptor",
+    "ListState",
+    "ListStateDescriptor",
+    "MapState",
+    "MapStateDescriptor",
+    "Operator",
+    "Record",
+    "ReducingState",
+    "ReducingStateDescriptor",
+    "Serde",
+    "SerdeError",
+    "StateDescriptor",
+    "StateNotBoundError",
+    "Stream",
+    "ValueState",
+    "ValueStateDescriptor",
+    "pickle_serde",
+    "serde_for",
+]
