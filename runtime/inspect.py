@@ -79,6 +79,49 @@ async def read_checkpoints(job: Job, settings: Settings) -> list[CheckpointSumma
     return summarize([a for a in acks if a.job == job.name], expected)
 
 
+async def partition_count(settings: Settings, topic: str) -> int:
+    """Partitions of ``topic`` (0 if it does not exist)."""
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+    await admin.start()
+    try:
+        return (await topic_partitions(admin, [topic])).get(topic, 0)
+    finally:
+        await admin.close()
+
+
+async def operator_states(
+    job: Job,
+    operator_id: str,
+    settings: Settings,
+    *,
+    partitions: list[int] | None = None,
+    committed: bool = True,
+) -> list[tuple[int, OperatorStateStore]]:
+    """An operator's state per task, rebuilt in memory from its changelog (restore code)."""
+    _, step = job.find_operator(operator_id)
+    topic = job.changelog_topic(operator_id)
+    if partitions is None:
+        partitions = list(range(await partition_count(settings, topic)))
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed" if committed else "read_uncommitted",
+    )
+    await consumer.start()
+    stores = []
+    try:
+        for p in partitions:
+            store = OperatorStateStore(open_backend("memory"), StatePartitionKey(operator_id, p, p))
+            store.bind_operator(step.instantiate())
+            await restore(consumer, [RestoreTarget(store, topic, p, None)])
+            stores.append((p, store))
+    finally:
+        await consumer.stop()
+    return stores
+
+
 async def read_state(
     job: Job,
     operator_id: str,
@@ -87,40 +130,21 @@ async def read_state(
     partition: int | None = None,
     key: str | None = None,
 ) -> Iterator[str]:
-    stage, step = job.find_operator(operator_id)
-    topic = job.changelog_topic(operator_id)
-    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
-    await admin.start()
-    try:
-        n = (await topic_partitions(admin, [topic])).get(topic, 0)
-    finally:
-        await admin.close()
-    partitions = [partition] if partition is not None else list(range(n))
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
-    )
-    await consumer.start()
+    stage, _ = job.find_operator(operator_id)
     lines: list[str] = []
-    try:
-        for p in partitions:
-            store = OperatorStateStore(open_backend("memory"), StatePartitionKey(operator_id, p, p))
-            op = step.instantiate()
-            store.bind_operator(op)
-            await restore(consumer, [RestoreTarget(store, topic, p, None)])
-            for state_name, user_key, map_key, value in store.dump():
-                shown_key = _render_key(stage.source.key_serde, user_key)
-                if key is not None and shown_key != key:
-                    continue
-                where = f"[{map_key!r}]" if map_key is not None else ""
-                lines.append(
-                    f"partition={p} state={state_name} key={shown_key}{where} value={value!r}"
-                )
-    finally:
-        await consumer.stop()
+    for p, store in await operator_states(
+        job,
+        operator_id,
+        settings,
+        partitions=None if partition is None else [partition],
+        committed=settings.exactly_once,
+    ):
+        for state_name, user_key, map_key, value in store.dump():
+            shown_key = _render_key(stage.source.key_serde, user_key)
+            if key is not None and shown_key != key:
+                continue
+            where = f"[{map_key!r}]" if map_key is not None else ""
+            lines.append(f"partition={p} state={state_name} key={shown_key}{where} value={value!r}")
     return iter(lines)
 
 

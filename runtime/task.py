@@ -351,6 +351,8 @@ class StageTask:
         """
         if self.pending is not None:
             return start
+        if start < len(records):
+            start = self._skip_consumed(records, start)
         if self.aligner is None:
             process = self._process
             for i in range(start, len(records)):
@@ -361,6 +363,37 @@ class StageTask:
                 self.counters.records_in += len(records) - start
             return len(records)
         return self._feed_aligned(records, start)
+
+    def _skip_consumed(self, records: Sequence[RawRecord], start: int) -> int:
+        """Skip records below the task's position: a batch fetched before a seek.
+
+        aiokafka may hand out a batch fetched before a rebalance after the task was resumed or
+        restored and its input seeked back to the committed offset; those records come again
+        from the seek, so processing the early copy too would count them twice.
+        """
+        position = self.position(records[start].topic)
+        while start < len(records) and records[start].offset < position:
+            start += 1
+        return start
+
+    def rewind(self, positions: dict[tuple[str, int], int], skip: dict[int, int]) -> None:
+        """Reset the input cut to the last committed checkpoint (a suspended task resumes).
+
+        The state is the committed state (a final checkpoint releases nothing), so reading again
+        from the committed offsets, skipping per channel what the cut already includes, is exact.
+        """
+        self._positions = dict(positions)
+        if self.aligner is not None:
+            assert self._upstream_partitions
+            topic = self.stage.source.topics[0]
+            self.aligner = BarrierAligner(
+                self._upstream_partitions,
+                last_checkpoint=self.last_checkpoint,
+                position=self._positions.get((topic, self.partition), 0),
+                skip=skip,
+                timeout=self._alignment_timeout,
+                clock=self.clock,
+            )
 
     def _feed_aligned(self, records: Sequence[RawRecord], start: int) -> int:
         aligner = self.aligner
@@ -521,7 +554,9 @@ class StageTask:
         self.counters.checkpoints += 1
         if not pending.aligned:
             self.counters.unaligned_checkpoints += 1
-        if self.aligner is not None:
+        if self.aligner is not None and not pending.final:
+            # After a final checkpoint the task stops (or is suspended and later rewound to
+            # this cut): held records stay unprocessed so the state is exactly the committed one.
             for r in self.aligner.complete(pending.checkpoint_id):
                 self._process_sequenced(r, int(r.headers[0][1]))
             if self.aligner.ready:

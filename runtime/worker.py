@@ -259,13 +259,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     log.exception("final checkpoint of task %s failed; dropping it", io.name)
                     await self._close(io)
                     continue
-                if final.skip:
-                    # Alignment was under way: the cut is not a prefix of the input and the
-                    # records held back were processed on release. Only a restore (which
-                    # applies the skip list) rebuilds exactly the committed state; resuming the
-                    # in-memory state would count records after the cut twice.
-                    await self._close(io)
-                    continue
+                # The final checkpoint released nothing: the suspended state is exactly the
+                # committed one, and a resume rewinds the input cut to it (skip list included).
                 self.suspended[p] = io
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -352,6 +347,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             # meanwhile (fencing the old one) without committing anything.
             self._use_producer(io, producer)
             await producer.begin_transaction()
+        io.task.rewind(io.committed, io.committed_skip)
         for tp in self.input_tps(p):
             off = io.committed.get((tp.topic, tp.partition))
             if off is not None:

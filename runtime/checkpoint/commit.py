@@ -62,8 +62,9 @@ class TaskIO:
     changelog_last: dict[str, int | None] = field(default_factory=dict)
     #: deliveries of outputs sent since the last checkpoint (acknowledged at the next one)
     unacked: list[Delivery] = field(default_factory=list)
-    #: offsets of the last committed checkpoint, per input (topic, partition)
+    #: offsets of the last committed checkpoint, per input (topic, partition), and its skip list
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    committed_skip: dict[int, int] = field(default_factory=dict)
     #: the task's own transactional producer (exactly-once) or None
     producer: AIOKafkaProducer | None = None
     restored: bool = False
@@ -140,6 +141,7 @@ class Committer:
             self.fault("after-commit")
             io.unacked += await sender.send([ack])
         io.committed = dict(pending.offsets)
+        io.committed_skip = dict(pending.skip)
         task.checkpoint_committed(io.changelog_last)
         if self.metrics is not None:
             self.metrics.checkpoint_committed(

@@ -25,18 +25,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from operators.job import Job
 from operators.serde import INT, STR, Serde
-from runtime.checkpoint.restore import RestoreTarget, restore
 from runtime.config import Settings
-from runtime.kafka.topics import topic_partitions
-from runtime.state.backend import open_backend
-from runtime.state.keys import StatePartitionKey
-from runtime.state.store import OperatorStateStore
+from runtime.inspect import operator_states, partition_count, read_all
 
 __all__ = [
     "Expected",
@@ -204,59 +198,26 @@ async def read_topic(
     committed: bool = True,
     key_serde: Serde[Any] | None = None,
     value_serde: Serde[Any] | None = None,
-    wait_s: float = 120.0,
 ) -> list[tuple[int, int, Any, Any, list[tuple[str, bytes]]]]:
     """Every record of ``topic`` up to its current end, as (partition, offset, key, value,
     headers), in offset order per partition. Keys/values decoded when a serde is given."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
-    await admin.start()
-    try:
-        n = (await topic_partitions(admin, [topic])).get(topic, 0)
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed" if committed else "read_uncommitted",
+    settings = Settings(bootstrap_servers=bootstrap_servers)
+    n = await partition_count(settings, topic)
+    records = await read_all(
+        settings, [TopicPartition(topic, p) for p in range(n)], committed=committed
     )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(n)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
-        pending = {tp for tp in tps if ends[tp] > 0}
-        rows: list[tuple[int, int, Any, Any, list[tuple[str, bytes]]]] = []
-        deadline = time.monotonic() + wait_s
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} did not reach its end offsets {ends}")
-            for tp, records in (await consumer.getmany(*pending, timeout_ms=500)).items():
-                for r in records:
-                    if r.offset >= ends[tp]:
-                        continue
-                    key = (
-                        r.key
-                        if key_serde is None or r.key is None
-                        else key_serde.deserialize(r.key)
-                    )
-                    value = (
-                        r.value
-                        if value_serde is None or r.value is None
-                        else value_serde.deserialize(r.value)
-                    )
-                    rows.append((r.partition, r.offset, key, value, list(r.headers)))
-            for tp in list(pending):
-                if await consumer.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-        rows.sort(key=lambda row: (row[0], row[1]))
-        return rows
-    finally:
-        await consumer.stop()
+    rows = [
+        (
+            r.partition,
+            r.offset,
+            r.key if key_serde is None or r.key is None else key_serde.deserialize(r.key),
+            r.value if value_serde is None or r.value is None else value_serde.deserialize(r.value),
+            list(r.headers),
+        )
+        for r in records
+    ]
+    rows.sort(key=lambda row: (row[0], row[1]))
+    return rows
 
 
 async def read_final_state(
@@ -272,38 +233,17 @@ async def read_final_state(
     Returns user key (decoded with the stage's key serde) -> value, for the state named
     ``state_name`` (default: the operator's only state). Read after the workers stopped.
     """
-    stage, step = job.find_operator(operator_id)
-    topic = job.changelog_topic(operator_id)
+    stage, _ = job.find_operator(operator_id)
     settings = Settings(bootstrap_servers=bootstrap_servers)
-    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
-    await admin.start()
-    try:
-        n = (await topic_partitions(admin, [topic])).get(topic, 0)
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed" if committed else "read_uncommitted",
-    )
-    await consumer.start()
     out: dict[Any, Any] = {}
-    try:
-        for p in range(n):
-            store = OperatorStateStore(open_backend("memory"), StatePartitionKey(operator_id, p, p))
-            store.bind_operator(step.instantiate())
-            await restore(consumer, [RestoreTarget(store, topic, p, None)])
-            for name, user_key, _map_key, value in store.dump():
-                if state_name is not None and name != state_name:
-                    continue
-                key = stage.source.key_serde.deserialize(user_key)
-                if key in out:
-                    raise VerificationError(f"key {key!r} has state in two changelog partitions")
-                out[key] = value
-    finally:
-        await consumer.stop()
+    for _, store in await operator_states(job, operator_id, settings, committed=committed):
+        for name, user_key, _map_key, value in store.dump():
+            if state_name is not None and name != state_name:
+                continue
+            key = stage.source.key_serde.deserialize(user_key)
+            if key in out:
+                raise VerificationError(f"key {key!r} has state in two changelog partitions")
+            out[key] = value
     return out
 
 
@@ -361,7 +301,7 @@ class Verifier:
         output_topic: str,
         *,
         wait_s: float = 90.0,
-        stable_s: float = 10.0,
+        stable_s: float = 30.0,
         alive: Callable[[], bool] | None = None,
     ) -> Observed:
         """Poll the output until every key's last value is the replay's last value.

@@ -43,6 +43,25 @@ async def wordcount_topics(topic_factory: Any) -> tuple[Job, dict[str, str]]:
     return build(name, source, sink), env
 
 
+async def assert_exact(
+    verifier: Any, driver: Any, job: Job, env: dict[str, str], guarantee: str
+) -> None:
+    """Wait until the output caught up with a replay of the input, then check it and the state."""
+    source, sink = env["WORDCOUNT_SOURCE"], env["WORDCOUNT_SINK"]
+    expected = await verifier.expected(source)
+    observed = await verifier.wait_caught_up(expected, sink, wait_s=180, alive=driver.any_alive)
+    report = await verifier.verify(
+        input_topic=source,
+        output_topic=sink,
+        guarantee=guarantee,
+        job=job,
+        operator_id="counts",
+        expected=expected,
+        observed=observed,
+    )
+    assert report.ok, report.summary() + "\n" + driver.logs()[-3000:]
+
+
 @pytest.mark.parametrize("backend", ["memory", "rocksdb"])
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_wordcount_with_two_workers_is_exact(
@@ -54,8 +73,7 @@ async def test_wordcount_with_two_workers_is_exact(
     wordcount_verifier: Any,
 ) -> None:
     job, env = await wordcount_topics(topic_factory)
-    source, sink = env["WORDCOUNT_SOURCE"], env["WORDCOUNT_SINK"]
-    await produce(kafka_bootstrap_servers, source, generate_lines(50_000, seed=11))
+    await produce(kafka_bootstrap_servers, env["WORDCOUNT_SOURCE"], generate_lines(50_000, seed=11))
     driver = fault_driver(
         "examples.wordcount:job",
         env={
@@ -66,20 +84,7 @@ async def test_wordcount_with_two_workers_is_exact(
         },
     )
     workers = [driver.start_worker(), driver.start_worker()]
-    expected = await wordcount_verifier.expected(source)
-    observed = await wordcount_verifier.wait_caught_up(
-        expected, sink, wait_s=180, alive=driver.any_alive
-    )
-    report = await wordcount_verifier.verify(
-        input_topic=source,
-        output_topic=sink,
-        guarantee=guarantee,
-        job=job,
-        operator_id="counts",
-        expected=expected,
-        observed=observed,
-    )
-    assert report.ok, report.summary() + "\n" + driver.logs()[-3000:]
+    await assert_exact(wordcount_verifier, driver, job, env, guarantee)
 
     # `headrace checkpoints`: checkpoints complete for the whole job — both stages, every
     # partition — so barriers crossed the repartition topic and were aligned.
@@ -119,20 +124,7 @@ async def test_state_moves_with_partitions_when_a_worker_joins_and_leaves(
     await asyncio.sleep(4)  # the rebalance happens while data flows
     assert await driver.terminate(first) == 0, first.log()[-3000:]
     await produce(kafka_bootstrap_servers, source, lines[20_000:])
-    expected = await wordcount_verifier.expected(source)
-    observed = await wordcount_verifier.wait_caught_up(
-        expected, sink, wait_s=180, alive=driver.any_alive
-    )
-    report = await wordcount_verifier.verify(
-        input_topic=source,
-        output_topic=sink,
-        guarantee="exactly_once",
-        job=job,
-        operator_id="counts",
-        expected=expected,
-        observed=observed,
-    )
-    assert report.ok, report.summary() + "\n" + driver.logs()[-3000:]
+    await assert_exact(wordcount_verifier, driver, job, env, "exactly_once")
     # The joining worker rebuilt state from the changelog, not from nothing.
     restored = [
         int(n) for n in re.findall(r"restoring \S+counts\.changelog\[\d\]: (\d+)/", second.log())
