@@ -48,14 +48,6 @@ def load_job(spec: str) -> Job:
     return job
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def _kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option(

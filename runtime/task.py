@@ -167,6 +167,9 @@ class StageTask:
         self.last_checkpoint = 0
         self.downstream_partitions = downstream_partitions
         self._store_list = list(stores.values())
+        # A tombstone (None value) reaches the serde and fails there: the error policy decides.
+        self._key_deserialize: Callable[[Any], Any] = stage.source.key_serde.deserialize
+        self._value_deserialize: Callable[[Any], Any] = stage.source.value_serde.deserialize
         self._positions: dict[tuple[str, int], int] = {}
         self._cur: RawRecord | None = None
         self._cur_key: Any = None
@@ -439,9 +442,8 @@ class StageTask:
         kind = "deserialization"
         try:
             kb = r.key
-            source = self.stage.source
-            key = None if kb is None else source.key_serde.deserialize(kb)
-            value = source.value_serde.deserialize(r.value)  # type: ignore[arg-type]
+            key = None if kb is None else self._key_deserialize(kb)
+            value = self._value_deserialize(r.value)
             kind = "processing"
             self._cur = r
             self._cur_key = key
