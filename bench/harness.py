@@ -150,7 +150,7 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
 async def end_offsets(consumer: AIOKafkaConsumer, topic: str) -> dict[int, int]:
     parts = consumer.partitions_for_topic(topic)
     if not parts:
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no API
+        await consumer._client.force_metadata_update()  # aiokafka has no public API for this
         parts = consumer.partitions_for_topic(topic) or set()
     ends = await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(parts)])
     return {tp.partition: o for tp, o in ends.items()}
@@ -271,7 +271,7 @@ async def run_system(
     bootstrap: str,
     output: str,
     expected_outputs: int,
-    timeout: float,
+    limit_s: float,
     log_path: Path,
     env: dict[str, str] | None = None,
     profile: Path | None = None,
@@ -279,13 +279,13 @@ async def run_system(
     """Start ``cmd``, wait until ``output`` holds ``expected_outputs`` records, measure, SIGTERM."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as logf:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is quick
             cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
         )
     spy = None
     if profile is not None:
         profile.parent.mkdir(parents=True, exist_ok=True)
-        spy = subprocess.Popen(
+        spy = subprocess.Popen(  # noqa: ASYNC220
             [str(VENVS / "tools" / "bin" / "py-spy"), "record", "-p", str(proc.pid), "-o",
              str(profile), "-f", "raw", "-r", "250", "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -296,14 +296,14 @@ async def run_system(
     try:
         started = time.monotonic()
         t0 = cpu0 = None
-        done0 = 0
+        done = done0 = 0
         while True:
             now = time.monotonic()
             if proc.poll() is not None:
                 out["error"] = f"exited with {proc.returncode} (see {log_path})"
                 break
-            if now - started > timeout:
-                out["error"] = f"timed out after {timeout:.0f}s"
+            if now - started > limit_s:
+                out["error"] = f"timed out after {limit_s:.0f}s"
                 if t0 is not None and cpu0 is not None and done > done0:
                     # a slow system: measured on the prefix it processed (verified as a prefix)
                     t1, cpu1 = time.monotonic(), proc_cpu(proc.pid)
@@ -376,7 +376,7 @@ async def read_topic(
         remaining = {tp for tp in tps if ends[tp.partition] > 0}
         while remaining:
             batches = await consumer.getmany(*remaining, timeout_ms=500, max_records=50_000)
-            for tp, recs in batches.items():
+            for recs in batches.values():
                 out.extend((r.key, r.value) for r in recs)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp.partition]:

@@ -21,7 +21,7 @@ def fmt_range(s: dict[str, float] | None, spec: str = ",.0f") -> str:
         return "-"
     if s.get("n", 1) <= 1 or s["min"] == s["max"]:
         return format(s["median"], spec)
-    return f"{format(s['median'], spec)} ({format(s['min'], spec)}–{format(s['max'], spec)})"
+    return f"{format(s['median'], spec)} ({format(s['min'], spec)}\u2013{format(s['max'], spec)})"
 
 
 def ratio(v: float | None) -> str:
@@ -32,7 +32,7 @@ def throughput_table(name: str, data: dict[str, Any]) -> list[str]:
     rows = [
         f"**{name}**",
         "",
-        "| system | records/s median (min–max) | vs plain | CPU s / M records | vs plain "
+        "| system | records/s median (min\u2013max) | vs plain | CPU s / M records | vs plain "
         "| peak RSS MB | changelog records | changelog MB | output verified |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -59,8 +59,8 @@ def s3_table(data: dict[str, Any]) -> list[str]:
     rows = [
         "**S3 restore** (after S2: the state of 1 key per input record)",
         "",
-        "| system | changelog records | changelog MB | raw aiokafka read rec/s (MB/s) "
-        "| cold restore s | cold rec/s (MB/s) | cold vs raw | warm restart s |",
+        "| system | changelog records | changelog MB | raw aiokafka read rec/s; MB/s "
+        "| cold restore s | cold rec/s; MB/s | cold vs raw | warm restart s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for system, v in data.items():
@@ -70,11 +70,16 @@ def s3_table(data: dict[str, Any]) -> list[str]:
         rows.append(
             f"| {system} | {fmt_range(v.get('changelog_records'))} | "
             f"{fmt_range({k: x / 1e6 if k != 'n' else x for k, x in mb.items()} if mb else None, '.1f')} | "  # noqa: E501
-            f"{fmt_range(raw)} ({fmt_range(rawmb, '.1f')}) | {fmt_range(v.get('cold_s'), '.2f')} | "
-            f"{fmt_range(cold)} ({fmt_range(coldmb, '.1f')}) | "
-            f"{fmt_range(v.get('cold_ratio_to_raw'), '.0%')} | {fmt_range(v.get('warm_s'), '.2f')} |"
+            f"{fmt_range(raw)}; {_mb(rawmb)} | {fmt_range(v.get('cold_s'), '.2f')} | "
+            f"{fmt_range(cold)}; {_mb(coldmb)} | "
+            f"{fmt_range(v.get('cold_ratio_to_raw'), '.0%')} | "
+            f"{fmt_range(v.get('warm_s'), '.2f')} |"
         )
     return [*rows, ""]
+
+
+def _mb(s: dict[str, float] | None) -> str:
+    return "-" if not s else f"{s['median']:.1f} MB/s"
 
 
 def _group(items: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple[Any, ...], list[Any]]:
@@ -98,7 +103,7 @@ def s4_tables(data: dict[str, Any]) -> list[str]:
         "**S4 checkpoint cost** (1,000 distinct keys updated per 1 s interval, 4 tasks; "
         "durations are per task from `<job>.checkpoints`)",
         "",
-        "| backend | total keys | checkpoint duration ms median (min–max of run medians) "
+        "| backend | total keys | checkpoint duration ms median (min\u2013max of run medians) "
         "| changed keys / checkpoint | changelog bytes / checkpoint |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -176,16 +181,19 @@ def charts(res: dict[str, Any], outdir: Path, prefix: str) -> list[Path]:
                 xs = [i + (j - (len(scen) - 1) / 2) * width for i in range(len(systems))]
                 bars = ax.bar(xs, med, width, yerr=[lo, hi], capsize=3,
                               label={"s1": "S1 5k words", "s2": "S2 1M keys"}[s])
-                for b, v in zip(bars, med, strict=True):
+                for b, v, up in zip(bars, med, hi, strict=True):
                     if v:
                         ax.annotate(f"{v:,.0f}" if metric == "records_per_s" else f"{v:.1f}",
-                                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                                    (b.get_x() + b.get_width() / 2, v + up),
                                     ha="center", va="bottom", fontsize=7, rotation=90,
                                     xytext=(0, 3), textcoords="offset points")
             ax.set_xticks(range(len(systems)))
             ax.set_xticklabels(systems, rotation=30, ha="right", fontsize=8)
             ax.set_title(title, fontsize=10)
             ax.legend(fontsize=8)
+            if metric == "cpu_s_per_m":
+                ax.set_yscale("log")
+                ax.set_title(title + ", log scale", fontsize=10)
             ax.margins(y=0.25)
             ax.grid(axis="y", alpha=0.3)
         fig.suptitle("word count: median of runs, bars = min..max", fontsize=11)

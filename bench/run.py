@@ -23,10 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import harness as h
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-
-import harness as h
 
 SYSTEMS = [
     "plain",
@@ -42,7 +41,9 @@ LOGS = h.RUN_DIR / "logs"
 STATE = h.RUN_DIR / "state"
 
 
-def system_cmd(system: str, bootstrap: str, inp: str, out: str, tag: str) -> tuple[list[str], str, str]:
+def system_cmd(
+    system: str, bootstrap: str, inp: str, out: str, tag: str
+) -> tuple[list[str], str, str]:
     """(command, output value format, isolation level the verifier reads with)."""
     here = h.BENCH / "systems"
     if system == "plain":
@@ -109,7 +110,7 @@ async def throughput_scenario(
                 profile = h.RUN_DIR / "profiles" / f"{tag}.collapsed.txt"
             m, _ = await h.run_system(
                 cmd, bootstrap=bootstrap, output=out, expected_outputs=len(keys),
-                timeout=args.timeout, log_path=LOGS / f"{tag}.log", profile=profile,
+                limit_s=args.timeout, log_path=LOGS / f"{tag}.log", profile=profile,
             )
             r = h.RunResult(system, scenario, run)
             if m.get("complete"):
@@ -157,9 +158,10 @@ async def restore_scenario(
     bootstrap = broker.bootstrap
     raw_records, raw_s = 0, 0.0
     for t in topics:
-        p = subprocess.run([h.PROJECT_PY, str(h.BENCH / "systems" / "raw_read.py"), "--bootstrap",
+        p = subprocess.run(  # noqa: ASYNC221 - nothing else runs meanwhile
+            [h.PROJECT_PY, str(h.BENCH / "systems" / "raw_read.py"), "--bootstrap",
                             bootstrap, "--topic", t], capture_output=True, text=True, timeout=600)
-        raw = [x for x in p.stdout.splitlines() if x.startswith("RAW")][0].split()
+        raw = next(x for x in p.stdout.splitlines() if x.startswith("RAW")).split()
         raw_records += int(raw[1])
         raw_s += float(raw[3])
     res: dict[str, Any] = {"system": system, "run": run, "changelog_records": raw_records,
@@ -173,7 +175,9 @@ async def restore_scenario(
         c = [*cmd[: i + 1], str(state_dir), *cmd[i + 2 :], "--restore-only"]
         log = LOGS / f"{tag}-restore-{mode}.log"
         with log.open("wb") as f:
-            p = subprocess.run(c, stdout=subprocess.PIPE, stderr=f, cwd=h.ROOT, timeout=600)
+            p = subprocess.run(  # noqa: ASYNC221 - nothing else runs meanwhile
+                c, stdout=subprocess.PIPE, stderr=f, cwd=h.ROOT, timeout=600
+            )
         line = [x for x in p.stdout.decode().splitlines() if x.startswith("RESTORED")]
         if not line:
             res[f"{mode}_error"] = f"no RESTORED line (see {log})"
@@ -183,9 +187,12 @@ async def restore_scenario(
         res[f"{mode}_worker_start_to_ready_s"] = float(line[0].split()[2])
         shutil.rmtree(STATE / f"{tag}-cold", ignore_errors=True)
     mb = (changelog_bytes or 0) / 1e6
+    if not raw_records:
+        res["raw_error"] = "the raw read found no records (topic metadata not ready)"
+        raw_s = 0.0
     res["raw_records_per_s"] = raw_records / raw_s if raw_s else None
     res["raw_mb_per_s"] = mb / raw_s if raw_s else None
-    if "cold_s" in res:
+    if "cold_s" in res and raw_s:
         res["cold_records_per_s"] = raw_records / res["cold_s"]
         res["cold_mb_per_s"] = mb / res["cold_s"]
         res["cold_ratio_to_raw"] = raw_s / res["cold_s"]
@@ -242,7 +249,8 @@ async def s4_checkpoint_cost(
     await h.produce(bootstrap, inp, [(k.encode(), h.pad_value(k, 0)) for k in keys])
     system = f"headrace-alo-{'mem' if backend == 'memory' else 'rocks'}"
     cmd, _, _ = system_cmd(system, bootstrap, inp, out, tag)
-    proc = subprocess.Popen(cmd, stdout=(LOGS / f"{tag}.log").open("wb"),
+    proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is quick
+        cmd, stdout=(LOGS / f"{tag}.log").open("wb"),
                             stderr=subprocess.STDOUT, cwd=h.ROOT)
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await c.start()
@@ -311,7 +319,8 @@ async def s4_latency(
     system = f"headrace-{guarantee}-mem"
     cmd, _, isolation = system_cmd(system, bootstrap, inp, out, tag)
     cmd += ["--interval-ms", str(interval_ms)]
-    proc = subprocess.Popen(cmd, stdout=(LOGS / f"{tag}.log").open("wb"),
+    proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is quick
+        cmd, stdout=(LOGS / f"{tag}.log").open("wb"),
                             stderr=subprocess.STDOUT, cwd=h.ROOT)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     await producer.start()
@@ -438,6 +447,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=150,
                     help="seconds per system run; a slower system is measured on its prefix")
     ap.add_argument("--profile", action="store_true", help="py-spy the headrace runs")
+    ap.add_argument("--s4-runs", type=int, help="S4 repetitions (default 3; quick 1)")
     ap.add_argument("--no-render", action="store_true")
     ap.add_argument("--out", help="result JSON path")
     args = ap.parse_args()
@@ -447,7 +457,7 @@ def main() -> None:
     args.scenarios = args.scenarios.split(",")
     args.systems = args.systems.split(",")
     args.s4_totals = [10_000, 100_000] if args.quick else [10_000, 1_000_000]
-    args.s4_runs = 1 if args.quick else 3
+    args.s4_runs = args.s4_runs or (1 if args.quick else 3)
     args.s4_seconds = 6 if args.quick else 12
     args.s4_rate = 2000
     if args.profile:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import secrets
 import time
 from collections import Counter
@@ -48,7 +49,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     lines = generate_lines(args.lines)
     expected: Counter[str] = count_words(lines)
     words = [w for line in lines for w in line.lower().split()]
-    results: dict[str, Any] = {"lines": len(lines), "words": len(words)}
+    results: dict[str, Any] = {"input_lines": len(lines), "input_words": len(words)}
     with h.Broker(args.bootstrap) as broker:
         bs = broker.bootstrap
         results["machine"] = h.machine_info(bs)
@@ -66,7 +67,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     await h.create_topics(bs, [out])
                     m, _ = await h.run_system(
                         cmd_for(system, mode, bs, inputs[mode], out, tag), bootstrap=bs,
-                        output=out, expected_outputs=len(words), timeout=args.timeout,
+                        output=out, expected_outputs=len(words), limit_s=args.timeout,
                         log_path=h.RUN_DIR / "logs" / f"{tag}.log",
                     )
                     r = h.RunResult(system, f"wordcount-{mode}", run)
@@ -106,21 +107,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--lines", type=int, default=100_000)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--bootstrap")
-    args = ap.parse_args()
-    results = asyncio.run(amain(args))
-    path = h.BENCH / "results" / f"wordcount-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    h.save_json(path, results)
-    print(f"\n{results['lines']:,} lines, {results['words']:,} words; medians (min..max)")
+def report(results: dict[str, Any]) -> None:
+    print(f"\n{results['input_lines']:,} lines, {results['input_words']:,} words; "
+          "medians (min..max)")
     targets = {"headrace-alo": 0.60, "headrace-eos": 0.45}
     for mode in ("lines", "keyed"):
         print(f"\n{mode}:")
-        print(f"  {'system':14s} {'words/s':>22s} {'cpu-s/M':>8s} {'ratio':>6s}  target")
+        print(f"  {'system':14s} {'words/s':>28s} {'cpu-s/M':>8s} {'ratio':>6s}  target")
         for system, v in results[mode].items():
             rps, cpu = v["records_per_s"], v["cpu_s_per_m"]
             if not rps:
@@ -131,7 +124,24 @@ def main() -> None:
             met = "" if t is None else f">= {t:.0%}: {'met' if ratio >= t else 'NOT met'}"
             print(f"  {system:14s} {rps['median']:9,.0f} ({rps['min']:,.0f}..{rps['max']:,.0f})"
                   f" {cpu['median']:8.1f} {ratio:6.0%}  {met}")
-    print(f"\nresults: {Path(path)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--lines", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--bootstrap")
+    ap.add_argument("--show", type=Path, help="print the summary of a saved result JSON")
+    args = ap.parse_args()
+    if args.show:
+        report(json.loads(args.show.read_text()))
+        return
+    results = asyncio.run(amain(args))
+    path = h.BENCH / "results" / f"wordcount-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    h.save_json(path, results)
+    report(results)
+    print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ async def main() -> None:
     try:
         started = time.monotonic()
         parts = c.partitions_for_topic(a.topic)
+        for _ in range(50):
+            if parts:
+                break
+            await c._client.force_metadata_update()  # no public API
+            parts = c.partitions_for_topic(a.topic)
+            await asyncio.sleep(0.1)
         if not parts:
-            await c._client.force_metadata_update()  # noqa: SLF001
-            parts = c.partitions_for_topic(a.topic) or set()
+            raise SystemExit(f"topic {a.topic!r} not found")
         tps = [TopicPartition(a.topic, p) for p in sorted(parts)]
         c.assign(tps)
         ends = await c.end_offsets(tps)

@@ -179,4 +179,5 @@ async def restore(
         t.finish()
         if progress is not None:
             progress(t)
-    consumer.assign([])
+    # Every partition is paused now. The assignment is deliberately not emptied: aiokafka 0.14
+    # can hang in stop() on a group-less consumer whose assignment is empty.

@@ -334,6 +334,11 @@ class FaustBridge:
         if not parts or self._failed is not None:
             return
         await self.checkpoint(final_for=parts)
+        log.info("headrace[%s]: partitions %s revoked (%s)", self.name, mine, self.stats)
+
+    async def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
+        """After faust waited for the streams (the last checkpoint acked them)."""
+        log.info("headrace[%s]: shutting down (%s)", self.name, self.stats)
 
     async def _restore(self, partitions: list[int]) -> None:
         started = time.monotonic()
@@ -369,10 +374,7 @@ class FaustBridge:
                     self.partitions[p].store.reset()
             await restore(consumer, list(targets.values()))
         finally:
-            # aiokafka 0.14: stop() of a group-less consumer hangs while its assignment is
-            # empty (restore() ends with assign([])), so give it one partition first.
-            consumer.assign([TopicPartition(self.changelog_topic, partitions[0])])
-            await consumer.stop()
+            await _stop_restore_consumer(consumer, TopicPartition(self.changelog_topic, 0))
         rewind: dict[Any, int] = {}
         for p in partitions:
             part = self.partitions[p]
@@ -407,10 +409,11 @@ class FaustBridge:
             await self.app.consumer._commit(rewind)
         self.stats.restores += 1
         log.info(
-            "headrace[%s]: restored partitions %s in %.2fs",
+            "headrace[%s]: restored partitions %s in %.2fs (%s)",
             self.name,
             partitions,
             time.monotonic() - started,
+            self.stats,
         )
 
     # -- processing ----------------------------------------------------------------------------
@@ -532,6 +535,7 @@ class FaustBridge:
     async def checkpoint_loop(self) -> None:
         """Checkpoint every ``checkpoint_interval`` seconds until the app's futures are stopped
         (after faust's shutdown waited for the streams, so the last acks are still given)."""
+        reported, last_report = BridgeStats(), time.monotonic()
         while True:
             await asyncio.sleep(self.checkpoint_interval)
             if self._failed is not None:
@@ -541,6 +545,9 @@ class FaustBridge:
             except Exception as exc:
                 self._fail(exc)
                 return
+            if time.monotonic() - last_report >= 10 and self.stats != reported:
+                log.info("headrace[%s]: %s", self.name, self.stats)
+                reported, last_report = copy.copy(self.stats), time.monotonic()
 
     async def checkpoint(self, *, final_for: Sequence[_Partition] | None = None) -> None:
         """Checkpoint every ready partition (or, on revocation, the given ones)."""
@@ -616,6 +623,19 @@ class FaustBridge:
             changed,
             (time.perf_counter() - started) * 1000,
         )
+
+
+async def _stop_restore_consumer(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+    """Stop a group-less consumer without hanging.
+
+    aiokafka 0.14's ``stop()`` waits forever for its fetcher when the assignment is empty
+    (``restore()`` ends with ``assign([])``) or was just changed and the fetcher still looks up
+    committed offsets (a group-less consumer never gets them). One partition with an explicit,
+    already resolved position avoids both.
+    """
+    consumer.assign([tp])
+    await consumer.seek_to_end(tp)
+    await consumer.stop()
 
 
 def _describe_marker(offset: int | None) -> str:
@@ -750,5 +770,6 @@ def headrace_agent(
     bridge.agent = app.agent(topic, name=f"headrace.{op_name}", concurrency=1)(run)
     app.on_rebalance_complete.connect(bridge._on_rebalance_complete)
     app.on_partitions_revoked.connect(bridge._on_partitions_revoked)
+    app.on_before_shutdown.connect(bridge._on_shutdown)
     app.task(bridge.checkpoint_loop)
     return bridge
