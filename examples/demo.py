@@ -41,6 +41,7 @@ async def create_topics(bootstrap: str, topics: list[str], partitions: int) -> N
 
 
 async def produce_lines(bootstrap: str, topic: str, lines: list[str]) -> None:
+    """Produce ``lines`` (unkeyed, utf-8) and wait until the broker acknowledged all of them."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, acks="all")
     await producer.start()
     try:
@@ -60,9 +61,14 @@ async def wait_for_counts(
     topic: str,
     expected: dict[str, int],
     wait_s: float,
-    workers: list[subprocess.Popen[bytes]],
+    workers: list[subprocess.Popen[bytes]] | None = None,
+    *,
+    verbose: bool = False,
 ) -> dict[str, int]:
-    """Follow the committed output until it equals ``expected`` (or time runs out)."""
+    """Follow the committed (word, INT count) output until it equals ``expected``.
+
+    Stops early when time runs out or one of ``workers`` exited; returns the last counts.
+    """
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -81,12 +87,12 @@ async def wait_for_counts(
                     counts[r.key.decode()] = int.from_bytes(r.value, "big", signed=True)
             done = sum(counts.get(w, 0) for w in expected)
             total = sum(expected.values())
-            if time.monotonic() - last_report > 2:
+            if verbose and time.monotonic() - last_report > 2:
                 last_report = time.monotonic()
                 print(f"  counted {done:,} of {total:,} words ({100 * done / total:.0f}%)")
             if counts == expected:
                 break
-            dead = [w for w in workers if w.poll() is not None]
+            dead = [w for w in workers or [] if w.poll() is not None]
             if dead:
                 print(f"  worker(s) {[w.pid for w in dead]} exited; stopping the wait")
                 break
@@ -162,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         print(f"started {args.workers} workers ({args.guarantee}); logs in {logs}")
         t0 = time.monotonic()
-        counts = asyncio.run(wait_for_counts(bootstrap, sink, expected, args.timeout, workers))
+        counts = asyncio.run(
+            wait_for_counts(bootstrap, sink, expected, args.timeout, workers, verbose=True)
+        )
         elapsed = time.monotonic() - t0
         words = sum(expected.values())
         print(f"\ncaught up in {elapsed:.1f}s ({words / elapsed:,.0f} words/s end to end)\n")

@@ -14,7 +14,6 @@ real ``faust worker`` process. The test checks what the bridge guarantees:
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import re
@@ -27,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from examples.corpus import count_words, generate_lines
+from examples.demo import produce_lines
 from operators import INT, Context, Operator, Record, ValueStateDescriptor
 from runtime.pytest_plugin import in_ci
 
@@ -156,16 +156,6 @@ class Output:
         return self.latest == dict(self.expected)
 
 
-async def produce(bootstrap: str, topic: str, lines: list[str]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, line.encode()) for line in lines]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def restored_counts(bootstrap: str, changelog: str) -> dict[str, int]:
     """The committed state of the ``counts`` bridge, rebuilt from its changelog by headrace's
     restore code up to each partition's last checkpoint marker (as a restarting worker does)."""
@@ -230,7 +220,7 @@ async def test_faust_worker_killed_mid_run_keeps_exact_counts(
     lines = generate_lines(LINES, seed=13)
     expected = count_words(lines)
     total = sum(expected.values())
-    await produce(kafka_bootstrap_servers, source, lines)
+    await produce_lines(kafka_bootstrap_servers, source, lines)
 
     workers: list[Worker] = []
     try:

@@ -7,7 +7,6 @@ at the bottom need no broker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -25,8 +24,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from examples.demo import produce_lines, wait_for_counts
 from runtime.checkpoint.log import CheckpointSummary
 from runtime.metrics import JsonFormatter, RedactingFilter, parse_exposition
 from runtime.status import GroupStatus, JobStatus, Member, progress_bar, render
@@ -56,38 +55,6 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
-
-
-async def produce(bootstrap: str, topic: str, lines: list[str]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
-        await asyncio.gather(*[await producer.send(topic, line.encode()) for line in lines])
-    finally:
-        await producer.stop()
-
-
-async def read_counts(
-    bootstrap: str, topic: str, expected: dict[str, int], wait_s: float
-) -> dict[str, int]:
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        group_id=None,
-    )
-    await consumer.start()
-    counts: dict[str, int] = {}
-    deadline = time.monotonic() + wait_s
-    try:
-        while time.monotonic() < deadline and counts != expected:
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for r in records:
-                    counts[r.key.decode()] = int.from_bytes(r.value, "big", signed=True)
-    finally:
-        await consumer.stop()
-    return counts
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -171,7 +138,7 @@ async def test_metrics_health_status_of_a_running_word_count(
     sink = await topic_factory("op-counts", partitions=4)
     lines = corpus(3000)
     expected = dict(Counter(w for line in lines for w in line.split()))
-    await produce(kafka_bootstrap_servers, source, lines)
+    await produce_lines(kafka_bootstrap_servers, source, lines)
     job = WordCountJob(kafka_bootstrap_servers, source, sink, tmp_path)
     port = free_port()
     log = tmp_path / "worker.log"
@@ -179,7 +146,7 @@ async def test_metrics_health_status_of_a_running_word_count(
     with worker_process(job.env, args, log) as proc:
         wait_for(lambda: http_get(port, "/health")[0] == 200, 60, "/health", proc)
         wait_for(lambda: http_get(port, "/ready")[0] == 200, 90, "/ready", proc)
-        counts = await read_counts(kafka_bootstrap_servers, sink, expected, 120)
+        counts = await wait_for_counts(kafka_bootstrap_servers, sink, expected, 120)
         assert counts == expected
 
         # every line and word went through; the lag is gone once the last checkpoint is in
@@ -257,19 +224,19 @@ async def test_ready_after_restore_on_restart(
     sink = await topic_factory("op-counts", partitions=2)
     first, second = corpus(500), corpus(700)[500:]
     job = WordCountJob(kafka_bootstrap_servers, source, sink, tmp_path)
-    await produce(kafka_bootstrap_servers, source, first)
+    await produce_lines(kafka_bootstrap_servers, source, first)
     expected = dict(Counter(w for line in first for w in line.split()))
     port = free_port()
     args = ["run", "examples.wordcount:job", "--metrics-port", str(port)]
     with worker_process(job.env, args, tmp_path / "w1.log") as proc:
-        assert await read_counts(kafka_bootstrap_servers, sink, expected, 120) == expected
+        assert await wait_for_counts(kafka_bootstrap_servers, sink, expected, 120) == expected
     assert proc.returncode == 0
 
-    await produce(kafka_bootstrap_servers, source, second)
+    await produce_lines(kafka_bootstrap_servers, source, second)
     expected = dict(Counter(w for line in first + second for w in line.split()))
     with worker_process(job.env, args, tmp_path / "w2.log") as proc:
         wait_for(lambda: http_get(port, "/ready")[0] == 200, 90, "/ready after restore", proc)
-        assert await read_counts(kafka_bootstrap_servers, sink, expected, 120) == expected
+        assert await wait_for_counts(kafka_bootstrap_servers, sink, expected, 120) == expected
         text = http_get(port, "/metrics")[1]
         assert total(text, "headrace_ready") == 1
         assert samples(text, "headrace_restore_records_total") == []

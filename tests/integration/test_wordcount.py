@@ -14,25 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from examples.corpus import generate_lines
+from examples.demo import produce_lines
 from examples.wordcount import build
 from operators.job import Job
 from runtime.config import Settings
 from runtime.inspect import read_checkpoints
 
 pytestmark = pytest.mark.kafka
-
-
-async def produce(bootstrap: str, topic: str, lines: list[str]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, line.encode()) for line in lines]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def wordcount_topics(topic_factory: Any) -> tuple[Job, dict[str, str]]:
@@ -73,7 +63,9 @@ async def test_wordcount_with_two_workers_is_exact(
     wordcount_verifier: Any,
 ) -> None:
     job, env = await wordcount_topics(topic_factory)
-    await produce(kafka_bootstrap_servers, env["WORDCOUNT_SOURCE"], generate_lines(50_000, seed=11))
+    await produce_lines(
+        kafka_bootstrap_servers, env["WORDCOUNT_SOURCE"], generate_lines(50_000, seed=11)
+    )
     driver = fault_driver(
         "examples.wordcount:job",
         env={
@@ -114,16 +106,16 @@ async def test_state_moves_with_partitions_when_a_worker_joins_and_leaves(
         "examples.wordcount:job", env={**env, "HEADRACE_CHECKPOINT_INTERVAL_MS": "500"}
     )
     first = driver.start_worker()
-    await produce(kafka_bootstrap_servers, source, lines[:10_000])
+    await produce_lines(kafka_bootstrap_servers, source, lines[:10_000])
     await wordcount_verifier.wait_caught_up(
         wordcount_verifier.replay(lines[:10_000]), sink, wait_s=120, alive=driver.any_alive
     )
     second = driver.start_worker()
     await second.wait_started()
-    await produce(kafka_bootstrap_servers, source, lines[10_000:20_000])
+    await produce_lines(kafka_bootstrap_servers, source, lines[10_000:20_000])
     await asyncio.sleep(4)  # the rebalance happens while data flows
     assert await driver.terminate(first) == 0, first.log()[-3000:]
-    await produce(kafka_bootstrap_servers, source, lines[20_000:])
+    await produce_lines(kafka_bootstrap_servers, source, lines[20_000:])
     await assert_exact(wordcount_verifier, driver, job, env, "exactly_once")
     # The joining worker rebuilt state from the changelog, not from nothing.
     restored = [
