@@ -273,9 +273,12 @@ class FaultDriver:
         after: int = 1,
         slot: int | None = None,
         env: Mapping[str, str] | None = None,
-        wait_s: float = 60,
+        wait_s: float = 180,
     ) -> WorkerProcess:
         """Start a worker that kills itself at the ``after``-th ``phase``; wait for it to die.
+
+        A phase is reached only after the worker joined the groups and got partitions: ~10 s on
+        an idle 2-core machine, much longer when other suites share the cores, hence the margin.
 
         Raises if it did not die by the injected SIGKILL within ``wait_s`` seconds (then the
         phase was never reached: the scenario does not test what it claims).
