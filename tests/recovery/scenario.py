@@ -13,6 +13,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from examples.corpus import generate_lines
 from operators.job import Job
@@ -21,6 +22,7 @@ from runtime.recovery import (
     Report,
     Verifier,
     produce_paced,
+    read_final_state,
     skewed_partitioner,
 )
 
@@ -73,6 +75,8 @@ class WordcountRun:
         await self.verifier.wait_caught_up(
             expected, self.sink, wait_s=catch_up_s, alive=self.driver.any_alive
         )
+        if check_state:
+            await self._wait_state_caught_up(expected, catch_up_s)
         codes = await self.driver.stop_all()
         bad = {n: c for n, c in codes.items() if c != 0}
         assert not bad, f"workers did not stop cleanly: {bad}\n{self.diagnostics()}"
@@ -85,6 +89,26 @@ class WordcountRun:
             expected=expected,
         )
         return report
+
+    async def _wait_state_caught_up(self, expected: dict[Any, list[Any]], wait_s: float) -> None:
+        """Wait until the *committed* state covers all input before stopping the workers.
+
+        Under at-least-once the output runs ahead of the committed state: a worker that dies
+        after sending outputs but before its checkpoint leaves the committed state behind, and
+        the new owner catches up later. Stopping the workers the moment the output looks
+        complete can then stop a task that has restored but not yet re-processed, which is
+        correct (state = committed offsets) but not a completed run.
+        """
+        final = {k: seq[-1] for k, seq in expected.items() if seq}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while loop.time() < deadline and self.driver.any_alive():
+            state = await read_final_state(
+                self.job, "counts", self.bootstrap, committed=self.guarantee == "exactly_once"
+            )
+            if state == final:
+                return
+            await asyncio.sleep(1.0)
 
     def diagnostics(self, tail: int = 40) -> str:
         parts = [self.driver.summary()]
