@@ -9,6 +9,7 @@ at-least-once outputs that may repeat but never skip.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import pytest
 from hypothesis import example, given, settings
@@ -35,11 +36,17 @@ steps = st.lists(
 )
 
 
-def drive(tester: JobTester, schedule: list[tuple[int, str]]) -> None:
+def drive(
+    tester: JobTester,
+    schedule: list[tuple[int, str]],
+    inputs: list[str] = LINES,
+    send: Callable[[JobTester, str], None] = lambda t, line: t.send("lines", line),
+) -> None:
+    """Feed ``inputs`` in the chunks of ``schedule``, acting after each; then everything else."""
     i = 0
     for n, action in schedule:
-        for line in LINES[i : i + n]:
-            tester.send("lines", line)
+        for item in inputs[i : i + n]:
+            send(tester, item)
         i += n
         tester.run()
         if action == "checkpoint":
@@ -49,8 +56,8 @@ def drive(tester: JobTester, schedule: list[tuple[int, str]]) -> None:
         elif action.startswith("crash-"):
             tester.crash_during_next_checkpoint(action.removeprefix("crash-"))
             tester.checkpoint()
-    for line in LINES[i:]:
-        tester.send("lines", line)
+    for item in inputs[i:]:
+        send(tester, item)
     tester.checkpoint()
     tester.checkpoint()
 
@@ -166,23 +173,7 @@ def test_at_least_once_source_state_survives_uncommitted_changelog_writes(
         state_dir=tmp_path_factory.mktemp("state"),
         batch_size=23,
     ) as tester:
-        i = 0
-        for n, action in schedule:
-            for w in WORDS[i : i + n]:
-                tester.send("words", w, key=w)
-            i += n
-            tester.run()
-            if action == "checkpoint":
-                tester.checkpoint()
-            elif action == "crash":
-                tester.crash()
-            elif action.startswith("crash-"):
-                tester.crash_during_next_checkpoint(action.removeprefix("crash-"))
-                tester.checkpoint()
-        for w in WORDS[i:]:
-            tester.send("words", w, key=w)
-        tester.checkpoint()
-        tester.checkpoint()
+        drive(tester, schedule, WORDS, lambda t, w: t.send("words", w, key=w))
         tester.crash()  # the final state must also survive a restore from the changelog
         tester.checkpoint()
         expected = {}
