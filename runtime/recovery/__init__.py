@@ -20,6 +20,7 @@ from runtime.recovery.verify import (
     check_state,
     read_final_state,
     read_topic,
+    wait_changelog_committed,
     wordcount_replay,
     wordcount_verifier,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "read_final_state",
     "read_topic",
     "skewed_partitioner",
+    "wait_changelog_committed",
     "wordcount_replay",
     "wordcount_verifier",
 ]

@@ -29,6 +29,7 @@ from aiokafka.structs import TopicPartition
 
 from operators.job import Job
 from operators.serde import INT, STR, Serde
+from runtime.checkpoint.metadata import CheckpointMetadata
 from runtime.config import Settings
 from runtime.inspect import operator_states, partition_count, read_all
 
@@ -43,6 +44,7 @@ __all__ = [
     "check_state",
     "read_final_state",
     "read_topic",
+    "wait_changelog_committed",
     "wordcount_replay",
     "wordcount_verifier",
 ]
@@ -245,6 +247,76 @@ async def read_final_state(
                 raise VerificationError(f"key {key!r} has state in two changelog partitions")
             out[key] = value
     return out
+
+
+async def committed_changelog_offsets(
+    job: Job, operator_id: str, bootstrap_servers: str
+) -> dict[int, int]:
+    """Per task partition: the changelog offset its last *committed* checkpoint covers for
+    ``operator_id`` (``cl`` in the offset metadata; -1 when nothing is committed yet).
+    Empty while the changelog topic does not exist."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from runtime.kafka.topics import topic_partitions
+
+    stage, _ = job.find_operator(operator_id)
+    settings = Settings(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+    await admin.start()
+    try:
+        topic = job.changelog_topic(operator_id)
+        n = (await topic_partitions(admin, [topic])).get(topic, 0)
+        tps = [TopicPartition(t, p) for t in stage.source.topics for p in range(n)]
+        found = (
+            await admin.list_consumer_group_offsets(job.group_id(stage), partitions=tps)
+            if tps
+            else {}
+        )
+    finally:
+        await admin.close()
+    covered = dict.fromkeys(range(n), -1)
+    for tp, om in found.items():
+        meta = CheckpointMetadata.decode(om.metadata) if om is not None else None
+        if meta is not None:
+            off = meta.changelog_offsets.get(operator_id, -1)
+            covered[tp.partition] = max(covered[tp.partition], off)
+    return covered
+
+
+async def wait_changelog_committed(
+    job: Job,
+    operator_id: str,
+    bootstrap_servers: str,
+    *,
+    min_offset: int,
+    wait_s: float = 120.0,
+    alive: Callable[[], bool] | None = None,
+) -> dict[int, int]:
+    """Wait until every task's committed checkpoint covers changelog offset ``min_offset``.
+
+    A fault that must happen *during a restore* needs something to restore: a worker that
+    takes over a task nobody ever committed (all its owners died first, which a kill storm
+    makes likely) restores zero records and never reaches the phase. Call this before
+    starting such a worker. Under exactly-once the offsets include transaction markers, so
+    the number of data records is at least about half of ``min_offset``.
+
+    Raises :class:`AssertionError` naming the partitions still behind after ``wait_s``.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        covered = await committed_changelog_offsets(job, operator_id, bootstrap_servers)
+        behind = {p: off for p, off in covered.items() if off < min_offset}
+        if covered and not behind:
+            return covered
+        if time.monotonic() > deadline or (alive is not None and not alive()):
+            if not covered:
+                raise AssertionError(f"changelog of {operator_id!r} does not exist")
+            raise AssertionError(
+                f"changelog of {operator_id!r}: committed checkpoints of partitions "
+                f"{sorted(behind)} cover offsets {behind}, not yet {min_offset} "
+                f"after {wait_s:.0f}s"
+            )
+        await asyncio.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------

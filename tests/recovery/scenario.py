@@ -24,6 +24,7 @@ from runtime.recovery import (
     produce_paced,
     read_final_state,
     skewed_partitioner,
+    wait_changelog_committed,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,6 +63,22 @@ class WordcountRun:
                     PARTITIONS, seed=self.seed, hot=0, hot_share=hot_share, idle=[IDLE_PARTITION]
                 ),
             )
+        )
+
+    async def crash_during_restore(self, *, slot: int = 9, min_offset: int = 40) -> None:
+        """A fresh slot (no local state) takes over tasks, restores them from the changelog
+        in batches of 5 and is killed in the middle of it.
+
+        First waits until every task's committed checkpoint covers ``min_offset`` changelog
+        offsets: after a storm, a task whose owners all died before committing has an empty
+        changelog, and a worker that takes over only such tasks would restore nothing and never
+        reach the phase (the cause of this scenario's old "exactly-once stall").
+        """
+        await wait_changelog_committed(
+            self.job, "counts", self.bootstrap, min_offset=min_offset, alive=self.driver.any_alive
+        )
+        await self.driver.crash_at_phase(
+            "during-restore", slot=slot, env={"HEADRACE_RESTORE_BATCH_SIZE": "5"}
         )
 
     async def finish_and_verify(

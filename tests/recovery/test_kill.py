@@ -27,29 +27,14 @@ async def _kill_storm(run: WordcountRun, *, lines: int, rate: float, rounds: int
         await d.random_kills(1, interval=(0.5, 1.5))
         await d.crash_at_phase("after-commit", after=2)
         # A fresh slot has no local state: it restores from the changelog and dies in it.
-        await d.crash_at_phase("during-restore", slot=9, env={"HEADRACE_RESTORE_BATCH_SIZE": "5"})
+        await run.crash_during_restore()
         await d.random_kills(1, interval=(0.5, 1.5))
     await producer
     assert d.count("kill9") + d.count("phase-crash") >= 6 * rounds
 
 
-# OPEN BUG (not hidden: the case still runs and reports XPASS/XFAIL): after a worker is killed
-# right after commit_transaction() returned ("after-commit"), the next owner's transactional
-# produce to <job>.checkpoints was twice answered NOT_ENOUGH_REPLICAS for minutes, and its restore
-# saw a last stable offset of 0, so the task stalled. Suspected: Kafka >= 3.6 verifies that a
-# partition was added to the transaction (KIP-890) and reports a failed check to older produce
-# versions as NOT_ENOUGH_REPLICAS; aiokafka's AddPartitionsToTxn bookkeeping is the lead.
-_EOS_AFTER_COMMIT_STALL = pytest.mark.xfail(
-    reason="open: exactly-once task can stall after an after-commit kill (see comment)",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize("backend", ["memory", "rocksdb"])
-@pytest.mark.parametrize(
-    "guarantee",
-    [pytest.param("exactly_once", marks=_EOS_AFTER_COMMIT_STALL), "at_least_once"],
-)
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_kill9_at_random_and_inside_checkpoints_loses_and_duplicates_nothing(
     wordcount_run: MakeRun, guarantee: str, backend: str
 ) -> None:

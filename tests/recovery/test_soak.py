@@ -29,12 +29,12 @@ async def test_soak_kills_phase_crashes_rebalances_and_broker_restarts_keep_coun
     producer = run.produce(20_000 * scale, rate=700)
     d.start_worker()
     d.start_worker()
-    for _ in range(3 * scale):
+    for round_ in range(3 * scale):
         await d.random_kills(2, interval=(1.0, 3.0))
         await d.crash_at_phase("after-changelog", after=2)
         await d.crash_at_phase("before-commit", after=2)
         await d.crash_at_phase("after-commit", after=2)
-        await d.crash_at_phase("during-restore", slot=9, env={"HEADRACE_RESTORE_BATCH_SIZE": "5"})
+        await run.crash_during_restore(slot=10 + round_)  # a fresh slot: no local state
         await d.rebalance_storm(6, interval=(0.5, 1.5), max_workers=3)
         if not producer.done():
             await asyncio.sleep(1.0)

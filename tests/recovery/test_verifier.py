@@ -1,12 +1,17 @@
-"""The verifier itself: it must catch every gap, repeat and over-count (no Kafka needed)."""
+"""The verifier itself: it must catch every gap, repeat and over-count (no Kafka needed), and
+the harness's wait for committed changelog content (on the broker)."""
 
 from __future__ import annotations
+
+import pytest
+from scenario import MakeRun
 
 from runtime.recovery import (
     check_at_least_once,
     check_exactly_once,
     check_state,
     skewed_partitioner,
+    wait_changelog_committed,
     wordcount_replay,
 )
 
@@ -48,3 +53,26 @@ def test_skewed_partitioner_never_uses_the_idle_partition() -> None:
     picks = [choose(i) for i in range(2000)]
     assert 3 not in picks
     assert picks.count(0) > 1400
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+async def test_wait_changelog_committed_waits_for_every_task_to_commit(
+    wordcount_run: MakeRun,
+) -> None:
+    """The during-restore crash waits on this: it must not return while some task has
+    committed nothing (its new owner would restore zero records and never reach the phase),
+    and must return once every task's committed checkpoint covers the offset."""
+    run = await wordcount_run("exactly_once", "memory", seed=5)
+    with pytest.raises(AssertionError, match="does not exist"):
+        await wait_changelog_committed(run.job, "counts", run.bootstrap, min_offset=1, wait_s=0)
+    run.driver.start_worker()
+    await run.produce(300, rate=1000)
+    covered = await wait_changelog_committed(
+        run.job, "counts", run.bootstrap, min_offset=10, wait_s=60
+    )
+    assert sorted(covered) == [0, 1, 2, 3] and min(covered.values()) >= 10
+    with pytest.raises(AssertionError, match=r"partitions \[0, 1, 2, 3\] cover offsets"):
+        await wait_changelog_committed(run.job, "counts", run.bootstrap, min_offset=10**9, wait_s=0)
+    report = await run.finish_and_verify(workers=1)
+    run.assert_ok(report)
