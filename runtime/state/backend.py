@@ -46,6 +46,15 @@ class StateBackend(Protocol):
         """Apply puts (``value`` bytes) and deletes (``None``) atomically, in order."""
         ...
 
+    def write_columns(self, keys: list[bytes], values: list[bytes | None]) -> None:
+        """:meth:`write_batch` for a bulk load given as two parallel lists (changelog restore).
+
+        Atomic and in order like :meth:`write_batch`, but *trusted*: the caller guarantees
+        that every key is ``bytes`` and every value ``bytes`` or ``None`` (a delete), so nothing
+        is validated per item.
+        """
+        ...
+
     def delete_prefix(self, prefix: bytes) -> None:
         """Remove every key starting with ``prefix`` (atomically)."""
         ...

@@ -14,12 +14,19 @@ operations) and the list is brought up to date at the next scan:
 
 A scan then bisects to the prefix range and copies those keys (not the whole map), which also
 makes the result immune to writes made while the caller iterates.
+
+Bulk loads (:meth:`MemoryBackend.write_columns`, the changelog restore) into a backend that has
+nothing sorted yet skip even that per-key bookkeeping: the pairs go into the dict with one
+``dict.update`` (a C loop), the next scan sorts the keys of the dict (what sorting the pending
+additions would have cost anyway, since every key is one), and :meth:`size_bytes` recounts the
+bytes once when asked.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 from runtime.state.keys import prefix_successor
 from runtime.state.snapshot import decode_snapshot, encode_snapshot
@@ -33,14 +40,26 @@ _PATCH_LIMIT = 256
 class MemoryBackend:
     """A :class:`~runtime.state.backend.StateBackend` held in process memory."""
 
-    __slots__ = ("_added", "_closed", "_data", "_removed", "_size", "_sorted")
+    __slots__ = (
+        "_added",
+        "_closed",
+        "_data",
+        "_rebuild",
+        "_removed",
+        "_size",
+        "_size_known",
+        "_sorted",
+    )
 
     def __init__(self) -> None:
         self._data: dict[bytes, bytes] = {}
         self._sorted: list[bytes] = []  # sorted keys as of the last sync
         self._added: set[bytes] = set()  # in _data, not yet in _sorted
         self._removed: set[bytes] = set()  # in _sorted, no longer in _data
-        self._size = 0  # sum of len(key) + len(value)
+        self._size = 0  # sum of len(key) + len(value), when _size_known
+        self._size_known = True
+        # True: _sorted, _added and _removed are void; the next scan sorts the keys of _data
+        self._rebuild = False
         self._closed = False
 
     # -- point operations ---------------------------------------------------------------------
@@ -85,10 +104,57 @@ class MemoryBackend:
             else:
                 put(key, value)
 
+    def write_columns(self, keys: list[bytes], values: list[bytes | None]) -> None:
+        # Trusted input (see StateBackend.write_columns): nothing below can fail halfway, so
+        # the batch is atomic without materialising or validating anything.
+        if self._sorted and not self._rebuild:
+            # Keys were sorted by an earlier scan: keep them patchable, key by key.
+            put = self.put
+            delete = self.delete
+            for key, value in zip(keys, values, strict=True):
+                if value is None:
+                    delete(key)
+                else:
+                    put(key, value)
+            return
+        # Nothing sorted to keep up to date (a restore into an empty store): no per-key
+        # bookkeeping. The next scan sorts the dict's keys; size_bytes() recounts.
+        self._rebuild = True
+        self._size_known = False
+        self._added.clear()
+        self._removed.clear()
+        data = self._data
+        if all(values) or None not in values:  # all(): a cheaper pass, fooled only by b""
+            data.update(zip(keys, cast("list[bytes]", values), strict=True))
+            return
+        # Runs of puts between the deletes, in order (a key may be put, deleted, put again).
+        pop = data.pop
+        find = values.index
+        end = len(values)
+        start = 0
+        while start < end:
+            try:
+                stop = find(None, start)
+            except ValueError:
+                stop = end
+            if stop > start:
+                data.update(
+                    zip(keys[start:stop], cast("list[bytes]", values[start:stop]), strict=True)
+                )
+            if stop < end:
+                pop(keys[stop], None)
+            start = stop + 1
+
     # -- scans --------------------------------------------------------------------------------
 
     def _sync(self) -> list[bytes]:
         added, removed, keys = self._added, self._removed, self._sorted
+        if self._rebuild:
+            keys = self._sorted = sorted(self._data)
+            added.clear()
+            removed.clear()
+            self._rebuild = False
+            return keys
         if not added and not removed:
             return keys
         if len(added) + len(removed) <= _PATCH_LIMIT:
@@ -130,11 +196,17 @@ class MemoryBackend:
         self._sorted = sorted(data)
         self._added = set()
         self._removed = set()
+        self._rebuild = False
         self._size = sum(len(k) + len(v) for k, v in data.items())
+        self._size_known = True
 
     # -- housekeeping -------------------------------------------------------------------------
 
     def size_bytes(self) -> int:
+        if not self._size_known:  # after a bulk load; put/delete meanwhile do not matter
+            data = self._data
+            self._size = sum(map(len, data)) + sum(map(len, data.values()))
+            self._size_known = True
         return self._size
 
     def key_count(self) -> int:
@@ -145,7 +217,9 @@ class MemoryBackend:
         self._sorted = []
         self._added = set()
         self._removed = set()
+        self._rebuild = False
         self._size = 0
+        self._size_known = True
 
     def close(self) -> None:
         self._closed = True

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections import deque
 from collections.abc import Generator, Iterable, Iterator
+from operator import itemgetter
 from pathlib import Path
 from typing import cast
 
@@ -23,6 +25,8 @@ from runtime.state.keys import prefix_successor
 from runtime.state.snapshot import decode_snapshot, encode_snapshot
 
 __all__ = ["RocksDBBackend"]
+
+_SORT_FROM = 256  # write_columns batches at least this long are written in key order
 
 
 class RocksDBBackend:
@@ -72,6 +76,29 @@ class RocksDBBackend:
             else:
                 batch.put(key, value)
         # Only now does anything reach the database: one atomic write.
+        self.db.write(batch)
+
+    def write_columns(self, keys: list[bytes], values: list[bytes | None]) -> None:
+        # Trusted input (see StateBackend.write_columns). The WriteBatch is filled by C loops
+        # (map over its bound put) and reaches the database in one atomic write.
+        batch = WriteBatch(raw_mode=True)
+        put = batch.put
+        if all(values) or None not in values:  # all(): a cheaper pass, fooled only by b""
+            if len(keys) >= _SORT_FROM:
+                # In key order: RocksDB inserts each key into its memtable skiplist, and keys
+                # in random order (hashed words, user ids) cost a cache miss per level, ~2x
+                # the time of inserting them sorted. A stable sort keeps repeated keys' order.
+                pick = itemgetter(*sorted(range(len(keys)), key=keys.__getitem__))
+                deque(map(put, pick(keys), pick(values)), maxlen=0)
+            else:
+                deque(map(put, keys, values), maxlen=0)
+        else:
+            delete = batch.delete
+            for key, value in zip(keys, values, strict=True):
+                if value is None:
+                    delete(key)
+                else:
+                    put(key, value)
         self.db.write(batch)
 
     # -- scans --------------------------------------------------------------------------------

@@ -340,6 +340,33 @@ class OperatorStateStore:
         self._refresh_pending_meta()
         return count
 
+    def restore_columns(
+        self,
+        keys: list[bytes],
+        values: list[bytes | None],
+        metadata: Iterable[Change] = (),
+    ) -> None:
+        """Write ONE batch of changelog records atomically: the bulk path of
+        :class:`runtime.checkpoint.restore.RestoreTarget`.
+
+        ``keys``/``values`` are parallel lists (latest bytes per key; ``None`` = tombstone).
+        The caller has already checked every key against this store's namespace, and passes
+        the records among them that are in the metadata namespace as ``metadata``; those are
+        checked against the bound states before anything is written. Nothing else is done
+        per record here: the backend takes the lists as a trusted batch
+        (:meth:`StateBackend.write_columns`). Cached objects and dirty marks are discarded
+        first, as in :meth:`restore`; restored entries are not loaded into the cache.
+        """
+        self._invalidate()
+        meta = list(metadata)
+        for key, value in meta:
+            if value is not None:
+                self._check_restored_meta(key, value)
+        self.backend.write_columns(keys, values)
+        self._changelog_offset = _UNKNOWN
+        if meta:  # only metadata records can change what is pending
+            self._refresh_pending_meta()
+
     def _check_restored_meta(self, key: bytes, value: bytes) -> None:
         try:
             pk, name = decode_metadata_key(key)

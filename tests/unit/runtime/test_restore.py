@@ -1,0 +1,300 @@
+"""RestoreTarget.apply/finish (runtime/checkpoint/restore.py) against a record-by-record model.
+
+The restore path has no per-record Python loop: it checks the namespace on the smallest and
+largest key of a batch, cuts at-least-once batches at ``valid_until`` by bisection and hands
+parallel key/value lists to the backend. These tests pin what the plain per-record loop did:
+namespace errors name topic/partition/offset, records past ``valid_until`` are not applied and
+mark their keys stale, tombstones delete in order, metadata records are checked before their
+batch is written, batches are atomic and the fault hook fires once per flushed batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import runtime.checkpoint.restore as restore_module
+from operators.state import ValueStateDescriptor
+from runtime.checkpoint.restore import ChangelogCorruptError, RestoreTarget
+from runtime.state import (
+    OperatorStateStore,
+    StateBackend,
+    StateMetadataError,
+    StatePartitionKey,
+    encode_metadata_key,
+    encode_storage_key,
+    open_backend,
+)
+from runtime.state.keys import metadata_prefix, partition_prefix
+
+TOPIC = "job.counts.changelog"
+PARTITION = 1
+PK = StatePartitionKey("counts", PARTITION, PARTITION)
+OTHER_PK = StatePartitionKey("counts", 2, 2)  # the same operator, another partition
+
+
+class Counter:
+    count = ValueStateDescriptor[int](type=int, default=0)
+
+
+class Changed:
+    count = ValueStateDescriptor[str](type=str)  # serde changed: int64 -> str
+
+
+@dataclass
+class Rec:
+    """What RestoreTarget reads of an aiokafka ConsumerRecord."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: Any
+    value: bytes | None
+
+
+def state_key(user: int) -> bytes:
+    return encode_storage_key(PK, "count", b"u%d" % user)
+
+
+META_KEY = encode_metadata_key(PK, "state:count")
+UNBOUND_META_KEY = encode_metadata_key(PK, "state:gone")  # a state no longer declared
+
+
+def meta_value() -> bytes:
+    store = OperatorStateStore(open_backend("memory"), PK)
+    store.bind_operator(Counter())
+    return dict(store.take_changes())[META_KEY]
+
+
+@pytest.fixture(params=["memory", "rocksdb"])
+def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., OperatorStateStore]]:
+    opened: list[StateBackend] = []
+    counter = itertools.count()
+
+    def factory(operator: object | None = None) -> OperatorStateStore:
+        backend = open_backend(str(request.param), tmp_path / f"db{next(counter)}")
+        opened.append(backend)
+        store = OperatorStateStore(backend, PK)
+        store.bind_operator(operator if operator is not None else Counter())
+        store.reset()  # what plan_start does for a cold restore
+        return store
+
+    yield factory
+    for backend in opened:
+        backend.close()
+
+
+def records(pairs: list[tuple[Any, bytes | None]], first: int = 0) -> list[Rec]:
+    return [Rec(TOPIC, PARTITION, first + i, k, v) for i, (k, v) in enumerate(pairs)]
+
+
+def stored(store: OperatorStateStore) -> dict[bytes, bytes]:
+    """Everything in the store's two namespaces except the recorded changelog offset."""
+    out = dict(store.backend.range_scan(partition_prefix(PK)))
+    out.update(store.backend.range_scan(metadata_prefix(PK)))
+    out.pop(store._offset_key, None)
+    return out
+
+
+def run(target: RestoreTarget, recs: list[Rec], chunk: int, batch_size: int) -> None:
+    for i in range(0, len(recs), chunk):
+        target.apply(recs[i : i + chunk], batch_size)
+    target.finish()
+
+
+# -- against the per-record model --------------------------------------------------------------
+
+record_keys = st.one_of(
+    st.integers(0, 6).map(state_key),
+    st.just(META_KEY),
+    st.just(UNBOUND_META_KEY),
+)
+
+
+@st.composite
+def changelogs(draw: st.DrawFn) -> list[tuple[bytes, bytes | None]]:
+    pairs = draw(st.lists(st.tuples(record_keys, st.none() | st.binary(max_size=3)), max_size=40))
+    meta = meta_value()
+    # a metadata record of the bound state carries its real metadata (or is a tombstone)
+    return [(k, meta if k == META_KEY and v is not None else v) for k, v in pairs]
+
+
+@settings(
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    pairs=changelogs(),
+    chunk=st.integers(1, 12),
+    batch_size=st.integers(1, 15),
+    valid_until=st.none() | st.integers(-1, 45),
+)
+def test_apply_matches_the_record_by_record_model(
+    make_store: Callable[..., OperatorStateStore],
+    pairs: list[tuple[bytes, bytes | None]],
+    chunk: int,
+    batch_size: int,
+    valid_until: int | None,
+) -> None:
+    store = make_store()
+    target = RestoreTarget(store, TOPIC, PARTITION, valid_until)
+    recs = records(pairs)
+    run(target, recs, chunk, batch_size)
+
+    model: dict[bytes, bytes] = {}
+    stale: set[bytes] = set()
+    last = None
+    for r in recs:
+        if valid_until is not None and r.offset > valid_until:
+            stale.add(r.key)
+            continue
+        if r.value is None:
+            model.pop(r.key, None)
+        else:
+            model[r.key] = r.value
+        last = r.offset
+    assert stored(store) == model
+    assert target.stale == stale
+    assert target.last_applied == last
+    assert target.applied == len(recs)
+    assert store.changelog_offset == last
+
+
+@pytest.mark.parametrize(
+    "bad_key",
+    [
+        None,
+        b"foreign-key",
+        "a str",
+        encode_storage_key(OTHER_PK, "count", b"u1"),
+        encode_metadata_key(OTHER_PK, "state:count"),
+        partition_prefix(PK)[:-1],
+    ],
+)
+@pytest.mark.parametrize("valid_until", [None, 2, -1])
+@pytest.mark.parametrize("with_meta", [True, False])
+def test_a_key_outside_the_namespace_stops_the_restore_naming_its_offset(
+    make_store: Callable[..., OperatorStateStore],
+    bad_key: Any,
+    valid_until: int | None,
+    with_meta: bool,
+) -> None:
+    store = make_store()
+    target = RestoreTarget(store, TOPIC, PARTITION, valid_until)
+    target.apply(records([(state_key(0), b"a")]), 1)  # flushed: a batch of its own
+    other: tuple[bytes, bytes | None] = (
+        (META_KEY, meta_value()) if with_meta else (state_key(3), b"")
+    )
+    pairs = [(state_key(1), b"b"), other, (bad_key, b"x"), (state_key(2), b"c")]
+    with pytest.raises(ChangelogCorruptError) as err:
+        target.apply(records(pairs, first=5), 100)
+    where = f"topic {TOPIC!r} partition {PARTITION} offset 7"
+    assert where in str(err.value) and "namespace" in str(err.value)
+    assert (err.value.topic, err.value.partition, err.value.offset) == (TOPIC, PARTITION, 7)
+    # nothing of the failing batch was written
+    assert state_key(1) not in stored(store) and state_key(2) not in stored(store)
+
+
+def test_records_past_valid_until_are_not_applied_and_their_keys_are_rewritten(
+    make_store: Callable[..., OperatorStateStore],
+) -> None:
+    store = make_store()
+    target = RestoreTarget(store, TOPIC, PARTITION, valid_until=3)
+    pairs = [(state_key(i % 3), b"%d" % i) for i in range(8)]  # offsets 0..7
+    run(target, records(pairs), chunk=3, batch_size=100)  # the cut falls inside a chunk
+    assert target.last_applied == 3
+    assert target.stale == {state_key(1), state_key(2), state_key(0)}
+    assert stored(store)[state_key(0)] == b"3" and stored(store)[state_key(2)] == b"2"
+    # the next checkpoint rewrites the stale keys with the committed (restored) values
+    changes = dict(store.take_changes())
+    assert {k: changes[k] for k in target.stale} == {
+        state_key(0): b"3",
+        state_key(1): b"1",
+        state_key(2): b"2",
+    }
+
+
+def test_incompatible_metadata_stops_the_restore_before_its_batch_is_written(
+    make_store: Callable[..., OperatorStateStore],
+) -> None:
+    store = make_store(Changed())
+    target = RestoreTarget(store, TOPIC, PARTITION, None)
+    with pytest.raises(StateMetadataError, match=r"serde 'int64' -> 'str'"):
+        target.apply(records([(state_key(1), b"x"), (META_KEY, meta_value())]), 1)
+    assert stored(store) == {}
+
+
+def test_metadata_past_valid_until_is_neither_applied_nor_checked(
+    make_store: Callable[..., OperatorStateStore],
+) -> None:
+    store = make_store(Changed())
+    target = RestoreTarget(store, TOPIC, PARTITION, valid_until=0)
+    run(target, records([(state_key(1), b"x"), (META_KEY, meta_value())]), 10, 10)
+    assert stored(store) == {state_key(1): b"x"}
+    assert target.stale == {META_KEY}
+
+
+def test_restored_metadata_is_no_longer_pending(
+    make_store: Callable[..., OperatorStateStore],
+) -> None:
+    with_meta = make_store()
+    run(
+        RestoreTarget(with_meta, TOPIC, PARTITION, None),
+        records([(META_KEY, meta_value()), (state_key(1), b"x")]),
+        10,
+        10,
+    )
+    assert with_meta.take_changes() == []
+    without = make_store()
+    run(RestoreTarget(without, TOPIC, PARTITION, None), records([(state_key(1), b"x")]), 10, 10)
+    assert [k for k, _ in without.take_changes()] == [META_KEY]
+
+
+def test_restore_does_not_fill_the_cache(make_store: Callable[..., OperatorStateStore]) -> None:
+    store = make_store()
+    run(
+        RestoreTarget(store, TOPIC, PARTITION, None),
+        records([(state_key(i), b"\x00" * 7 + bytes([i])) for i in range(50)]),
+        20,
+        20,
+    )
+    assert store.stats().cached_entries == 0
+    store.current_key = b"u7"
+    assert store.handles()["count"].value() == 7  # type: ignore[attr-defined]
+    assert store.stats().cached_entries == 1  # loaded on first access
+
+
+def test_the_fault_hook_fires_once_per_flushed_batch(
+    make_store: Callable[..., OperatorStateStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    phases: list[str] = []
+    monkeypatch.setattr(restore_module, "maybe_crash", phases.append)
+    store = make_store()
+    target = RestoreTarget(store, TOPIC, PARTITION, None)
+    recs = records([(state_key(i), b"v") for i in range(10)])
+    for i in range(0, 10, 2):  # chunks of 2, batches of 4: flushes after 4, 8
+        target.apply(recs[i : i + 2], 4)
+    assert phases == ["during-restore"] * 2
+    assert len(stored(store)) == 8
+    target.finish()  # the last partial batch: written, no hook
+    assert phases == ["during-restore"] * 2
+    assert len(stored(store)) == 10
+
+
+def test_empty_fetches_change_nothing(make_store: Callable[..., OperatorStateStore]) -> None:
+    store = make_store()
+    target = RestoreTarget(store, TOPIC, PARTITION, 5)
+    target.apply([], 1)
+    target.finish()
+    assert (target.applied, target.last_applied, target.stale) == (0, None, set())
+    assert store.changelog_offset is None
