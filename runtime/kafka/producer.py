@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from runtime.task import OutRecord
 
@@ -34,9 +35,7 @@ def murmur2(data: bytes) -> int:
     h = 0x9747B28C ^ length
     n4 = length >> 2
     if n4:
-        words = (
-            _WORDS[n4].unpack_from(data) if n4 < 64 else struct.unpack_from(f"<{n4}I", data)
-        )
+        words = _WORDS[n4].unpack_from(data) if n4 < 64 else struct.unpack_from(f"<{n4}I", data)
         for k in words:
             k = (k * _M) & _MASK
             k ^= k >> 24
@@ -63,6 +62,31 @@ def _murmur2_partition(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+def _raw_append(batch: Any) -> Any:
+    """The record batch builder's own ``append(offset, timestamp, key, value, headers)`` of an
+    empty aiokafka ``BatchBuilder`` without serializers, else None.
+
+    ``BatchBuilder.append`` is two Python calls per record around that (C) call: checks that
+    hold for the whole batch, the serializers (we have none) and ``_relative_offset += 1``.
+    :class:`BatchSender` calls the builder directly with the offset it counts, and sets
+    ``_relative_offset`` (what ``record_count()`` reports) and closes a full batch the way
+    ``BatchBuilder.append`` does, before the batch is submitted.
+    """
+    if type(batch) is not BatchBuilder:
+        return None
+    try:
+        if (
+            batch._closed
+            or batch._relative_offset
+            or batch._key_serializer is not None
+            or batch._value_serializer is not None
+        ):
+            return None
+        return batch._builder.append
+    except AttributeError:  # another aiokafka version's internals: use the public append
+        return None
+
+
 _PARTITION_CACHE_MAX = 131_072
 _NO_HEADERS: list[tuple[str, bytes]] = []  # shared, never mutated (aiokafka only reads it)
 
@@ -71,7 +95,8 @@ class BatchSender:
     """Groups output tuples per (topic, partition) and submits them as batches.
 
     Per record this does one dict lookup for the partition (a per-topic cache of
-    key -> partition, bounded; hot keys repeat) and one ``append`` into the batch.
+    key -> partition, bounded; hot keys repeat), one list append into its group and one call of
+    the record batch builder's own ``append`` (see :func:`_raw_append`).
     """
 
     def __init__(self, producer: AIOKafkaProducer, partition_counts: dict[str, int]) -> None:
@@ -124,22 +149,8 @@ class BatchSender:
     async def send(self, records: Iterable[OutRecord]) -> list[Delivery]:
         """Submit ``records``; returns one delivery per batch (in submission order)."""
         futures: list[Delivery] = []
-        producer = self.producer
         for (topic, p), recs in self._group(records).items():
-            batch = producer.create_batch()
-            append = batch.append
-            count = 0
-            for rec in recs:
-                if append(key=rec[2], value=rec[3], timestamp=None, headers=rec[4]) is None:
-                    futures.append(await self._submit(batch, topic, p, count))
-                    batch = producer.create_batch()
-                    append = batch.append
-                    count = 0
-                    if append(key=rec[2], value=rec[3], timestamp=None, headers=rec[4]) is None:
-                        raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
-                count += 1
-            if count:
-                futures.append(await self._submit(batch, topic, p, count))
+            await self._fill(futures, topic, p, recs, pairs=False)
         return futures
 
     async def send_pairs(
@@ -148,22 +159,91 @@ class BatchSender:
         """Submit ``(key, value)`` pairs to one partition without headers (changelog writes):
         no per-record output tuple is built."""
         futures: list[Delivery] = []
+        await self._fill(futures, topic, partition, pairs, pairs=True)
+        return futures
+
+    async def _fill(
+        self,
+        futures: list[Delivery],
+        topic: str,
+        partition: int,
+        records: Iterable[Any],
+        *,
+        pairs: bool,
+    ) -> None:
+        """Append ``records`` (output tuples, or ``(key, value)`` pairs without headers) to
+        batches for one partition, submitting each batch as it fills and the last at the end."""
+        create = self.producer.create_batch
+        batch = create()
+        append = _raw_append(batch)
+        if append is None:
+            return await self._fill_public(futures, topic, partition, records, batch, pairs=pairs)
+        n = 0
+        if not pairs:
+            for rec in records:
+                if append(n, None, rec[2], rec[3], rec[4]) is None:
+                    await self._submit_raw(futures, batch, topic, partition, n, full=True)
+                    batch = create()
+                    append = _raw_append(batch)
+                    if append is None or append(0, None, rec[2], rec[3], rec[4]) is None:
+                        raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
+                    n = 0
+                n += 1
+        else:
+            for key, value in records:
+                if append(n, None, key, value, _NO_HEADERS) is None:
+                    await self._submit_raw(futures, batch, topic, partition, n, full=True)
+                    batch = create()
+                    append = _raw_append(batch)
+                    if append is None or append(0, None, key, value, _NO_HEADERS) is None:
+                        raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
+                    n = 0
+                n += 1
+        if n:
+            await self._submit_raw(futures, batch, topic, partition, n, full=False)
+
+    async def _submit_raw(
+        self,
+        futures: list[Delivery],
+        batch: Any,
+        topic: str,
+        partition: int,
+        count: int,
+        *,
+        full: bool,
+    ) -> None:
+        if not count:
+            raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
+        # What BatchBuilder.append keeps up to date per record, set once per batch.
+        batch._relative_offset = count
+        if full:
+            batch.close()
+        futures.append(await self._submit(batch, topic, partition, count))
+
+    async def _fill_public(
+        self,
+        futures: list[Delivery],
+        topic: str,
+        partition: int,
+        records: Iterable[Any],
+        batch: Any,
+        *,
+        pairs: bool,
+    ) -> None:
+        """:meth:`_fill` through the public ``BatchBuilder.append`` (another batch type)."""
         producer = self.producer
-        batch = producer.create_batch()
-        append = batch.append
         count = 0
-        for key, value in pairs:
-            if append(key=key, value=value, timestamp=None, headers=_NO_HEADERS) is None:
+        for rec in records:
+            key, value, headers = (rec[0], rec[1], _NO_HEADERS) if pairs else rec[2:5]
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 futures.append(await self._submit(batch, topic, partition, count))
                 batch = producer.create_batch()
-                append = batch.append
                 count = 0
-                if append(key=key, value=value, timestamp=None, headers=_NO_HEADERS) is None:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
             count += 1
         if count:
             futures.append(await self._submit(batch, topic, partition, count))
-        return futures
 
     async def _submit(self, batch: Any, topic: str, partition: int, count: int) -> Delivery:
         fut = await self.producer.send_batch(batch, topic, partition=partition)

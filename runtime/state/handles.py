@@ -48,6 +48,8 @@ from runtime.state.backend import StateBackend
 from runtime.state.keys import StatePartitionKey, state_prefix
 
 __all__ = [
+    "ABSENT",
+    "MISS",
     "AggregatingHandle",
     "BoundState",
     "KeyedHandle",
@@ -78,6 +80,14 @@ class _Sentinel:
 
 _MISS: Any = _Sentinel("<not cached>")
 _ABSENT: Any = _Sentinel("<absent>")
+
+#: The cache sentinels, for the runtime's compiled per-record steps of the built-in
+#: aggregations (``runtime.task``), which read and write a handle's ``_cache``/``_dirty``
+#: directly: ``_cache.get(key, MISS)`` is MISS when the key is not cached (``_load`` it) and
+#: ABSENT when it is known not to exist. A handle never rebinds ``_cache`` or ``_dirty`` (they
+#: are cleared and evicted in place), so holding them for the handle's lifetime is safe.
+MISS: Any = _MISS
+ABSENT: Any = _ABSENT
 
 
 class _Expiring:

@@ -1,0 +1,103 @@
+"""BatchSender appends straight into aiokafka's record batch builder; the batches it submits
+are the ones ``BatchBuilder.append`` would have built (records, offsets, counts, splits)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
+
+from runtime.kafka.producer import BatchSender, _raw_append
+
+
+class _Meta:
+    offset = 0
+
+
+class StubProducer:
+    """create_batch/send_batch of AIOKafkaProducer, without a network."""
+
+    def __init__(self, max_batch_size: int, builder: type[BatchBuilder] = BatchBuilder) -> None:
+        self.max_batch_size = max_batch_size
+        self.builder = builder
+        self.sent: list[tuple[str, int, BatchBuilder]] = []
+
+    def create_batch(self) -> BatchBuilder:
+        return self.builder(self.max_batch_size, 0)
+
+    async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int) -> Any:
+        self.sent.append((topic, partition, batch))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(_Meta())
+        return fut
+
+
+class PublicOnly(BatchBuilder):
+    """Another batch type: the sender must go through the public ``append``."""
+
+
+def decode(producer: StubProducer) -> list[tuple[str, int, int, list[Any]]]:
+    """(topic, partition, record_count, [(offset, key, value, headers)]) per submitted batch."""
+    out = []
+    for topic, p, batch in producer.sent:
+        count = batch.record_count()
+        recs = [
+            (r.offset, r.key, r.value, list(r.headers))
+            for r in DefaultRecordBatch(bytearray(batch._build()))
+        ]
+        out.append((topic, p, count, recs))
+    return out
+
+
+def outputs(n: int) -> list[Any]:
+    recs: list[Any] = []
+    for i in range(n):
+        key = None if i % 7 == 0 else b"key-%d" % (i % 13)
+        if i % 5 == 0:
+            recs.append(("rep", i % 3, key, b"v" * (i % 50), [("hr.c", b"%d" % i)]))
+        else:
+            recs.append(("out", None, key, b"%d" % i, []))
+    return recs
+
+
+def send(producer: StubProducer, records: list[Any], pairs: list[Any]) -> list[int]:
+    async def go() -> list[int]:
+        sender = BatchSender(producer, {"out": 4, "rep": 3})  # type: ignore[arg-type]
+        deliveries = await sender.send(records)
+        deliveries += await sender.send_pairs("log", 2, pairs)
+        return [count for _, count in deliveries]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("max_batch_size", [16 * 1024 * 1024, 2048, 1])
+def test_batches_are_those_the_public_append_builds(max_batch_size: int) -> None:
+    import random
+
+    records = outputs(600)
+    pairs = [(b"k%d" % i, None if i % 4 == 0 else b"x" * i) for i in range(300)]
+    random.seed(3)  # records without a key go to a random partition: the same for both
+    fast = StubProducer(max_batch_size)
+    counts = send(fast, records, pairs)
+    random.seed(3)
+    public = StubProducer(max_batch_size, PublicOnly)
+    assert send(public, records, pairs) == counts
+    assert _raw_append(fast.create_batch()) is not None
+    assert _raw_append(public.create_batch()) is None
+    got, expected = decode(fast), decode(public)
+    assert got == expected
+    assert sum(counts) == len(records) + len(pairs)
+    for _, _, count, recs in got:
+        assert [r[0] for r in recs] == list(range(count))  # relative offsets 0..n-1
+    if max_batch_size == 1:
+        assert all(count == 1 for _, _, count, _ in got)  # each record fills a batch
+
+
+def test_a_full_batch_is_closed_before_it_is_submitted() -> None:
+    producer = StubProducer(256)
+    send(producer, [("out", 0, b"k", b"x" * 100, [])] * 5, [])
+    assert len(producer.sent) >= 2
+    assert all(batch.closed() for _, _, batch in producer.sent[:-1])
