@@ -286,9 +286,21 @@ async def run_system(
     if profile is not None:
         profile.parent.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen(  # noqa: ASYNC220
-            [str(VENVS / "tools" / "bin" / "py-spy"), "record", "-p", str(proc.pid), "-o",
-             str(profile), "-f", "raw", "-r", "250", "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                str(VENVS / "tools" / "bin" / "py-spy"),
+                "record",
+                "-p",
+                str(proc.pid),
+                "-o",
+                str(profile),
+                "-f",
+                "raw",
+                "-r",
+                "250",
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
     await consumer.start()
@@ -432,8 +444,11 @@ async def verify_prefix(
     for k, counts in seen.items():
         n = len(counts)
         if sorted(counts) != list(range(1, n + 1)) or n > expected.get(k.decode(), 0):
-            return False, f"key {k!r}: counts {sorted(counts)[:10]}... (input count " \
-                f"{expected.get(k.decode(), 0)})"
+            return (
+                False,
+                f"key {k!r}: counts {sorted(counts)[:10]}... (input count "
+                f"{expected.get(k.decode(), 0)})",
+            )
     return True, f"partial: verified on the first {len(records):,} outputs"
 
 
@@ -472,9 +487,16 @@ def machine_info(bootstrap: str) -> dict[str, Any]:
     with contextlib.suppress(Exception):
         info["headrace_commit"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip() + (" (dirty)" if subprocess.run(
-            ["git", "status", "--porcelain", "runtime", "operators"], cwd=ROOT,
-            capture_output=True, text=True).stdout.strip() else "")
+        ).stdout.strip() + (
+            " (dirty)"
+            if subprocess.run(
+                ["git", "status", "--porcelain", "runtime", "operators"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            else ""
+        )
     info["load_avg_at_start"] = os.getloadavg()
     info["peers"] = PEERS
     return info

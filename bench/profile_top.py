@@ -1,6 +1,6 @@
 """Summarise a py-spy ``raw`` (collapsed stacks) profile: top functions by self and total time.
 
-    python bench/profile_top.py bench/.run/profiles/<run>.collapsed.txt [--top 30] [--grep X]
+python bench/profile_top.py bench/.run/profiles/<run>.collapsed.txt [--top 30] [--grep X]
 """
 
 from __future__ import annotations

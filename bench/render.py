@@ -107,8 +107,9 @@ def s4_tables(data: dict[str, Any]) -> list[str]:
         "| changed keys / checkpoint | changelog bytes / checkpoint |",
         "|---|---:|---:|---:|---:|",
     ]
-    for (backend, total), its in sorted(_group(data["checkpoint_cost"],
-                                               ("backend", "total_keys")).items()):
+    for (backend, total), its in sorted(
+        _group(data["checkpoint_cost"], ("backend", "total_keys")).items()
+    ):
         rows.append(
             f"| {backend} | {total:,} | "
             f"{fmt_range(_med([i['duration_ms']['median'] for i in its if i['duration_ms']]), '.1f')} | "  # noqa: E501
@@ -179,14 +180,26 @@ def charts(res: dict[str, Any], outdir: Path, prefix: str) -> list[Path]:
                     lo.append(v["median"] - v["min"] if v else 0)
                     hi.append(v["max"] - v["median"] if v else 0)
                 xs = [i + (j - (len(scen) - 1) / 2) * width for i in range(len(systems))]
-                bars = ax.bar(xs, med, width, yerr=[lo, hi], capsize=3,
-                              label={"s1": "S1 5k words", "s2": "S2 1M keys"}[s])
+                bars = ax.bar(
+                    xs,
+                    med,
+                    width,
+                    yerr=[lo, hi],
+                    capsize=3,
+                    label={"s1": "S1 5k words", "s2": "S2 1M keys"}[s],
+                )
                 for b, v, up in zip(bars, med, hi, strict=True):
                     if v:
-                        ax.annotate(f"{v:,.0f}" if metric == "records_per_s" else f"{v:.1f}",
-                                    (b.get_x() + b.get_width() / 2, v + up),
-                                    ha="center", va="bottom", fontsize=7, rotation=90,
-                                    xytext=(0, 3), textcoords="offset points")
+                        ax.annotate(
+                            f"{v:,.0f}" if metric == "records_per_s" else f"{v:.1f}",
+                            (b.get_x() + b.get_width() / 2, v + up),
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                            rotation=90,
+                            xytext=(0, 3),
+                            textcoords="offset points",
+                        )
             ax.set_xticks(range(len(systems)))
             ax.set_xticklabels(systems, rotation=30, ha="right", fontsize=8)
             ax.set_title(title, fontsize=10)
@@ -216,8 +229,13 @@ def charts(res: dict[str, Any], outdir: Path, prefix: str) -> list[Path]:
                     vals.append(v["cold_records_per_s"]["median"])
             bars = ax.bar(range(len(vals)), vals, color=["#999", "#1f77b4"] * len(vals))
             for b, v in zip(bars, vals, strict=True):
-                ax.annotate(f"{v:,.0f}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            ha="center", va="bottom", fontsize=8)
+                ax.annotate(
+                    f"{v:,.0f}",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(labels, fontsize=8)
             ax.set_title("S3 restore: changelog records/s (higher is better)", fontsize=10)
@@ -234,8 +252,7 @@ def charts(res: dict[str, Any], outdir: Path, prefix: str) -> list[Path]:
             ax.set_yscale("log")
             ax.set_xticks(list(xs))
             ax.set_xticklabels([f"{g}\n{iv / 1000:g} s" for g, iv in keys], fontsize=8)
-            ax.set_title("S4 end-to-end latency ms by checkpoint interval (log scale)",
-                         fontsize=10)
+            ax.set_title("S4 end-to-end latency ms by checkpoint interval (log scale)", fontsize=10)
             ax.legend(fontsize=8)
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()

@@ -47,24 +47,86 @@ def system_cmd(
     """(command, output value format, isolation level the verifier reads with)."""
     here = h.BENCH / "systems"
     if system == "plain":
-        return [h.PROJECT_PY, str(here / "plain.py"), "--bootstrap", bootstrap, "--input", inp,
-                "--output", out, "--group", tag], "int64", "read_uncommitted"
+        return (
+            [
+                h.PROJECT_PY,
+                str(here / "plain.py"),
+                "--bootstrap",
+                bootstrap,
+                "--input",
+                inp,
+                "--output",
+                out,
+                "--group",
+                tag,
+            ],
+            "int64",
+            "read_uncommitted",
+        )
     if system.startswith("headrace-"):
         _, g, b = system.split("-")
         guarantee = {"alo": "at_least_once", "eos": "exactly_once"}[g]
         backend = {"mem": "memory", "rocks": "rocksdb"}[b]
-        return [h.PROJECT_PY, str(here / "headrace_count.py"), "--bootstrap", bootstrap,
-                "--input", inp, "--output", out, "--job", tag, "--guarantee", guarantee,
-                "--backend", backend, "--state-dir", str(STATE / tag)], "int64", (
-            "read_committed" if g == "eos" else "read_uncommitted")
+        return (
+            [
+                h.PROJECT_PY,
+                str(here / "headrace_count.py"),
+                "--bootstrap",
+                bootstrap,
+                "--input",
+                inp,
+                "--output",
+                out,
+                "--job",
+                tag,
+                "--guarantee",
+                guarantee,
+                "--backend",
+                backend,
+                "--state-dir",
+                str(STATE / tag),
+            ],
+            "int64",
+            ("read_committed" if g == "eos" else "read_uncommitted"),
+        )
     if system == "faust":
-        return [str(h.ensure_venv("faust")), str(here / "faust_count.py"), "--bootstrap",
-                bootstrap, "--input", inp, "--output", out, "--app", tag, "--data-dir",
-                str(STATE / tag)], "json", "read_uncommitted"
+        return (
+            [
+                str(h.ensure_venv("faust")),
+                str(here / "faust_count.py"),
+                "--bootstrap",
+                bootstrap,
+                "--input",
+                inp,
+                "--output",
+                out,
+                "--app",
+                tag,
+                "--data-dir",
+                str(STATE / tag),
+            ],
+            "json",
+            "read_uncommitted",
+        )
     if system == "quix":
-        return [str(h.ensure_venv("quix")), str(here / "quix_count.py"), "--bootstrap",
-                bootstrap, "--input", inp, "--output", out, "--group", tag, "--state-dir",
-                str(STATE / tag)], "json", "read_uncommitted"
+        return (
+            [
+                str(h.ensure_venv("quix")),
+                str(here / "quix_count.py"),
+                "--bootstrap",
+                bootstrap,
+                "--input",
+                inp,
+                "--output",
+                out,
+                "--group",
+                tag,
+                "--state-dir",
+                str(STATE / tag),
+            ],
+            "json",
+            "read_uncommitted",
+        )
     raise ValueError(system)
 
 
@@ -87,7 +149,10 @@ async def changelog_stats(broker: h.Broker, tag: str) -> tuple[list[str], int, i
 
 # -- S1 / S2 (and S3 after S2) -------------------------------------------------------------------
 async def throughput_scenario(
-    broker: h.Broker, args: argparse.Namespace, scenario: str, keys: list[str],
+    broker: h.Broker,
+    args: argparse.Namespace,
+    scenario: str,
+    keys: list[str],
     results: dict[str, Any],
 ) -> None:
     bootstrap = broker.bootstrap
@@ -109,8 +174,13 @@ async def throughput_scenario(
             if args.profile and system.startswith("headrace"):
                 profile = h.RUN_DIR / "profiles" / f"{tag}.collapsed.txt"
             m, _ = await h.run_system(
-                cmd, bootstrap=bootstrap, output=out, expected_outputs=len(keys),
-                limit_s=args.timeout, log_path=LOGS / f"{tag}.log", profile=profile,
+                cmd,
+                bootstrap=bootstrap,
+                output=out,
+                expected_outputs=len(keys),
+                limit_s=args.timeout,
+                log_path=LOGS / f"{tag}.log",
+                profile=profile,
             )
             r = h.RunResult(system, scenario, run)
             if m.get("complete"):
@@ -131,17 +201,25 @@ async def throughput_scenario(
                 r.correct, r.error = False, m.get("error", "incomplete")
             r.peak_rss_mb = m.get("peak_rss_mb")
             topics, r.changelog_records, r.changelog_bytes = await changelog_stats(broker, tag)
-            print(f"[{scenario}] run {run} {system:20s} {r.records_per_s:10,.0f} rec/s "
-                  f"{r.cpu_s_per_m:6.1f} cpu-s/M rss {r.peak_rss_mb or 0:6.0f} MB "
-                  f"changelog {r.changelog_records or 0:,} rec "
-                  f"{(r.changelog_bytes or 0) / 1e6:.1f} MB correct={r.correct} {r.error}",
-                  flush=True)
+            print(
+                f"[{scenario}] run {run} {system:20s} {r.records_per_s:10,.0f} rec/s "
+                f"{r.cpu_s_per_m:6.1f} cpu-s/M rss {r.peak_rss_mb or 0:6.0f} MB "
+                f"changelog {r.changelog_records or 0:,} rec "
+                f"{(r.changelog_bytes or 0) / 1e6:.1f} MB correct={r.correct} {r.error}",
+                flush=True,
+            )
             runs[system].append(r)
-            if scenario == "s2" and "s3" in args.scenarios and system in (
-                "headrace-alo-mem", "headrace-alo-rocks"
-            ) and r.correct:
-                restores.append(await restore_scenario(broker, system, tag, inp, out, topics,
-                                                       r.changelog_bytes, run))
+            if (
+                scenario == "s2"
+                and "s3" in args.scenarios
+                and system in ("headrace-alo-mem", "headrace-alo-rocks")
+                and r.correct
+            ):
+                restores.append(
+                    await restore_scenario(
+                        broker, system, tag, inp, out, topics, r.changelog_bytes, run
+                    )
+                )
             await h.delete_topics(bootstrap, [out, *topics])
             shutil.rmtree(STATE / tag, ignore_errors=True)
     await h.delete_topics(bootstrap, [inp])
@@ -151,21 +229,42 @@ async def throughput_scenario(
 
 
 async def restore_scenario(
-    broker: h.Broker, system: str, tag: str, inp: str, out: str, topics: list[str],
-    changelog_bytes: int | None, run: int,
+    broker: h.Broker,
+    system: str,
+    tag: str,
+    inp: str,
+    out: str,
+    topics: list[str],
+    changelog_bytes: int | None,
+    run: int,
 ) -> dict[str, Any]:
     """S3: raw read of the changelog (floor), cold restore, warm restart (RocksDB)."""
     bootstrap = broker.bootstrap
     raw_records, raw_s = 0, 0.0
     for t in topics:
         p = subprocess.run(  # noqa: ASYNC221 - nothing else runs meanwhile
-            [h.PROJECT_PY, str(h.BENCH / "systems" / "raw_read.py"), "--bootstrap",
-                            bootstrap, "--topic", t], capture_output=True, text=True, timeout=600)
+            [
+                h.PROJECT_PY,
+                str(h.BENCH / "systems" / "raw_read.py"),
+                "--bootstrap",
+                bootstrap,
+                "--topic",
+                t,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         raw = next(x for x in p.stdout.splitlines() if x.startswith("RAW")).split()
         raw_records += int(raw[1])
         raw_s += float(raw[3])
-    res: dict[str, Any] = {"system": system, "run": run, "changelog_records": raw_records,
-                           "changelog_bytes": changelog_bytes, "raw_s": raw_s}
+    res: dict[str, Any] = {
+        "system": system,
+        "run": run,
+        "changelog_records": raw_records,
+        "changelog_bytes": changelog_bytes,
+        "raw_s": raw_s,
+    }
     cmd, _, _ = system_cmd(system, bootstrap, inp, out, tag)
     modes = [("cold", STATE / f"{tag}-cold")]
     if system.endswith("rocks"):
@@ -229,9 +328,17 @@ def summarize_restores(restores: list[dict[str, Any]]) -> dict[str, Any]:
     for system in sorted({r["system"] for r in restores}):
         rs = [r for r in restores if r["system"] == system]
         out[system] = {"runs": rs}
-        for k in ("raw_records_per_s", "raw_mb_per_s", "cold_s", "cold_records_per_s",
-                  "cold_mb_per_s", "cold_ratio_to_raw", "warm_s", "changelog_records",
-                  "changelog_bytes"):
+        for k in (
+            "raw_records_per_s",
+            "raw_mb_per_s",
+            "cold_s",
+            "cold_records_per_s",
+            "cold_mb_per_s",
+            "cold_ratio_to_raw",
+            "warm_s",
+            "changelog_records",
+            "changelog_bytes",
+        ):
             out[system][k] = h.summarize([r[k] for r in rs if r.get(k) is not None])
     return out
 
@@ -250,8 +357,8 @@ async def s4_checkpoint_cost(
     system = f"headrace-alo-{'mem' if backend == 'memory' else 'rocks'}"
     cmd, _, _ = system_cmd(system, bootstrap, inp, out, tag)
     proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is quick
-        cmd, stdout=(LOGS / f"{tag}.log").open("wb"),
-                            stderr=subprocess.STDOUT, cwd=h.ROOT)
+        cmd, stdout=(LOGS / f"{tag}.log").open("wb"), stderr=subprocess.STDOUT, cwd=h.ROOT
+    )
     c = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await c.start()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
@@ -281,10 +388,8 @@ async def s4_checkpoint_cost(
         await producer.stop()
         await c.stop()
         h.stop_process(proc)
-    acks = [orjson.loads(v) for _, v in await h.read_topic(bootstrap, f"{tag}.checkpoints")
-            if v]
-    window = [a for a in acks if start_ms + 1000 <= a["timestamp_ms"] <= end_ms
-              and not a["final"]]
+    acks = [orjson.loads(v) for _, v in await h.read_topic(bootstrap, f"{tag}.checkpoints") if v]
+    window = [a for a in acks if start_ms + 1000 <= a["timestamp_ms"] <= end_ms and not a["final"]]
     durations = [a["duration_ms"] for a in window]
     ids = {a["checkpoint_id"] for a in window}
     changed = Counter()
@@ -297,7 +402,8 @@ async def s4_checkpoint_cost(
         "task_checkpoints": len(window),
         "job_checkpoints": len(ids),
         "duration_ms": h.summarize(durations),
-        "duration_ms_p90": statistics.quantiles(durations, n=10)[-1] if len(durations) > 2
+        "duration_ms_p90": statistics.quantiles(durations, n=10)[-1]
+        if len(durations) > 2
         else None,
         "changed_keys_per_checkpoint": h.summarize(list(changed.values())),
         "changelog_bytes_per_checkpoint": cl_bytes / len(ids) if cl_bytes and ids else None,
@@ -320,13 +426,18 @@ async def s4_latency(
     cmd, _, isolation = system_cmd(system, bootstrap, inp, out, tag)
     cmd += ["--interval-ms", str(interval_ms)]
     proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is quick
-        cmd, stdout=(LOGS / f"{tag}.log").open("wb"),
-                            stderr=subprocess.STDOUT, cwd=h.ROOT)
+        cmd, stdout=(LOGS / f"{tag}.log").open("wb"), stderr=subprocess.STDOUT, cwd=h.ROOT
+    )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     await producer.start()
-    consumer = AIOKafkaConsumer(out, bootstrap_servers=bootstrap, group_id=None,
-                                isolation_level=isolation, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=10)
+    consumer = AIOKafkaConsumer(
+        out,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        isolation_level=isolation,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=10,
+    )
     await consumer.start()
     sent: dict[bytes, float] = {}
     lat: list[float] = []
@@ -407,12 +518,25 @@ async def amain(args: argparse.Namespace) -> Path:
 
         steps: list[tuple[str, Callable[[], Any]]] = []
         if "s1" in args.scenarios:
-            steps.append(("s1", lambda: throughput_scenario(
-                broker, args, "s1", h.keys_low_cardinality(args.records), results)))
+            steps.append(
+                (
+                    "s1",
+                    lambda: throughput_scenario(
+                        broker, args, "s1", h.keys_low_cardinality(args.records), results
+                    ),
+                )
+            )
         if "s2" in args.scenarios:
-            steps.append(("s2", lambda: throughput_scenario(
-                broker, args, "s2", h.keys_high_cardinality(args.records), results)))
+            steps.append(
+                (
+                    "s2",
+                    lambda: throughput_scenario(
+                        broker, args, "s2", h.keys_high_cardinality(args.records), results
+                    ),
+                )
+            )
         if "s4" in args.scenarios:
+
             async def s4() -> None:
                 cost = []
                 for _ in range(args.s4_runs):
@@ -425,6 +549,7 @@ async def amain(args: argparse.Namespace) -> Path:
                         for iv in (100, 1000, 5000):
                             lats.append(await s4_latency(broker, args, g, iv))
                 results["s4"] = {"checkpoint_cost": cost, "latency": lats}
+
             steps.append(("s4", s4))
         for name, step in steps:
             t = time.monotonic()
@@ -444,8 +569,12 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--bootstrap", help="use this broker instead of bench/.run/broker")
-    ap.add_argument("--timeout", type=float, default=150,
-                    help="seconds per system run; a slower system is measured on its prefix")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=150,
+        help="seconds per system run; a slower system is measured on its prefix",
+    )
     ap.add_argument("--profile", action="store_true", help="py-spy the headrace runs")
     ap.add_argument("--s4-runs", type=int, help="S4 repetitions (default 3; quick 1)")
     ap.add_argument("--no-render", action="store_true")

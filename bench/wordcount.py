@@ -35,12 +35,39 @@ SYSTEMS = ["plain", "headrace-alo", "headrace-eos"]
 def cmd_for(system: str, mode: str, bootstrap: str, inp: str, out: str, tag: str) -> list[str]:
     here = h.BENCH / "systems"
     if system == "plain":
-        return [h.PROJECT_PY, str(here / "plain.py"), "--bootstrap", bootstrap, "--input", inp,
-                "--output", out, "--group", tag, "--mode", mode]
+        return [
+            h.PROJECT_PY,
+            str(here / "plain.py"),
+            "--bootstrap",
+            bootstrap,
+            "--input",
+            inp,
+            "--output",
+            out,
+            "--group",
+            tag,
+            "--mode",
+            mode,
+        ]
     guarantee = "at_least_once" if system.endswith("alo") else "exactly_once"
-    return [h.PROJECT_PY, str(here / "headrace_count.py"), "--bootstrap", bootstrap, "--input",
-            inp, "--output", out, "--job", tag, "--mode", mode, "--guarantee", guarantee,
-            "--backend", "memory"]
+    return [
+        h.PROJECT_PY,
+        str(here / "headrace_count.py"),
+        "--bootstrap",
+        bootstrap,
+        "--input",
+        inp,
+        "--output",
+        out,
+        "--job",
+        tag,
+        "--mode",
+        mode,
+        "--guarantee",
+        guarantee,
+        "--backend",
+        "memory",
+    ]
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,8 +93,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                     out = f"{tag}.out"
                     await h.create_topics(bs, [out])
                     m, _ = await h.run_system(
-                        cmd_for(system, mode, bs, inputs[mode], out, tag), bootstrap=bs,
-                        output=out, expected_outputs=len(words), limit_s=args.timeout,
+                        cmd_for(system, mode, bs, inputs[mode], out, tag),
+                        bootstrap=bs,
+                        output=out,
+                        expected_outputs=len(words),
+                        limit_s=args.timeout,
                         log_path=h.RUN_DIR / "logs" / f"{tag}.log",
                     )
                     r = h.RunResult(system, f"wordcount-{mode}", run)
@@ -75,14 +105,18 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                         r.records_per_s, r.cpu_s_per_m = m["records_per_s"], m["cpu_s_per_m"]
                         r.records, r.seconds = m["records"], m["seconds"]
                         iso = "read_committed" if system.endswith("eos") else "read_uncommitted"
-                        r.correct, r.error = await h.verify_counts(bs, out, expected, "int64",
-                                                                   isolation=iso)
+                        r.correct, r.error = await h.verify_counts(
+                            bs, out, expected, "int64", isolation=iso
+                        )
                     else:
                         r.correct, r.error = False, m.get("error", "incomplete")
                     r.peak_rss_mb = m.get("peak_rss_mb")
-                    print(f"[wordcount {mode}] run {run} {system:14s} "
-                          f"{r.records_per_s:10,.0f} words/s {r.cpu_s_per_m:6.1f} cpu-s/M "
-                          f"correct={r.correct} {r.error}", flush=True)
+                    print(
+                        f"[wordcount {mode}] run {run} {system:14s} "
+                        f"{r.records_per_s:10,.0f} words/s {r.cpu_s_per_m:6.1f} cpu-s/M "
+                        f"correct={r.correct} {r.error}",
+                        flush=True,
+                    )
                     runs[system].append(r)
                     topics = [t for t in await h.list_topics(bs) if tag in t]
                     await h.delete_topics(bs, topics)
@@ -99,17 +133,20 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for v in summary.values():
                 if base["records_per_s"] and v["records_per_s"]:
                     v["throughput_ratio_to_plain"] = (
-                        v["records_per_s"]["median"] / base["records_per_s"]["median"])
+                        v["records_per_s"]["median"] / base["records_per_s"]["median"]
+                    )
                     v["cpu_ratio_to_plain"] = (
-                        v["cpu_s_per_m"]["median"] / base["cpu_s_per_m"]["median"])
+                        v["cpu_s_per_m"]["median"] / base["cpu_s_per_m"]["median"]
+                    )
             results[mode] = summary
         await h.delete_topics(bs, list(inputs.values()))
     return results
 
 
 def report(results: dict[str, Any]) -> None:
-    print(f"\n{results['input_lines']:,} lines, {results['input_words']:,} words; "
-          "medians (min..max)")
+    print(
+        f"\n{results['input_lines']:,} lines, {results['input_words']:,} words; medians (min..max)"
+    )
     targets = {"headrace-alo": 0.60, "headrace-eos": 0.45}
     for mode in ("lines", "keyed"):
         print(f"\n{mode}:")
@@ -122,8 +159,10 @@ def report(results: dict[str, Any]) -> None:
             ratio = v.get("throughput_ratio_to_plain", 1.0)
             t = targets.get(system)
             met = "" if t is None else f">= {t:.0%}: {'met' if ratio >= t else 'NOT met'}"
-            print(f"  {system:14s} {rps['median']:9,.0f} ({rps['min']:,.0f}..{rps['max']:,.0f})"
-                  f" {cpu['median']:8.1f} {ratio:6.0%}  {met}")
+            print(
+                f"  {system:14s} {rps['median']:9,.0f} ({rps['min']:,.0f}..{rps['max']:,.0f})"
+                f" {cpu['median']:8.1f} {ratio:6.0%}  {met}"
+            )
 
 
 def main() -> None:

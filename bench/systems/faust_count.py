@@ -35,10 +35,22 @@ app = faust.App(
     broker_commit_every=10_000,
     consumer_auto_offset_reset="earliest",
 )
-source = app.topic(a.input, key_type=bytes, value_type=bytes, value_serializer="raw",
-                   key_serializer="raw", partitions=4)
-sink = app.topic(a.output, key_type=bytes, value_type=bytes, value_serializer="raw",
-                 key_serializer="raw", partitions=4)
+source = app.topic(
+    a.input,
+    key_type=bytes,
+    value_type=bytes,
+    value_serializer="raw",
+    key_serializer="raw",
+    partitions=4,
+)
+sink = app.topic(
+    a.output,
+    key_type=bytes,
+    value_type=bytes,
+    value_serializer="raw",
+    key_serializer="raw",
+    partitions=4,
+)
 counts = app.Table("counts", default=int, partitions=4, key_type=bytes, value_type=int)
 
 

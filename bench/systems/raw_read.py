@@ -20,9 +20,13 @@ async def main() -> None:
     ap.add_argument("--topic", required=True)
     ap.add_argument("--isolation", default="read_uncommitted")
     a = ap.parse_args()
-    c = AIOKafkaConsumer(bootstrap_servers=a.bootstrap, group_id=None,
-                         enable_auto_commit=False, isolation_level=a.isolation,
-                         max_partition_fetch_bytes=8 * 1024 * 1024)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=a.bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level=a.isolation,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
     await c.start()
     try:
         started = time.monotonic()
