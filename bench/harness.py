@@ -49,6 +49,14 @@ PEERS = {
 }
 
 
+def system_argv(python: str | Path, script: str, **flags: object) -> list[str]:
+    """``python bench/systems/<script> --flag value ...`` (``state_dir=`` is ``--state-dir``)."""
+    argv = [str(python), str(BENCH / "systems" / script)]
+    for name, value in flags.items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
 def venv_python(name: str) -> Path:
     return VENVS / name / "bin" / "python"
 

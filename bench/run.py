@@ -45,88 +45,32 @@ def system_cmd(
     system: str, bootstrap: str, inp: str, out: str, tag: str
 ) -> tuple[list[str], str, str]:
     """(command, output value format, isolation level the verifier reads with)."""
-    here = h.BENCH / "systems"
+    io = {"bootstrap": bootstrap, "input": inp, "output": out}
     if system == "plain":
-        return (
-            [
-                h.PROJECT_PY,
-                str(here / "plain.py"),
-                "--bootstrap",
-                bootstrap,
-                "--input",
-                inp,
-                "--output",
-                out,
-                "--group",
-                tag,
-            ],
-            "int64",
-            "read_uncommitted",
-        )
+        return h.system_argv(h.PROJECT_PY, "plain.py", **io, group=tag), "int64", "read_uncommitted"
+    state_dir = STATE / tag
     if system.startswith("headrace-"):
         _, g, b = system.split("-")
         guarantee = {"alo": "at_least_once", "eos": "exactly_once"}[g]
         backend = {"mem": "memory", "rocks": "rocksdb"}[b]
-        return (
-            [
-                h.PROJECT_PY,
-                str(here / "headrace_count.py"),
-                "--bootstrap",
-                bootstrap,
-                "--input",
-                inp,
-                "--output",
-                out,
-                "--job",
-                tag,
-                "--guarantee",
-                guarantee,
-                "--backend",
-                backend,
-                "--state-dir",
-                str(STATE / tag),
-            ],
-            "int64",
-            ("read_committed" if g == "eos" else "read_uncommitted"),
+        argv = h.system_argv(
+            h.PROJECT_PY,
+            "headrace_count.py",
+            **io,
+            job=tag,
+            guarantee=guarantee,
+            backend=backend,
+            state_dir=state_dir,
         )
+        return argv, "int64", ("read_committed" if g == "eos" else "read_uncommitted")
     if system == "faust":
-        return (
-            [
-                str(h.ensure_venv("faust")),
-                str(here / "faust_count.py"),
-                "--bootstrap",
-                bootstrap,
-                "--input",
-                inp,
-                "--output",
-                out,
-                "--app",
-                tag,
-                "--data-dir",
-                str(STATE / tag),
-            ],
-            "json",
-            "read_uncommitted",
-        )
+        py = h.ensure_venv("faust")
+        argv = h.system_argv(py, "faust_count.py", **io, app=tag, data_dir=state_dir)
+        return argv, "json", "read_uncommitted"
     if system == "quix":
-        return (
-            [
-                str(h.ensure_venv("quix")),
-                str(here / "quix_count.py"),
-                "--bootstrap",
-                bootstrap,
-                "--input",
-                inp,
-                "--output",
-                out,
-                "--group",
-                tag,
-                "--state-dir",
-                str(STATE / tag),
-            ],
-            "json",
-            "read_uncommitted",
-        )
+        py = h.ensure_venv("quix")
+        argv = h.system_argv(py, "quix_count.py", **io, group=tag, state_dir=state_dir)
+        return argv, "json", "read_uncommitted"
     raise ValueError(system)
 
 
@@ -243,14 +187,7 @@ async def restore_scenario(
     raw_records, raw_s = 0, 0.0
     for t in topics:
         p = subprocess.run(  # noqa: ASYNC221 - nothing else runs meanwhile
-            [
-                h.PROJECT_PY,
-                str(h.BENCH / "systems" / "raw_read.py"),
-                "--bootstrap",
-                bootstrap,
-                "--topic",
-                t,
-            ],
+            h.system_argv(h.PROJECT_PY, "raw_read.py", bootstrap=bootstrap, topic=t),
             capture_output=True,
             text=True,
             timeout=600,

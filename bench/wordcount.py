@@ -33,41 +33,13 @@ SYSTEMS = ["plain", "headrace-alo", "headrace-eos"]
 
 
 def cmd_for(system: str, mode: str, bootstrap: str, inp: str, out: str, tag: str) -> list[str]:
-    here = h.BENCH / "systems"
+    io = {"bootstrap": bootstrap, "input": inp, "output": out, "mode": mode}
     if system == "plain":
-        return [
-            h.PROJECT_PY,
-            str(here / "plain.py"),
-            "--bootstrap",
-            bootstrap,
-            "--input",
-            inp,
-            "--output",
-            out,
-            "--group",
-            tag,
-            "--mode",
-            mode,
-        ]
+        return h.system_argv(h.PROJECT_PY, "plain.py", **io, group=tag)
     guarantee = "at_least_once" if system.endswith("alo") else "exactly_once"
-    return [
-        h.PROJECT_PY,
-        str(here / "headrace_count.py"),
-        "--bootstrap",
-        bootstrap,
-        "--input",
-        inp,
-        "--output",
-        out,
-        "--job",
-        tag,
-        "--mode",
-        mode,
-        "--guarantee",
-        guarantee,
-        "--backend",
-        "memory",
-    ]
+    return h.system_argv(
+        h.PROJECT_PY, "headrace_count.py", **io, job=tag, guarantee=guarantee, backend="memory"
+    )
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
