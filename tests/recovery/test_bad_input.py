@@ -92,10 +92,11 @@ def _verifier(bootstrap: str) -> Verifier:
     return Verifier(bootstrap, wordcount_replay, input_serde=JSON, input_filter=_is_json)
 
 
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_undeserializable_record_under_fail_policy_exits_nonzero_naming_it_and_commits_nothing_past_it(  # noqa: E501
-    json_job: JsonJob, kafka_bootstrap_servers: str
+    json_job: JsonJob, kafka_bootstrap_servers: str, guarantee: str
 ) -> None:
-    job, d = await json_job.make("fail")
+    job, d = await json_job.make("fail", guarantee=guarantee)
     source = job.stages[0].source.topics[0]
     await _produce(kafka_bootstrap_servers, source, _input_with_one_bad_record())
     w = d.start_worker()
@@ -119,10 +120,11 @@ async def test_undeserializable_record_under_fail_policy_exits_nonzero_naming_it
         assert count <= len(expected_before.get(word, [])), (word, count)
 
 
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_undeserializable_record_under_skip_policy_is_counted_and_good_results_exact(
-    json_job: JsonJob, kafka_bootstrap_servers: str
+    json_job: JsonJob, kafka_bootstrap_servers: str, guarantee: str
 ) -> None:
-    job, d = await json_job.make("skip", guarantee="at_least_once")
+    job, d = await json_job.make("skip", guarantee=guarantee)
     source = job.stages[0].source.topics[0]
     await _produce(kafka_bootstrap_servers, source, _input_with_one_bad_record())
     d.start_worker()
@@ -136,7 +138,7 @@ async def test_undeserializable_record_under_skip_policy_is_counted_and_good_res
     report = await v.verify(
         input_topic=source,
         output_topic=sink,
-        guarantee="at_least_once",
+        guarantee=guarantee,
         job=job,
         operator_id="counts",
         expected=expected,

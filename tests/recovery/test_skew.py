@@ -13,13 +13,14 @@ from runtime.inspect import read_checkpoints
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
 
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_skewed_and_idle_input_partitions_still_align_checkpoints_and_count_exactly(
-    wordcount_run: MakeRun,
+    wordcount_run: MakeRun, guarantee: str
 ) -> None:
     """95% of the input goes to partition 0, the last partition never gets a record, and
     production pauses half-way: the idle task still emits barriers, so downstream checkpoints
     stay aligned and complete for the whole job, and counts are exact after a kill -9."""
-    run = await wordcount_run("exactly_once", "memory", seed=41)
+    run = await wordcount_run(guarantee, "memory", seed=41)
     d = run.driver
     d.start_worker()
     d.start_worker()
