@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
@@ -10,7 +11,7 @@ from aiokafka.structs import TopicPartition
 from scenario import PARTITIONS, MakeRun
 
 from runtime.checkpoint.log import CheckpointAck
-from runtime.recovery import read_topic
+from runtime.recovery import read_topic, wait_changelog_committed
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -63,3 +64,38 @@ async def test_sigterm_under_load_takes_a_final_checkpoint_and_restart_replays_n
     report = await run.finish_and_verify()
     run.assert_ok(report)
     assert report.repeats == 0, report.summary()
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_rocksdb_restart_after_sigterm_reuses_every_store_and_replays_no_changelog(
+    wordcount_run: MakeRun, guarantee: str
+) -> None:
+    """A clean stop leaves RocksDB stores exactly at the final checkpoint: the restart in the same
+    slot (same state directory) reuses every task's store, applies no changelog record, and the
+    counts go on exactly from there."""
+    run = await wordcount_run(guarantee, "rocksdb", seed=52)
+    d = run.driver
+    first = d.start_worker(slot=0)
+    assert await first.wait_started()
+    producer = run.produce(4000, rate=1000)
+    # Stop only once every stage-1 task has committed state: the stores then have something
+    # to reuse, and data is still flowing when SIGTERM comes.
+    await wait_changelog_committed(
+        run.job, "counts", run.bootstrap, min_offset=20, alive=d.any_alive
+    )
+    codes = await d.stop_all()
+    assert all(c == 0 for c in codes.values()), f"{codes}\n{run.diagnostics()}"
+    assert "stopped cleanly" in first.log(), run.diagnostics()
+
+    second = d.start_worker(slot=0)
+    await producer
+    report = await run.finish_and_verify(workers=1)
+    run.assert_ok(report)
+    assert report.repeats == 0, report.summary()
+    log = second.log()
+    reused = re.findall(r"reusing local state of (\S+)\[(\d+)\]", log)
+    assert len(set(reused)) == PARTITIONS, run.diagnostics()  # every stage-1 task's store
+    assert "rebuilding" not in log, run.diagnostics()
+    applied = re.findall(r"restoring (\S+)\[(\d+)\]: (\d+)/(\d+) records", log)
+    assert applied, run.diagnostics()
+    assert all(int(n) == 0 for _t, _p, n, _total in applied), applied
