@@ -52,13 +52,13 @@ import cProfile
 import gc
 import pstats
 import random
-import struct
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord
+from systems.plain import count_and_send_batches  # bench/ is sys.path[0]
 
 from operators.job import Job
 from operators.operator import Context, Operator
@@ -261,31 +261,16 @@ class PlainS1:
         step(self._poll(records))
 
     async def _poll(self, records: list[Any]) -> None:
-        counts, part_cache, producer = self.counts, self.part_cache, self.producer
-        nparts, out_topic = PARTITIONS, OUTPUT
-        keys = [r.key for r in records]
-        groups: dict[int, list[tuple[bytes, bytes]]] = {}
-        for k in keys:
-            n = counts.get(k, 0) + 1
-            counts[k] = n
-            p = part_cache.get(k)
-            if p is None:
-                p = part_cache[k] = (murmur2(k) & 0x7FFFFFFF) % nparts
-            g = groups.get(p)
-            if g is None:
-                g = groups[p] = []
-            g.append((k, I64(n)))
-        for p, recs in groups.items():
-            batch = producer.create_batch()
-            for k, v in recs:
-                if batch.append(key=k, value=v, timestamp=None) is None:
-                    await producer.send_batch(batch, out_topic, partition=p)
-                    batch = producer.create_batch()
-                    batch.append(key=k, value=v, timestamp=None)
-            await producer.send_batch(batch, out_topic, partition=p)
+        await count_and_send_batches(
+            [r.key for r in records],
+            self.counts,
+            self.part_cache,
+            self.producer,
+            OUTPUT,
+            PARTITIONS,
+        )
 
 
-I64 = struct.Struct(">q").pack
 System = Callable[[StubProducer], Any]
 
 

@@ -14,11 +14,43 @@ import argparse
 import asyncio
 import signal
 import struct
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 I64 = struct.Struct(">q").pack
+
+
+async def count_and_send_batches(
+    keys: list[bytes],
+    counts: dict[bytes, int],
+    part_cache: dict[bytes, int],
+    producer: Any,
+    out_topic: str,
+    nparts: int,
+) -> None:
+    """The floor's per-poll work (``--send batch``): count each key, then one ``BatchBuilder``
+    per output partition. ``bench/task_micro.py`` times this same function."""
+    groups: dict[int, list[tuple[bytes, bytes]]] = {}
+    for k in keys:
+        n = counts.get(k, 0) + 1
+        counts[k] = n
+        p = part_cache.get(k)
+        if p is None:
+            p = part_cache[k] = (murmur2(k) & 0x7FFFFFFF) % nparts
+        g = groups.get(p)
+        if g is None:
+            g = groups[p] = []
+        g.append((k, I64(n)))
+    for p, recs in groups.items():
+        batch = producer.create_batch()
+        for k, v in recs:
+            if batch.append(key=k, value=v, timestamp=None) is None:
+                await producer.send_batch(batch, out_topic, partition=p)
+                batch = producer.create_batch()
+                batch.append(key=k, value=v, timestamp=None)
+        await producer.send_batch(batch, out_topic, partition=p)
 
 
 async def main() -> None:
@@ -66,25 +98,7 @@ async def main() -> None:
                         counts[k] = n
                         await producer.send(out_topic, I64(n), key=k)
                     continue
-                groups: dict[int, list[tuple[bytes, bytes]]] = {}
-                for k in keys:
-                    n = counts.get(k, 0) + 1
-                    counts[k] = n
-                    p = part_cache.get(k)
-                    if p is None:
-                        p = part_cache[k] = (murmur2(k) & 0x7FFFFFFF) % nparts
-                    g = groups.get(p)
-                    if g is None:
-                        g = groups[p] = []
-                    g.append((k, I64(n)))
-                for p, recs in groups.items():
-                    batch = producer.create_batch()
-                    for k, v in recs:
-                        if batch.append(key=k, value=v, timestamp=None) is None:
-                            await producer.send_batch(batch, out_topic, partition=p)
-                            batch = producer.create_batch()
-                            batch.append(key=k, value=v, timestamp=None)
-                    await producer.send_batch(batch, out_topic, partition=p)
+                await count_and_send_batches(keys, counts, part_cache, producer, out_topic, nparts)
     finally:
         await producer.stop()
         await consumer.stop()
