@@ -90,7 +90,7 @@ class Broker:
     def __enter__(self) -> Broker:
         if self.external:
             return self
-        from runtime.kafka.local_broker import LocalBroker
+        from headrace.runtime.kafka.local_broker import LocalBroker
 
         os.environ.setdefault("HEADRACE_KAFKA_JVM_OPTS", "-Xms512m -Xmx1g")
         self.local = LocalBroker(RUN_DIR / "broker")
@@ -184,7 +184,7 @@ def keys_high_cardinality(n: int, seed: int = 7) -> list[str]:
 
 
 def partition_of(key: bytes, n: int = PARTITIONS) -> int:
-    from runtime.kafka.producer import _murmur2_partition
+    from headrace.runtime.kafka.producer import _murmur2_partition
 
     return _murmur2_partition(key, n)
 
@@ -485,7 +485,7 @@ def machine_info(bootstrap: str) -> dict[str, Any]:
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["mem_gib"] = round(int(mem) / 1024 / 1024, 1)
     with contextlib.suppress(Exception):
-        from runtime.kafka.local_broker import kafka_version
+        from headrace.runtime.kafka.local_broker import kafka_version
 
         info["kafka"] = kafka_version()
     with contextlib.suppress(Exception):

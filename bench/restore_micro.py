@@ -53,12 +53,12 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from operators.builtins import Count
-from operators.serde import INT
-from runtime.checkpoint.restore import RestoreTarget
-from runtime.state import OperatorStateStore, StatePartitionKey
-from runtime.state.backend import open_backend
-from runtime.state.keys import encode_storage_key
+from headrace.operators.builtins import Count
+from headrace.operators.serde import INT
+from headrace.runtime.checkpoint.restore import RestoreTarget
+from headrace.runtime.state import OperatorStateStore, StatePartitionKey
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import encode_storage_key
 
 TOPIC = "bench.counts.changelog"
 OPERATOR = "counts"

@@ -22,10 +22,10 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
-from operators.state import ValueStateDescriptor
-from runtime.state import OperatorStateStore, StateBackend, StatePartitionKey
-from runtime.state.memory import MemoryBackend
-from runtime.state.rocksdb import RocksDBBackend
+from headrace.operators.state import ValueStateDescriptor
+from headrace.runtime.state import OperatorStateStore, StateBackend, StatePartitionKey
+from headrace.runtime.state.memory import MemoryBackend
+from headrace.runtime.state.rocksdb import RocksDBBackend
 
 PK = StatePartitionKey("bench", 0, 0)
 

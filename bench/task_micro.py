@@ -16,9 +16,9 @@ per record, in CPU time (``time.process_time_ns``), without Kafka:
   cold: attribute reads then cost ~10x more and swamp the difference being measured.)
 * **headrace**: the S1 job (``source(key_serde=STR, value_serde=BYTES) -> count() ->
   sink(value_serde=INT)``, as in ``bench/systems/headrace_count.py``) run by a real
-  :class:`runtime.task.StageTask` per partition with the memory backend, at-least-once
+  :class:`headrace.runtime.task.StageTask` per partition with the memory backend, at-least-once
   (``sequence_outputs=True``), fed as ``StageRunner.loop`` does. After each poll the outputs go
-  through the real :class:`runtime.kafka.producer.BatchSender` into real aiokafka
+  through the real :class:`headrace.runtime.kafka.producer.BatchSender` into real aiokafka
   ``BatchBuilder`` batches (``max_batch_size`` 512 KiB as in the worker); only ``send_batch`` is
   stubbed (it returns a resolved future). The clock advances with the records (200,000
   records/s), so every task checkpoints once per simulated second like the worker does: the
@@ -60,16 +60,16 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord
 from systems.plain import count_and_send_batches  # bench/ is sys.path[0]
 
-from operators.job import Job
-from operators.operator import Context, Operator
-from operators.record import Record
-from operators.serde import BYTES, INT, STR
-from operators.state import ValueStateDescriptor
-from runtime.kafka.producer import BatchSender, murmur2
-from runtime.state.keys import StatePartitionKey
-from runtime.state.memory import MemoryBackend
-from runtime.state.store import OperatorStateStore
-from runtime.task import StageTask
+from headrace.operators.job import Job
+from headrace.operators.operator import Context, Operator
+from headrace.operators.record import Record
+from headrace.operators.serde import BYTES, INT, STR
+from headrace.operators.state import ValueStateDescriptor
+from headrace.runtime.kafka.producer import BatchSender, murmur2
+from headrace.runtime.state.keys import StatePartitionKey
+from headrace.runtime.state.memory import MemoryBackend
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task import StageTask
 
 PARTITIONS = 4
 POLL = 500  # records per partition per poll

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         suffix = "-" + uuid.uuid4().hex[:6]
         print(f"using the broker at {bootstrap} (topics get the suffix {suffix})")
     else:
-        from runtime.kafka.local_broker import LocalBroker
+        from headrace.runtime.kafka.local_broker import LocalBroker
 
         run_dir = Path(tempfile.mkdtemp(prefix="headrace-demo-"))
         print("starting a local Kafka broker (first run: Maven fetches the jars) ...")
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
             log_file = open(logs / f"worker-{i}.log", "wb")  # noqa: SIM115 - closed with the process
             workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "runtime.cli", "run", "examples.wordcount:job"],
+                    [sys.executable, "-m", "headrace.runtime.cli", "run", "examples.wordcount:job"],
                     env=env,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -216,7 +216,7 @@ def show_checkpoints(env: dict[str, str], job_name: str) -> None:
         [
             sys.executable,
             "-m",
-            "runtime.cli",
+            "headrace.runtime.cli",
             "--log-level",
             "WARNING",
             "checkpoints",

@@ -2,7 +2,8 @@
 
     lines --SplitWords--> words (keyed by word) --WordCount--> word-counts
 
-Both steps are headrace operators run by ``runtime.integrations.faust.headrace_agent``: faust
+Both steps are headrace operators run by ``headrace.runtime.integrations.faust.headrace_agent``:
+faust
 runs the worker, the consumer group and the topics; headrace gives the operators their declared
 state, changelog checkpoints and restore. ``WordCount`` keeps one ``ValueState`` per word.
 ``SplitWords`` is stateless, but its bridge still checkpoints where it is, and its outputs carry
@@ -26,8 +27,8 @@ from typing import Any
 
 import faust
 
-from operators import INT, STR, Context, Operator, Record, ValueStateDescriptor
-from runtime.integrations.faust import headrace_agent
+from headrace.operators import INT, STR, Context, Operator, Record, ValueStateDescriptor
+from headrace.runtime.integrations.faust import headrace_agent
 
 
 class SplitWords(Operator):

@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from operators.job import Job
-from operators.operator import Context, Operator
-from operators.record import Record
-from operators.serde import JSON, STR
-from operators.state import MapStateDescriptor, ValueStateDescriptor
+from headrace.operators.job import Job
+from headrace.operators.operator import Context, Operator
+from headrace.operators.record import Record
+from headrace.operators.serde import JSON, STR
+from headrace.operators.state import MapStateDescriptor, ValueStateDescriptor
 
 
 class PerUser(Operator):

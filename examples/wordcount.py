@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from operators.job import Job
-from operators.serde import INT, STR
+from headrace.operators.job import Job
+from headrace.operators.serde import INT, STR
 
 
 def split_words(line: str) -> list[str]:

@@ -3,13 +3,13 @@
 The user's API: operators, their declared state, serdes and the job builder. Nothing in this
 package performs I/O, touches Kafka or asyncio; :mod:`runtime` executes what is described here.
 
-    from operators import Job, Operator, ValueStateDescriptor, STR, INT
+    from headrace.operators import Job, Operator, ValueStateDescriptor, STR, INT
 """
 
-from operators.job import ErrorPolicy, Job, JobDefinitionError, Stream
-from operators.operator import SAME_KEY, Context, Operator
-from operators.record import Record
-from operators.serde import (
+from headrace.operators.job import ErrorPolicy, Job, JobDefinitionError, Stream
+from headrace.operators.operator import SAME_KEY, Context, Operator
+from headrace.operators.record import Record
+from headrace.operators.serde import (
     BYTES,
     FLOAT,
     INT,
@@ -21,7 +21,7 @@ from operators.serde import (
     pickle_serde,
     serde_for,
 )
-from operators.state import (
+from headrace.operators.state import (
     AggregateFunction,
     AggregatingState,
     AggregatingStateDescriptor,

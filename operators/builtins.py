@@ -10,10 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from operators.operator import Context, Operator
-from operators.record import Record
-from operators.serde import Serde
-from operators.state import AggregateFunction, AggregatingStateDescriptor, ValueStateDescriptor
+from headrace.operators.operator import Context, Operator
+from headrace.operators.record import Record
+from headrace.operators.serde import Serde
+from headrace.operators.state import (
+    AggregateFunction,
+    AggregatingStateDescriptor,
+    ValueStateDescriptor,
+)
 
 
 class Count(Operator):

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from operators.operator import Operator
-from operators.serde import BYTES, JSON, Serde
+from headrace.operators.operator import Operator
+from headrace.operators.serde import BYTES, JSON, Serde
 
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -159,7 +159,7 @@ class Stream:
     # Built-in keyed aggregations: thin operators over the same state handles users get.
     def count(self, name: str | None = None) -> Stream:
         """Per key, count the records and emit the running count."""
-        from operators.builtins import Count
+        from headrace.operators.builtins import Count
 
         return self.process(Count(), name=name or self._job._auto_id("count"))
 
@@ -171,7 +171,7 @@ class Stream:
         name: str | None = None,
     ) -> Stream:
         """Per key, sum ``fn(value)`` (default: the value) and emit the running sum."""
-        from operators.builtins import fold_operator
+        from headrace.operators.builtins import fold_operator
 
         get = fn or _identity
         op = fold_operator("Sum", lambda acc, v: acc + get(v), serde, initial=0)
@@ -181,7 +181,7 @@ class Stream:
         self, fn: Callable[[Any, Any], Any], *, serde: Serde[Any] = JSON, name: str | None = None
     ) -> Stream:
         """Per key, fold values with ``fn(acc, value)`` and emit the running result."""
-        from operators.builtins import fold_operator
+        from headrace.operators.builtins import fold_operator
 
         op = fold_operator("Reduce", fn, serde)
         return self.process(op, name=name or self._job._auto_id("reduce"))
@@ -190,7 +190,7 @@ class Stream:
         self, function: Any, *, serde: Serde[Any] = JSON, name: str | None = None
     ) -> Stream:
         """Per key, aggregate with an ``AggregateFunction`` and emit its result."""
-        from operators.builtins import aggregate_operator
+        from headrace.operators.builtins import aggregate_operator
 
         op = aggregate_operator(function, serde)
         return self.process(op, name=name or self._job._auto_id("aggregate"))
@@ -278,7 +278,7 @@ class Job:
         return f"{self.name}.{stage.name}.{partition}"
 
     def stateful_operators(self) -> list[tuple[Stage, ProcessStep]]:
-        from operators.state import declared_state
+        from headrace.operators.state import declared_state
 
         return [
             (stage, step)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
-from operators.record import Record
+from headrace.operators.record import Record
 
 #: Marker meaning "keep the current record's key" in :meth:`Context.emit`.
 SAME_KEY: Any = object()

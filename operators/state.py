@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, Self, TypeVar, overload
 
-from operators.serde import Serde, serde_for
+from headrace.operators.serde import Serde, serde_for
 
 __all__ = [
     "AggregateFunction",

@@ -22,9 +22,9 @@ from typing import Any
 
 import click
 
-from operators.job import Job
-from runtime.config import Guarantee, Settings
-from runtime.kafka.cli import kafka_cli
+from headrace.operators.job import Job
+from headrace.runtime.config import Guarantee, Settings
+from headrace.runtime.kafka.cli import kafka_cli
 
 log = logging.getLogger("headrace")
 
@@ -96,7 +96,7 @@ def cli(log_level: str, log_format: str) -> None:
     partitions when Kafka rebalances them. Secrets (SASL password) are read from the
     environment only (HEADRACE_SASL_PASSWORD, HEADRACE_SSL_PASSWORD) and never logged.
     """
-    from runtime.metrics import setup_logging
+    from headrace.runtime.metrics import setup_logging
 
     setup_logging(log_level, log_format.lower())
 
@@ -135,7 +135,7 @@ def run(job_spec: str, **options: Any) -> None:
     exits 0. A record that fails under the 'fail' policy exits 1 naming its topic, partition
     and offset; nothing past it is committed.
     """
-    from runtime.worker import Worker
+    from headrace.runtime.worker import Worker
 
     job = load_job(job_spec)
     settings = Settings.from_env(**options)
@@ -164,7 +164,7 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
     A checkpoint is complete when every task of every stage acknowledged it in
     <job>.checkpoints (exactly-once: inside its transaction).
     """
-    from runtime.inspect import read_checkpoints
+    from headrace.runtime.inspect import read_checkpoints
 
     job = load_job(job_spec)
     settings = Settings.from_env(**options)
@@ -203,7 +203,7 @@ def state(
     **options: Any,
 ) -> None:
     """Print an operator's state, read from its changelog topic (no worker needed)."""
-    from runtime.inspect import read_state
+    from headrace.runtime.inspect import read_state
 
     job = load_job(job_spec)
     settings = Settings.from_env(**options)
@@ -230,7 +230,7 @@ def state(
 def status(job_spec: str, **options: Any) -> None:
     """Show a running job: group members, tasks per worker, lag per partition, the last
     complete checkpoint and restores under way (workers publish to <job>.status)."""
-    from runtime.status import read_status, render
+    from headrace.runtime.status import read_status, render
 
     job = load_job(job_spec)
     settings = Settings.from_env(**options)

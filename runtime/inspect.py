@@ -15,14 +15,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from operators.job import Job
-from runtime.checkpoint.log import CheckpointAck, CheckpointSummary, summarize
-from runtime.checkpoint.restore import RestoreTarget, restore
-from runtime.config import Settings
-from runtime.kafka.topics import plan_layout, topic_partitions
-from runtime.state.backend import open_backend
-from runtime.state.keys import StatePartitionKey
-from runtime.state.store import OperatorStateStore
+from headrace.operators.job import Job
+from headrace.runtime.checkpoint.log import CheckpointAck, CheckpointSummary, summarize
+from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.config import Settings
+from headrace.runtime.kafka.topics import plan_layout, topic_partitions
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import StatePartitionKey
+from headrace.runtime.state.store import OperatorStateStore
 
 
 async def _layout_tasks(job: Job, admin: AIOKafkaAdminClient) -> dict[str, int]:

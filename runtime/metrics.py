@@ -1,11 +1,12 @@
 """Operating a worker: Prometheus metrics, health endpoints and structured logs (DESIGN.md 8).
 
-Every :class:`~runtime.worker.Worker` owns one :class:`WorkerMetrics` with its *own*
+Every :class:`~headrace.runtime.worker.Worker` owns one :class:`WorkerMetrics` with its *own*
 ``CollectorRegistry`` (nothing is registered globally, so workers and tests never see each
 other's series). Two kinds of series:
 
 * **Read at scrape time** from the worker's live objects by :class:`_TaskCollector`: records
-  in/out, skipped and dead-lettered records, checkpoints (the :class:`~runtime.task.TaskCounters`
+  in/out, skipped and dead-lettered records, checkpoints (the
+  :class:`~headrace.runtime.task.TaskCounters`
   the task already keeps), tasks per state, restore progress and consumer lag. The per-record
   path is untouched: a scrape reads plain integers. Counters belong to a task; when a partition
   moves the task's counters start again from zero, which Prometheus treats as a counter reset.
@@ -21,7 +22,7 @@ collectors read the worker's dicts from the thread that changes them: no locks, 
 :func:`setup_logging` gives ``--log-format json`` (``HEADRACE_LOG_FORMAT=json``): one JSON object
 per line. Secret values from the environment (``HEADRACE_SASL_PASSWORD``,
 ``HEADRACE_SSL_PASSWORD``) are masked in every log line, in either format, as a second line of
-defence behind :class:`~runtime.config.Settings` hiding them from its ``repr``.
+defence behind :class:`~headrace.runtime.config.Settings` hiding them from its ``repr``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from runtime.task import PendingCheckpoint
-    from runtime.worker import Worker
+    from headrace.runtime.task import PendingCheckpoint
+    from headrace.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 

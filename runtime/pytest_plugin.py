@@ -37,7 +37,7 @@ from typing import Any, Literal, NoReturn, Protocol
 
 import pytest
 
-from runtime.kafka.local_broker import LocalBroker, LocalBrokerError
+from headrace.runtime.kafka.local_broker import LocalBroker, LocalBrokerError
 
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 BROKER_DIR_ENV = "HEADRACE_LOCAL_BROKER_DIR"
@@ -358,7 +358,7 @@ if pytest_asyncio is not None:
 
 
 # --------------------------------------------------------------------------------------
-# Recovery testing: fault driver and replay verifier (runtime.recovery)
+# Recovery testing: fault driver and replay verifier (headrace.runtime.recovery)
 # --------------------------------------------------------------------------------------
 
 
@@ -370,7 +370,7 @@ def fault_driver(kafka_endpoint: KafkaEndpoint, tmp_path: Path) -> Iterator[Call
     (kill -9, checkpoint-phase crashes, rebalance storms, broker restarts when the broker is a
     LocalBroker). Every process it started is killed and reaped after the test.
     """
-    from runtime.recovery.driver import FaultDriver
+    from headrace.runtime.recovery.driver import FaultDriver
 
     drivers: list[FaultDriver] = []
 
@@ -389,7 +389,7 @@ def fault_driver(kafka_endpoint: KafkaEndpoint, tmp_path: Path) -> Iterator[Call
 @pytest.fixture
 def recovery_verifier(kafka_bootstrap_servers: str) -> Callable[..., Any]:
     """``recovery_verifier(replay, key_serde=..., value_serde=...)`` -> a Verifier."""
-    from runtime.recovery.verify import Verifier
+    from headrace.runtime.recovery.verify import Verifier
 
     def make(replay: Callable[..., Any], **kwargs: Any) -> Verifier:
         return Verifier(kafka_bootstrap_servers, replay, **kwargs)
@@ -400,6 +400,6 @@ def recovery_verifier(kafka_bootstrap_servers: str) -> Callable[..., Any]:
 @pytest.fixture
 def wordcount_verifier(kafka_bootstrap_servers: str) -> Any:
     """The Verifier for word-count-shaped jobs (STR lines in, per-word INT counts out)."""
-    from runtime.recovery.verify import wordcount_verifier as make
+    from headrace.runtime.recovery.verify import wordcount_verifier as make
 
     return make(kafka_bootstrap_servers)

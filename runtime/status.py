@@ -7,7 +7,7 @@ and how far each restore has got — each worker publishes itself:
 
 **Mechanism: a compacted status topic.** Every worker writes a small JSON record to
 ``<job>.status`` (1 partition, ``cleanup.policy=compact``, created with the job's other internal
-topics by :func:`runtime.kafka.topics.plan_layout`) keyed by its worker id, every
+topics by :func:`headrace.runtime.kafka.topics.plan_layout`) keyed by its worker id, every
 ``HEADRACE_STATUS_INTERVAL_S`` seconds (default 5) and on every rebalance, and a tombstone when
 it stops cleanly. Compaction keeps the latest record per worker, so the topic stays tiny.
 
@@ -38,14 +38,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import TopicPartition
 
-from operators.job import Job
-from runtime.config import Settings
-from runtime.kafka.topics import status_topic, topic_partitions
-from runtime.metrics import OpsServer
+from headrace.operators.job import Job
+from headrace.runtime.config import Settings
+from headrace.runtime.kafka.topics import status_topic, topic_partitions
+from headrace.runtime.metrics import OpsServer
 
 if TYPE_CHECKING:
-    from runtime.checkpoint.log import CheckpointSummary
-    from runtime.worker import Worker
+    from headrace.runtime.checkpoint.log import CheckpointSummary
+    from headrace.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class JobStatus:
 
 
 async def read_status(job: Job, settings: Settings) -> JobStatus:
-    from runtime.inspect import read_all, read_checkpoints
+    from headrace.runtime.inspect import read_all, read_checkpoints
 
     admin = AIOKafkaAdminClient(**settings.kafka_kwargs(), client_id="headrace-status")
     await admin.start()

@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from operators.builtins import Count, _Aggregate, _Fold
-from operators.job import (
+from headrace.operators.builtins import Count, _Aggregate, _Fold
+from headrace.operators.job import (
     ErrorPolicy,
     FilterStep,
     FlatMapStep,
@@ -47,11 +47,11 @@ from operators.job import (
     SinkSpec,
     Stage,
 )
-from operators.operator import SAME_KEY, Operator
-from operators.record import Record, describe_key
-from operators.serde import BYTES, FLOAT, INT, JSON, STR
-from runtime.checkpoint.alignment import BarrierAligner
-from runtime.checkpoint.barrier import (
+from headrace.operators.operator import SAME_KEY, Operator
+from headrace.operators.record import Record, describe_key
+from headrace.operators.serde import BYTES, FLOAT, INT, JSON, STR
+from headrace.runtime.checkpoint.alignment import BarrierAligner
+from headrace.runtime.checkpoint.barrier import (
     BARRIER_HEADER,
     SEQUENCE_HEADER,
     barrier_headers,
@@ -60,8 +60,8 @@ from runtime.checkpoint.barrier import (
     dedupe_slot,
     sequence,
 )
-from runtime.state.handles import ABSENT, MISS, AggregatingHandle, ValueHandle
-from runtime.state.store import OperatorStateStore
+from headrace.runtime.state.handles import ABSENT, MISS, AggregatingHandle, ValueHandle
+from headrace.runtime.state.store import OperatorStateStore
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def builtin_step(op: Operator, store: OperatorStateStore, nxt: Step) -> Step | N
 
     It does what the operator's ``process`` does with its handle (``value()`` + ``update()``,
     or ``add()`` + ``get()``) on the handle's cache dict and dirty set directly (see
-    :data:`runtime.state.handles.MISS`), without a ``Record``, a context or handle method
+    :data:`headrace.runtime.state.handles.MISS`), without a ``Record``, a context or handle method
     calls, and emits with the record's key as the operator does.
     """
     found = builtin_handle(op, store)
@@ -292,7 +292,7 @@ class TaskCounters:
 
 
 class TaskContext:
-    """The :class:`operators.operator.Context` given to one operator of one task.
+    """The :class:`headrace.operators.operator.Context` given to one operator of one task.
 
     Besides the record key it carries the raw input record and the key's bytes (see
     :data:`Step`), so that ``emit`` passes them on without the task keeping per-record state.
@@ -353,7 +353,7 @@ class StageTask:
         self.aligner: BarrierAligner | None = None
         self._upstream_partitions = upstream_partitions
         self._alignment_timeout = alignment_timeout
-        # at-least-once dedupe across the repartition hop (see runtime.checkpoint.barrier)
+        # at-least-once dedupe across the repartition hop (see headrace.runtime.checkpoint.barrier)
         self._sequence_outputs = sequence_outputs and not stage.source.internal
         self._out_index = 0
         self._topic_index = {t: i for i, t in enumerate(stage.source.topics)}

@@ -1,8 +1,10 @@
 """Run a job in-process on lists of records: fast tests of user jobs, without Kafka.
 
-The driver runs exactly the production code path — :class:`runtime.task.StageTask` (operators,
-state handles, barrier alignment), :class:`runtime.checkpoint.commit.Committer` (both
-guarantees) and :class:`runtime.checkpoint.restore.RestoreTarget` (changelog restore, stale-key
+The driver runs exactly the production code path — :class:`headrace.runtime.task.StageTask`
+(operators,
+state handles, barrier alignment), :class:`headrace.runtime.checkpoint.commit.Committer` (both
+guarantees) and :class:`headrace.runtime.checkpoint.restore.RestoreTarget` (changelog restore,
+stale-key
 compensation) — over an in-memory log that behaves like Kafka where it matters: offsets per
 partition, transactions whose records stay invisible to ``read_committed`` readers until they
 commit (and for ever after an abort), and committed offsets with metadata.
@@ -27,18 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from operators.job import Job, RepartitionSpec, SinkSpec, Stage
-from operators.state import declared_state
-from runtime.checkpoint.commit import Committer, TaskIO
-from runtime.checkpoint.metadata import CheckpointMetadata
-from runtime.checkpoint.restore import RestoreTarget, plan_start
-from runtime.config import Guarantee
-from runtime.kafka.producer import Delivery
-from runtime.kafka.topics import plan_layout
-from runtime.state.backend import open_backend
-from runtime.state.keys import StatePartitionKey
-from runtime.state.store import OperatorStateStore
-from runtime.task import OutRecord, StageTask
+from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
+from headrace.operators.state import declared_state
+from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.restore import RestoreTarget, plan_start
+from headrace.runtime.config import Guarantee
+from headrace.runtime.kafka.producer import Delivery
+from headrace.runtime.kafka.topics import plan_layout
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import StatePartitionKey
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task import OutRecord, StageTask
 
 __all__ = ["JobTester", "MemoryRecord"]
 
@@ -275,7 +277,8 @@ class JobTester:
         self.run()
 
     def crash_during_next_checkpoint(self, phase: str) -> None:
-        """Make the next commit die at ``phase`` (see :mod:`runtime.faults`), then crash all.
+        """Make the next commit die at ``phase`` (see :mod:`headrace.runtime.faults`), then crash
+        all.
 
         ``after-changelog``: changelog and outputs written, offsets not committed;
         ``after-commit``: committed, local stores not yet updated.

@@ -1,7 +1,8 @@
 """The worker process: every stage of a job, as consumer-group members, with tasks per partition.
 
 For each stage the worker is a member of the consumer group ``<job>.<stage>``; the partitions
-Kafka assigns to it become tasks (:class:`runtime.task.StageTask`). The range assignor keeps
+Kafka assigns to it become tasks (:class:`headrace.runtime.task.StageTask`). The range assignor
+keeps
 partition ``p`` of co-partitioned inputs on one member. Scaling out is starting another worker.
 
 Rebalances are eager in aiokafka (every member gives up everything, then receives its new
@@ -28,20 +29,20 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import TopicPartition
 
-from operators.job import ErrorPolicy, Job, Stage
-from operators.state import declared_state
-from runtime.checkpoint.commit import Committer, TaskIO
-from runtime.checkpoint.metadata import CheckpointMetadata
-from runtime.checkpoint.restore import RestoreTarget, restore
-from runtime.config import Settings
-from runtime.kafka.producer import BatchSender
-from runtime.kafka.topics import TopicLayout, ensure_topics
-from runtime.metrics import WorkerMetrics
-from runtime.state.backend import open_backend
-from runtime.state.keys import StatePartitionKey
-from runtime.state.store import OperatorStateStore
-from runtime.status import Operations
-from runtime.task import StageTask
+from headrace.operators.job import ErrorPolicy, Job, Stage
+from headrace.operators.state import declared_state
+from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.config import Settings
+from headrace.runtime.kafka.producer import BatchSender
+from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
+from headrace.runtime.metrics import WorkerMetrics
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import StatePartitionKey
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.status import Operations
+from headrace.runtime.task import StageTask
 
 log = logging.getLogger(__name__)
 

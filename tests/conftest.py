@@ -1,1 +1,1 @@
-pytest_plugins = ["runtime.pytest_plugin"]
+pytest_plugins = ["headrace.runtime.pytest_plugin"]

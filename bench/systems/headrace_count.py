@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from examples.wordcount import build as build_wordcount
-from operators.job import Job
-from operators.serde import BYTES, INT, STR
-from runtime.config import Guarantee, Settings
-from runtime.worker import Worker
+from headrace.operators.job import Job
+from headrace.operators.serde import BYTES, INT, STR
+from headrace.runtime.config import Guarantee, Settings
+from headrace.runtime.worker import Worker
 
 
 def keyed_job(name: str, source: str, sink: str) -> Job:
@@ -61,8 +61,8 @@ async def main() -> None:
     a = ap.parse_args()
     times = _RestoreTimes()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    logging.getLogger("runtime.worker").setLevel(logging.INFO)
-    logging.getLogger("runtime.worker").addHandler(times)
+    logging.getLogger("headrace.runtime.worker").setLevel(logging.INFO)
+    logging.getLogger("headrace.runtime.worker").addHandler(times)
     if a.mode == "keyed":
         job = keyed_job(a.job, a.input, a.output)
     else:

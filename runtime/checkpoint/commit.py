@@ -1,6 +1,7 @@
 """Committing a task's checkpoint: the one place where durability is decided.
 
-A :class:`~runtime.task.PendingCheckpoint` was captured synchronously at the cut (state changes,
+A :class:`~headrace.runtime.task.PendingCheckpoint` was captured synchronously at the cut (state
+changes,
 outputs before the cut, input offsets and skip list, barrier records). Committing it means making
 all of that durable *together*, so that a crash at any instant leaves either the previous
 checkpoint or this one — never a mix (DESIGN.md section 5.5):
@@ -37,15 +38,15 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from operators.job import Job
-from runtime.checkpoint.log import CheckpointAck
-from runtime.checkpoint.metadata import CheckpointMetadata
-from runtime.faults import maybe_crash
-from runtime.kafka.producer import BatchSender, Delivery, last_offset, wait_delivered
-from runtime.task import OutRecord, PendingCheckpoint, StageTask
+from headrace.operators.job import Job
+from headrace.runtime.checkpoint.log import CheckpointAck
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.faults import maybe_crash
+from headrace.runtime.kafka.producer import BatchSender, Delivery, last_offset, wait_delivered
+from headrace.runtime.task import OutRecord, PendingCheckpoint, StageTask
 
 if TYPE_CHECKING:
-    from runtime.metrics import WorkerMetrics
+    from headrace.runtime.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,10 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
 
 * ``cp``: the checkpoint id;
 * ``skip``: per upstream channel, the first offset of that channel not in the checkpoint, for
-  channels whose cut lies past the committed offset (see :mod:`runtime.checkpoint.alignment`);
+  channels whose cut lies past the committed offset (see
+  :mod:`headrace.runtime.checkpoint.alignment`);
 * ``seen``: at-least-once only, per (channel, input topic) slot the highest repartition
-  sequence number processed (see :mod:`runtime.checkpoint.barrier`);
+  sequence number processed (see :mod:`headrace.runtime.checkpoint.barrier`);
 * ``cl``: per stateful operator, the changelog offset after this checkpoint's writes. Under
   at-least-once the changelog may hold writes of a checkpoint that never committed its offsets;
   restore treats records past ``cl`` as stale (DESIGN.md section 5.5).

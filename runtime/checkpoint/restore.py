@@ -39,9 +39,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from runtime.faults import maybe_crash
-from runtime.state.keys import metadata_prefix, partition_prefix
-from runtime.state.store import OperatorStateStore
+from headrace.runtime.faults import maybe_crash
+from headrace.runtime.state.keys import metadata_prefix, partition_prefix
+from headrace.runtime.state.store import OperatorStateStore
 
 log = logging.getLogger(__name__)
 

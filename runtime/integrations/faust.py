@@ -37,7 +37,7 @@ key is the one written last. How:
 3. **Restore** (faust's ``on_rebalance_complete`` signal, which faust awaits before it seeks the
    stream partitions and resumes them): the last marker in changelog partition *p* is found
    (reading backwards from the end), and headrace's own restore
-   (:func:`runtime.checkpoint.restore.restore`) applies the changelog up to that marker.
+   (:func:`headrace.runtime.checkpoint.restore.restore`) applies the changelog up to that marker.
    Records after it belong to a checkpoint whose marker was never written: they are not applied
    and their keys are rewritten at the next checkpoint, exactly like headrace's
    ``at_least_once`` mode. A RocksDB store (or a memory store kept across a rebalance) is reused
@@ -83,22 +83,22 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
-from operators.operator import SAME_KEY, Operator
-from operators.record import Record
-from operators.serde import BYTES, Serde
-from runtime.checkpoint.restore import RestoreTarget, restore
-from runtime.kafka.topics import cleanup_policies, topic_partitions
-from runtime.state.backend import BACKEND_KINDS, open_backend
-from runtime.state.handles import Change
-from runtime.state.keys import StatePartitionKey, encode_metadata_key
-from runtime.state.store import OperatorStateStore
+from headrace.operators.operator import SAME_KEY, Operator
+from headrace.operators.record import Record
+from headrace.operators.serde import BYTES, Serde
+from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.kafka.topics import cleanup_policies, topic_partitions
+from headrace.runtime.state.backend import BACKEND_KINDS, open_backend
+from headrace.runtime.state.handles import Change
+from headrace.runtime.state.keys import StatePartitionKey, encode_metadata_key
+from headrace.runtime.state.store import OperatorStateStore
 
 try:
     from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth, server_list
     from faust.types import TP
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "runtime.integrations.faust needs faust-streaming: pip install 'headrace[faust]'"
+        "headrace.runtime.integrations.faust needs faust-streaming: pip install 'headrace[faust]'"
     ) from exc
 
 __all__ = ["SEQ_HEADER", "BridgeStats", "FaustBridge", "headrace_agent"]
@@ -124,7 +124,7 @@ class BridgeStats:
 
 
 class _BridgeContext:
-    """The :class:`operators.operator.Context` of one partition's operator."""
+    """The :class:`headrace.operators.operator.Context` of one partition's operator."""
 
     __slots__ = ("key", "operator_id", "out", "partition")
 

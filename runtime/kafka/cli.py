@@ -1,7 +1,7 @@
 """``headrace kafka start|stop|status|jars``: drive the local KRaft broker from a shell.
 
 Mounted by runtime/cli.py as ``headrace kafka``; also runnable as
-``python -m runtime.kafka.cli`` (what .ci/run and the Makefile use, so they work before the
+``python -m headrace.runtime.kafka.cli`` (what .ci/run and the Makefile use, so they work before the
 console script exists).
 
 ``start`` prints human-readable progress on stderr and only ``export ...`` lines on stdout,
@@ -24,7 +24,7 @@ from types import FrameType
 
 import click
 
-from runtime.kafka.local_broker import (
+from headrace.runtime.kafka.local_broker import (
     LocalBroker,
     LocalBrokerError,
     ensure_jars,

@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from runtime.task import OutRecord
+from headrace.runtime.task import OutRecord
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF

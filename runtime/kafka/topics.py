@@ -17,8 +17,8 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from operators.job import Job, RepartitionSpec, SinkSpec, Stage
-from operators.state import declared_state
+from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
+from headrace.operators.state import declared_state
 
 log = logging.getLogger(__name__)
 

@@ -4,14 +4,14 @@ Used by headrace's own ``tests/recovery`` and, through the pytest plugin (``faul
 ``recovery_verifier``/``wordcount_verifier`` fixtures), by users testing their jobs.
 """
 
-from runtime.recovery.driver import (
+from headrace.runtime.recovery.driver import (
     FaultDriver,
     FaultEvent,
     WorkerProcess,
     produce_paced,
     skewed_partitioner,
 )
-from runtime.recovery.verify import (
+from headrace.runtime.recovery.verify import (
     Report,
     VerificationError,
     Verifier,

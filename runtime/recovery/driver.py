@@ -1,6 +1,7 @@
 """Driving real worker processes through faults: kill -9, rebalance storms, broker restarts.
 
-A :class:`FaultDriver` runs ``python -m runtime.cli run MODULE:JOB`` processes (the same command
+A :class:`FaultDriver` runs ``python -m headrace.runtime.cli run MODULE:JOB`` processes (the same
+command
 users deploy) and injects faults while a :func:`produce_paced` task feeds the input at a
 bounded rate. Every random choice comes from one seeded :class:`random.Random`, so a failing
 run can be repeated with its seed (printed in :meth:`FaultDriver.summary`).
@@ -15,7 +16,7 @@ Faults:
 * :meth:`FaultDriver.kill` / :meth:`FaultDriver.random_kills`: SIGKILL at random moments;
 * :meth:`FaultDriver.crash_at_phase`: a worker started with ``HEADRACE_FAULT_PHASE`` kills
   itself inside a checkpoint (``after-changelog``, ``before-commit``, ``after-commit``) or a
-  restore (``during-restore``), see :mod:`runtime.faults`;
+  restore (``during-restore``), see :mod:`headrace.runtime.faults`;
 * :meth:`FaultDriver.rebalance_storm`: workers join, leave (SIGTERM) and die (SIGKILL);
 * :meth:`FaultDriver.restart_broker`: stop and start a :class:`LocalBroker` while data flows.
 """
@@ -37,7 +38,7 @@ from typing import IO, Any
 
 from aiokafka import AIOKafkaProducer
 
-from runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.kafka.local_broker import LocalBroker
 
 __all__ = [
     "FaultDriver",
@@ -227,7 +228,7 @@ class FaultDriver:
         log_path = self.workdir / "logs" / f"{name}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
-            [self.python, "-m", "runtime.cli", "run", self.job_spec],
+            [self.python, "-m", "headrace.runtime.cli", "run", self.job_spec],
             env=proc_env,
             cwd=self.cwd,
             stdout=log_file,

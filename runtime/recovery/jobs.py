@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from operators.job import Job
-from operators.serde import INT, JSON, STR
+from headrace.operators.job import Job
+from headrace.operators.serde import INT, JSON, STR
 
 
 def _split(line: str) -> list[str]:
@@ -31,7 +31,7 @@ def build_json_wordcount(name: str, source: str, sink: str) -> Job:
 
 
 def json_wordcount() -> Job:
-    """Factory (``runtime.recovery.jobs:json_wordcount``): reads the names from the env."""
+    """Factory (``headrace.runtime.recovery.jobs:json_wordcount``): reads the names from the env."""
     return build_json_wordcount(
         os.environ.get("RECOVERY_JOB", "json-wordcount"),
         os.environ.get("RECOVERY_SOURCE", "json-lines"),

@@ -27,11 +27,11 @@ from typing import Any
 
 from aiokafka.structs import TopicPartition
 
-from operators.job import Job
-from operators.serde import INT, STR, Serde
-from runtime.checkpoint.metadata import CheckpointMetadata
-from runtime.config import Settings
-from runtime.inspect import operator_states, partition_count, read_all
+from headrace.operators.job import Job
+from headrace.operators.serde import INT, STR, Serde
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.config import Settings
+from headrace.runtime.inspect import operator_states, partition_count, read_all
 
 __all__ = [
     "Expected",
@@ -257,7 +257,7 @@ async def committed_changelog_offsets(
     Empty while the changelog topic does not exist."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from runtime.kafka.topics import topic_partitions
+    from headrace.runtime.kafka.topics import topic_partitions
 
     stage, _ = job.find_operator(operator_id)
     settings = Settings(bootstrap_servers=bootstrap_servers)

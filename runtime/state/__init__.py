@@ -6,8 +6,8 @@ task over a backend from :func:`open_backend`, binds the operator's declared sta
 drives ``take_changes`` / ``apply_changes`` / ``restore`` from the checkpoint code.
 """
 
-from runtime.state.backend import BACKEND_KINDS, StateBackend, open_backend
-from runtime.state.keys import (
+from headrace.runtime.state.backend import BACKEND_KINDS, StateBackend, open_backend
+from headrace.runtime.state.keys import (
     KeyFormatError,
     StatePartitionKey,
     decode_metadata_key,
@@ -18,9 +18,14 @@ from runtime.state.keys import (
     partition_prefix,
     state_prefix,
 )
-from runtime.state.memory import MemoryBackend
-from runtime.state.snapshot import FORMAT_VERSION, SnapshotError, decode_snapshot, encode_snapshot
-from runtime.state.store import (
+from headrace.runtime.state.memory import MemoryBackend
+from headrace.runtime.state.snapshot import (
+    FORMAT_VERSION,
+    SnapshotError,
+    decode_snapshot,
+    encode_snapshot,
+)
+from headrace.runtime.state.store import (
     STATE_FORMAT_VERSION,
     OperatorStateStore,
     StateMetadata,

@@ -1,7 +1,7 @@
 """The byte-level state backend protocol and its factory.
 
 Backends know nothing about operators, serdes or keys' structure: bytes in, bytes out, with
-ordered prefix scans. Everything typed lives above them in :mod:`runtime.state.store`.
+ordered prefix scans. Everything typed lives above them in :mod:`headrace.runtime.state.store`.
 """
 
 from __future__ import annotations
@@ -92,13 +92,13 @@ def open_backend(kind: str, path: Path | None = None) -> StateBackend:
     """Open a backend: ``"memory"`` (``path`` ignored) or ``"rocksdb"`` (``path`` required:
     the task's own directory; it is created if missing and reopened if it exists)."""
     if kind == "memory":
-        from runtime.state.memory import MemoryBackend
+        from headrace.runtime.state.memory import MemoryBackend
 
         return MemoryBackend()
     if kind == "rocksdb":
         if path is None:
             raise ValueError("the rocksdb state backend needs a directory (path=...)")
-        from runtime.state.rocksdb import RocksDBBackend
+        from headrace.runtime.state.rocksdb import RocksDBBackend
 
         return RocksDBBackend(path)
     raise ValueError(f"unknown state backend {kind!r}; expected one of {BACKEND_KINDS}")

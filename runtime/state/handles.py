@@ -27,8 +27,8 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, Protocol
 
-from operators.serde import Serde, SerdeError
-from operators.state import (
+from headrace.operators.serde import Serde, SerdeError
+from headrace.operators.state import (
     AggregatingState,
     AggregatingStateDescriptor,
     KeyedState,
@@ -44,8 +44,8 @@ from operators.state import (
     ValueState,
     ValueStateDescriptor,
 )
-from runtime.state.backend import StateBackend
-from runtime.state.keys import StatePartitionKey, state_prefix
+from headrace.runtime.state.backend import StateBackend
+from headrace.runtime.state.keys import StatePartitionKey, state_prefix
 
 __all__ = [
     "ABSENT",
@@ -82,7 +82,7 @@ _MISS: Any = _Sentinel("<not cached>")
 _ABSENT: Any = _Sentinel("<absent>")
 
 #: The cache sentinels, for the runtime's compiled per-record steps of the built-in
-#: aggregations (``runtime.task``), which read and write a handle's ``_cache``/``_dirty``
+#: aggregations (``headrace.runtime.task``), which read and write a handle's ``_cache``/``_dirty``
 #: directly: ``_cache.get(key, MISS)`` is MISS when the key is not cached (``_load`` it) and
 #: ABSENT when it is known not to exist. A handle never rebinds ``_cache`` or ``_dirty`` (they
 #: are cleared and evicted in place), so holding them for the handle's lifetime is safe.
@@ -101,7 +101,7 @@ class _Expiring:
 
 
 class StoreView(Protocol):
-    """What handles need from :class:`~runtime.state.store.OperatorStateStore`."""
+    """What handles need from :class:`~headrace.runtime.state.store.OperatorStateStore`."""
 
     current_key: bytes
 

@@ -28,8 +28,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import cast
 
-from runtime.state.keys import prefix_successor
-from runtime.state.snapshot import decode_snapshot, encode_snapshot
+from headrace.runtime.state.keys import prefix_successor
+from headrace.runtime.state.snapshot import decode_snapshot, encode_snapshot
 
 __all__ = ["MemoryBackend"]
 
@@ -38,7 +38,7 @@ _PATCH_LIMIT = 256
 
 
 class MemoryBackend:
-    """A :class:`~runtime.state.backend.StateBackend` held in process memory."""
+    """A :class:`~headrace.runtime.state.backend.StateBackend` held in process memory."""
 
     __slots__ = (
         "_added",

@@ -21,8 +21,8 @@ from typing import cast
 
 from rocksdict import DbClosedError, Options, Rdict, WriteBatch
 
-from runtime.state.keys import prefix_successor
-from runtime.state.snapshot import decode_snapshot, encode_snapshot
+from headrace.runtime.state.keys import prefix_successor
+from headrace.runtime.state.snapshot import decode_snapshot, encode_snapshot
 
 __all__ = ["RocksDBBackend"]
 
@@ -30,7 +30,7 @@ _SORT_FROM = 256  # write_columns batches at least this long are written in key 
 
 
 class RocksDBBackend:
-    """A :class:`~runtime.state.backend.StateBackend` on a local RocksDB directory."""
+    """A :class:`~headrace.runtime.state.backend.StateBackend` on a local RocksDB directory."""
 
     __slots__ = ("_db", "_path", "_scans")
 

@@ -29,15 +29,15 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
-from operators.state import (
+from headrace.operators.state import (
     KeyedStateDescriptor,
     MapStateDescriptor,
     StateDescriptor,
     declared_state,
 )
-from runtime.state.backend import StateBackend
-from runtime.state.handles import BoundState, Change, make_handle
-from runtime.state.keys import (
+from headrace.runtime.state.backend import StateBackend
+from headrace.runtime.state.handles import BoundState, Change, make_handle
+from headrace.runtime.state.keys import (
     KeyFormatError,
     StatePartitionKey,
     decode_metadata_key,
@@ -58,7 +58,8 @@ __all__ = [
 H = TypeVar("H")
 
 STATE_FORMAT_VERSION = 1
-"""Version of the value encodings in :mod:`runtime.state.handles` (list framing, TTL envelope)."""
+"""Version of the value encodings in :mod:`headrace.runtime.state.handles` (list framing, TTL
+envelope)."""
 
 _OFFSET_NAME = "changelog_offset"
 _STATE_META_PREFIX = "state:"
@@ -347,7 +348,7 @@ class OperatorStateStore:
         metadata: Iterable[Change] = (),
     ) -> None:
         """Write ONE batch of changelog records atomically: the bulk path of
-        :class:`runtime.checkpoint.restore.RestoreTarget`.
+        :class:`headrace.runtime.checkpoint.restore.RestoreTarget`.
 
         ``keys``/``values`` are parallel lists (latest bytes per key; ``None`` = tombstone).
         The caller has already checked every key against this store's namespace, and passes

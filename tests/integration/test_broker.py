@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from runtime.kafka.local_broker import LocalBroker
-from runtime.pytest_plugin import TopicFactory
+from headrace.runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.pytest_plugin import TopicFactory
 
 pytestmark = pytest.mark.kafka
 

@@ -27,14 +27,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import TopicPartition
 
 from examples.pageviews import build
-from operators.job import Job
-from runtime.checkpoint.log import CheckpointAck, summarize
-from runtime.checkpoint.restore import RestoreTarget
-from runtime.config import Settings
-from runtime.inspect import read_all
-from runtime.state.backend import open_backend
-from runtime.state.keys import StatePartitionKey
-from runtime.state.store import OperatorStateStore
+from headrace.operators.job import Job
+from headrace.runtime.checkpoint.log import CheckpointAck, summarize
+from headrace.runtime.checkpoint.restore import RestoreTarget
+from headrace.runtime.config import Settings
+from headrace.runtime.inspect import read_all
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import StatePartitionKey
+from headrace.runtime.state.store import OperatorStateStore
 
 pytestmark = pytest.mark.kafka
 

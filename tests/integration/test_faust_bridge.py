@@ -2,7 +2,8 @@
 the word counts are exact (issue 7, item 4).
 
 The faust app is ``examples/faust_wordcount.py`` (lines -> SplitWords -> words -> WordCount ->
-word-counts, both operators run by ``runtime.integrations.faust.headrace_agent``), started as a
+word-counts, both operators run by ``headrace.runtime.integrations.faust.headrace_agent``), started
+as a
 real ``faust worker`` process. The test checks what the bridge guarantees:
 
 * output: the newest count of every word equals a direct count of the corpus, and no count ever
@@ -31,8 +32,8 @@ from aiokafka.structs import TopicPartition
 
 from examples.corpus import count_words, generate_lines
 from examples.demo import produce_lines
-from operators import INT, Context, Operator, Record, ValueStateDescriptor
-from runtime.pytest_plugin import in_ci
+from headrace.operators import INT, Context, Operator, Record, ValueStateDescriptor
+from headrace.runtime.pytest_plugin import in_ci
 
 pytestmark = pytest.mark.kafka
 
@@ -159,11 +160,11 @@ class Output:
 async def restored_counts(bootstrap: str, changelog: str) -> dict[str, int]:
     """The committed state of the ``counts`` bridge, rebuilt from its changelog by headrace's
     restore code up to each partition's last checkpoint marker (as a restarting worker does)."""
-    from runtime.checkpoint.restore import RestoreTarget, restore
-    from runtime.integrations.faust import _MARKER_NAME, _last_markers
-    from runtime.state.backend import open_backend
-    from runtime.state.keys import StatePartitionKey, encode_metadata_key
-    from runtime.state.store import OperatorStateStore
+    from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+    from headrace.runtime.integrations.faust import _MARKER_NAME, _last_markers
+    from headrace.runtime.state.backend import open_backend
+    from headrace.runtime.state.keys import StatePartitionKey, encode_metadata_key
+    from headrace.runtime.state.store import OperatorStateStore
 
     stores = {}
     for p in range(PARTITIONS):

@@ -1,6 +1,7 @@
 """Operating a real word-count worker: /metrics, /health, /ready, JSON logs, ``headrace status``.
 
-The worker is the real thing (``python -m runtime.cli run examples.wordcount:job``) against the
+The worker is the real thing (``python -m headrace.runtime.cli run examples.wordcount:job``)
+against the
 session's Kafka broker, with unique topic and job names. The pure rendering and collector tests
 at the bottom need no broker.
 """
@@ -26,9 +27,9 @@ from typing import Any
 import pytest
 
 from examples.demo import produce_lines, wait_for_counts
-from runtime.checkpoint.log import CheckpointSummary
-from runtime.metrics import JsonFormatter, RedactingFilter, parse_exposition
-from runtime.status import GroupStatus, JobStatus, Member, progress_bar, render
+from headrace.runtime.checkpoint.log import CheckpointSummary
+from headrace.runtime.metrics import JsonFormatter, RedactingFilter, parse_exposition
+from headrace.runtime.status import GroupStatus, JobStatus, Member, progress_bar, render
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
@@ -87,7 +88,7 @@ class WordCountJob:
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "runtime.cli", "--log-level", "WARNING", *args],
+            [sys.executable, "-m", "headrace.runtime.cli", "--log-level", "WARNING", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
@@ -101,7 +102,7 @@ class WordCountJob:
 def worker_process(env: dict[str, str], args: list[str], log: Path) -> Any:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", *args],
+            [sys.executable, "-m", "headrace.runtime.cli", *args],
             env=env,
             cwd=ROOT,
             stdout=out,
@@ -296,9 +297,9 @@ def test_status_render_shows_restore_progress_bars() -> None:
 
 def test_collector_reports_restore_progress_and_counters() -> None:
     """The scrape-time collector reads runners' tasks, restore targets and counters."""
-    from runtime.checkpoint.restore import RestoreTarget
-    from runtime.metrics import WorkerMetrics
-    from runtime.task import TaskCounters
+    from headrace.runtime.checkpoint.restore import RestoreTarget
+    from headrace.runtime.metrics import WorkerMetrics
+    from headrace.runtime.task import TaskCounters
 
     target = RestoreTarget(store=None, topic="wc.counts.changelog", partition=1, valid_until=None)  # type: ignore[arg-type]
     target.start, target.end, target.applied = 100, 1100, 400

@@ -2,7 +2,8 @@
 
 Each test produces a seeded corpus drawn with real English frequencies, runs ``headrace run
 examples.wordcount:job`` workers, and checks the result against a deterministic replay of the
-input (runtime.recovery.verify): exact final state, and under exactly-once each word's output
+input (headrace.runtime.recovery.verify): exact final state, and under exactly-once each word's
+output
 is exactly 1, 2, ..., count in order.
 """
 
@@ -18,9 +19,9 @@ import pytest
 from examples.corpus import generate_lines
 from examples.demo import produce_lines
 from examples.wordcount import build
-from operators.job import Job
-from runtime.config import Settings
-from runtime.inspect import read_checkpoints
+from headrace.operators.job import Job
+from headrace.runtime.config import Settings
+from headrace.runtime.inspect import read_checkpoints
 
 pytestmark = pytest.mark.kafka
 

@@ -10,8 +10,8 @@ import pytest
 from scenario import PARTITIONS, REPO, MakeRun, WordcountRun
 
 from examples.wordcount import build
-from runtime.pytest_plugin import TopicFactory
-from runtime.recovery import FaultDriver, Verifier
+from headrace.runtime.pytest_plugin import TopicFactory
+from headrace.runtime.recovery import FaultDriver, Verifier
 
 
 @pytest.fixture

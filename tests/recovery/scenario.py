@@ -2,7 +2,8 @@
 
 Every scenario follows the same shape: create unique topics, start a paced producer of the
 seeded corpus (skewed: most records to partition 0, none to the last partition, which stays
-idle), run worker processes through faults with :class:`runtime.recovery.FaultDriver`, then let
+idle), run worker processes through faults with :class:`headrace.runtime.recovery.FaultDriver`,
+then let
 stable workers catch up, stop them gracefully and check output and state against the replay.
 """
 
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from examples.corpus import generate_lines
-from operators.job import Job
-from runtime.recovery import (
+from headrace.operators.job import Job
+from headrace.runtime.recovery import (
     FaultDriver,
     Report,
     Verifier,

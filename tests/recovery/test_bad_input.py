@@ -13,14 +13,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from scenario import REPO
 
-from operators.serde import JSON
-from runtime.pytest_plugin import TopicFactory
-from runtime.recovery import FaultDriver, Verifier, read_topic, wordcount_replay
-from runtime.recovery.jobs import build_json_wordcount
+from headrace.operators.serde import JSON
+from headrace.runtime.pytest_plugin import TopicFactory
+from headrace.runtime.recovery import FaultDriver, Verifier, read_topic, wordcount_replay
+from headrace.runtime.recovery.jobs import build_json_wordcount
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
-JOB_SPEC = "runtime.recovery.jobs:json_wordcount"
+JOB_SPEC = "headrace.runtime.recovery.jobs:json_wordcount"
 BAD = b"\xffthis is not JSON"
 GOOD = [f"line {i} of good words and more {i % 7}" for i in range(300)]
 BAD_AT = 100  #: offset of the bad record in partition 0

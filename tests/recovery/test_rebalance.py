@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from scenario import MakeRun
 
-from runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.kafka.local_broker import LocalBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 

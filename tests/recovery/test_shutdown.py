@@ -10,8 +10,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from scenario import PARTITIONS, MakeRun
 
-from runtime.checkpoint.log import CheckpointAck
-from runtime.recovery import read_topic, wait_changelog_committed
+from headrace.runtime.checkpoint.log import CheckpointAck
+from headrace.runtime.recovery import read_topic, wait_changelog_committed
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from scenario import IDLE_PARTITION, MakeRun
 
-from runtime.config import Settings
-from runtime.inspect import read_checkpoints
+from headrace.runtime.config import Settings
+from headrace.runtime.inspect import read_checkpoints
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 

@@ -12,7 +12,7 @@ import os
 import pytest
 from scenario import MakeRun, soak_scale
 
-from runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.kafka.local_broker import LocalBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.soak, pytest.mark.timeout(1800)]
 

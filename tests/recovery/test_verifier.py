@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from scenario import MakeRun
 
-from runtime.recovery import (
+from headrace.runtime.recovery import (
     check_at_least_once,
     check_exactly_once,
     check_state,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.checkpoint.alignment import BarrierAligner
+from headrace.runtime.checkpoint.alignment import BarrierAligner
 
 
 def make(channels: int = 2, **kw: object) -> BarrierAligner:

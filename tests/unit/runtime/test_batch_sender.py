@@ -10,7 +10,7 @@ import pytest
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
-from runtime.kafka.producer import BatchSender, _raw_append
+from headrace.runtime.kafka.producer import BatchSender, _raw_append
 
 
 class _Meta:

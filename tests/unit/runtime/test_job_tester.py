@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from examples.corpus import count_words, generate_lines
 from examples.wordcount import build
-from operators.job import ErrorPolicy, Job
-from operators.serde import INT, JSON, STR
-from runtime.task import RecordError
-from runtime.testing import JobTester
+from headrace.operators.job import ErrorPolicy, Job
+from headrace.operators.serde import INT, JSON, STR
+from headrace.runtime.task import RecordError
+from headrace.runtime.testing import JobTester
 
 LINES = generate_lines(600, seed=3)
 

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import runtime.checkpoint.restore as restore_module
-from operators.state import ValueStateDescriptor
-from runtime.checkpoint.restore import ChangelogCorruptError, RestoreTarget
-from runtime.state import (
+import headrace.runtime.checkpoint.restore as restore_module
+from headrace.operators.state import ValueStateDescriptor
+from headrace.runtime.checkpoint.restore import ChangelogCorruptError, RestoreTarget
+from headrace.runtime.state import (
     OperatorStateStore,
     StateBackend,
     StateMetadataError,
@@ -32,7 +32,7 @@ from runtime.state import (
     encode_storage_key,
     open_backend,
 )
-from runtime.state.keys import metadata_prefix, partition_prefix
+from headrace.runtime.state.keys import metadata_prefix, partition_prefix
 
 TOPIC = "job.counts.changelog"
 PARTITION = 1

@@ -1,6 +1,7 @@
 """The task's fast paths behave exactly like the operators and serdes as written.
 
-``runtime.task`` runs the built-in count/sum/reduce/aggregate as compiled steps over the state
+``headrace.runtime.task`` runs the built-in count/sum/reduce/aggregate as compiled steps over the
+state
 cache (and ``count()`` into a sink as one inlined loop), and tries narrower C-level variants of
 the built-in serdes first. Each test runs the same records through a job as built (fast paths)
 and through the same job whose built-in operators have a ``process`` of their own (so the task
@@ -17,17 +18,17 @@ from typing import Any
 
 import pytest
 
-from operators.builtins import aggregate_operator, fold_operator
-from operators.job import ErrorPolicy, Job, Stream
-from operators.operator import Context, Operator
-from operators.record import Record
-from operators.serde import BYTES, FLOAT, INT, JSON, STR, Serde
-from operators.state import AggregateFunction, ValueStateDescriptor, declared_state
-from runtime.state.keys import StatePartitionKey
-from runtime.state.memory import MemoryBackend
-from runtime.state.store import OperatorStateStore
-from runtime.task import RecordError, StageTask, builtin_handle, fast_serde_function
-from runtime.testing import MemoryRecord
+from headrace.operators.builtins import aggregate_operator, fold_operator
+from headrace.operators.job import ErrorPolicy, Job, Stream
+from headrace.operators.operator import Context, Operator
+from headrace.operators.record import Record
+from headrace.operators.serde import BYTES, FLOAT, INT, JSON, STR, Serde
+from headrace.operators.state import AggregateFunction, ValueStateDescriptor, declared_state
+from headrace.runtime.state.keys import StatePartitionKey
+from headrace.runtime.state.memory import MemoryBackend
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task import RecordError, StageTask, builtin_handle, fast_serde_function
+from headrace.runtime.testing import MemoryRecord
 
 Build = Callable[[Stream, Callable[[Operator], Operator]], Stream]
 
@@ -73,7 +74,7 @@ class SameKey(Operator):
 
 
 def _count() -> Operator:
-    from operators.builtins import Count
+    from headrace.operators.builtins import Count
 
     return Count()
 
@@ -347,7 +348,7 @@ def test_a_failing_output_serde_keeps_the_state_write_like_the_chain() -> None:
 
 
 def test_ttl_state_runs_the_operator_as_written() -> None:
-    from operators.builtins import Count
+    from headrace.operators.builtins import Count
 
     class CountWithTtl(Count):
         count = ValueStateDescriptor[int](type=int, default=0, ttl=60)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.state import OperatorStateStore, StateBackend, StatePartitionKey, open_backend
+from headrace.runtime.state import OperatorStateStore, StateBackend, StatePartitionKey, open_backend
 
 BackendFactory = Callable[[], StateBackend]
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runtime.state import SnapshotError, StateBackend, open_backend
-from runtime.state.memory import MemoryBackend
+from headrace.runtime.state import SnapshotError, StateBackend, open_backend
+from headrace.runtime.state.memory import MemoryBackend
 
 BackendFactory = Callable[[], StateBackend]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from operators.serde import INT, JSON, STR
-from operators.state import (
+from headrace.operators.serde import INT, JSON, STR
+from headrace.operators.state import (
     AggregateFunction,
     AggregatingStateDescriptor,
     KeyedStateDescriptor,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.state.keys import (
+from headrace.runtime.state.keys import (
     KeyFormatError,
     StatePartitionKey,
     decode_metadata_key,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from operators.serde import (
+from headrace.operators.serde import (
     BYTES,
     FLOAT,
     INT,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runtime.state.snapshot import MAGIC, SnapshotError, decode_snapshot, encode_snapshot
+from headrace.runtime.state.snapshot import MAGIC, SnapshotError, decode_snapshot, encode_snapshot
 
 entries_st = st.dictionaries(st.binary(max_size=12), st.binary(max_size=12), max_size=8).map(
     lambda d: sorted(d.items())

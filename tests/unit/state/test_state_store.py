@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from operators.serde import INT, JSON, STR, Serde, SerdeError
-from operators.state import (
+from headrace.operators.serde import INT, JSON, STR, Serde, SerdeError
+from headrace.operators.state import (
     AggregateFunction,
     AggregatingStateDescriptor,
     KeyedStateDescriptor,
@@ -17,7 +17,7 @@ from operators.state import (
     ReducingStateDescriptor,
     ValueStateDescriptor,
 )
-from runtime.state import (
+from headrace.runtime.state import (
     OperatorStateStore,
     StateBackend,
     StateMetadataError,
