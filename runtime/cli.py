@@ -128,6 +128,17 @@ def cli(log_level: str, log_format: str) -> None:
     help="Checkpoint unaligned after waiting this long (default 60).",
 )
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics and /health on this port.")
+@click.option(
+    "--session-timeout-ms",
+    type=int,
+    help="Consumer-group session timeout (default 10000): a worker silent this long loses its "
+    "tasks, and stops writing for them (its write lease).",
+)
+@click.option(
+    "--heartbeat-interval-ms",
+    type=int,
+    help="Consumer-group heartbeat interval (default 3000), well below the session timeout.",
+)
 def run(job_spec: str, **options: Any) -> None:
     """Start a worker for MODULE:JOB (e.g. examples.wordcount:job).
 

@@ -30,6 +30,11 @@ class Settings:
     restore_batch_size: int = 10_000
     max_poll_records: int = 2000
     client_id: str = "headrace"
+    #: consumer-group session: a member silent for this long is expelled and its tasks move.
+    #: It is also the task's write lease (see headrace.runtime.lease): a worker that has not
+    #: heard a successful heartbeat within it stops writing and rejoins.
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
     # security: passed through to aiokafka unchanged
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -92,6 +97,8 @@ def _coerce(values: dict[str, Any]) -> dict[str, Any]:
         ("checkpoint_interval_ms", int),
         ("restore_batch_size", int),
         ("max_poll_records", int),
+        ("session_timeout_ms", int),
+        ("heartbeat_interval_ms", int),
         ("alignment_timeout_s", float),
         ("metrics_port", int),
     ):

@@ -127,10 +127,15 @@ class _MemorySender:
         return deliveries
 
     async def send_pairs(
-        self, topic: str, partition: int, pairs: Iterable[tuple[bytes | None, bytes | None]]
+        self,
+        topic: str,
+        partition: int,
+        pairs: Iterable[tuple[bytes | None, bytes | None]],
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> list[Delivery]:
-        """BatchSender.send_pairs: (key, value) pairs to one partition, no headers."""
-        return await self.send([(topic, partition, k, v, []) for k, v in pairs])
+        """BatchSender.send_pairs: (key, value) pairs to one partition, shared headers."""
+        h = headers or []
+        return await self.send([(topic, partition, k, v, h) for k, v in pairs])
 
 
 class _MemoryProducer:

@@ -10,6 +10,13 @@ share), so revoked tasks are *suspended* after their final checkpoint rather tha
 partition comes straight back and nobody committed anything for it meanwhile, the task resumes
 with its in-memory state; otherwise it is restored from its changelog in the background while
 its inputs stay paused (DESIGN.md section 6).
+
+Partial failures. A worker that was paused past its session timeout (see
+:mod:`headrace.runtime.kafka.lease`) or whose commit says it is no longer a member (a failed
+offset commit, a fenced producer) drops every task of that stage *without* a checkpoint and
+rejoins the group; it does not exit. Under at-least-once every new ownership of a task claims a
+writer epoch in the task's changelog partitions before it processes anything
+(:mod:`headrace.runtime.checkpoint.fencing`).
 """
 
 from __future__ import annotations
@@ -27,15 +34,25 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    InvalidProducerEpoch,
+    ProducerFenced,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
 from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import ErrorPolicy, Job, Stage
 from headrace.operators.state import declared_state
 from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, next_epoch
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
-from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys, restore
 from headrace.runtime.config import Settings
-from headrace.runtime.kafka.producer import BatchSender
+from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease
+from headrace.runtime.kafka.producer import BatchSender, first_gap, last_offset
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.backend import open_backend
@@ -45,6 +62,18 @@ from headrace.runtime.status import Operations
 from headrace.runtime.task import StageTask
 
 log = logging.getLogger(__name__)
+
+#: what a member that lost its place in the group meets when it writes: it drops its tasks
+#: (no checkpoint: it may not be their owner any more) and rejoins
+MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
+    LeaseExpired,
+    CommitFailedError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+    RebalanceInProgressError,
+    ProducerFenced,
+    InvalidProducerEpoch,
+)
 
 _PRODUCER_SETTINGS: dict[str, Any] = {
     "acks": "all",
@@ -163,6 +192,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             isolation_level=isolation,
             partition_assignment_strategy=(RangePartitionAssignor,),
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+        )
+        self.lease = MembershipLease(
+            self.group_id,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
         )
         self.restore_consumer = AIOKafkaConsumer(
             **s.kafka_kwargs(),
@@ -178,6 +214,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             exactly_once=s.exactly_once,
             consumer=self.consumer,
             worker_id=worker.worker_id,
+            lease=self.lease,
         )
         self.committer.metrics = worker.metrics
         self.tasks: dict[int, TaskIO] = {}
@@ -202,6 +239,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
     async def start(self) -> None:
         await self.restore_consumer.start()
         await self.consumer.start()
+        self.lease.attach(self.consumer)
         self.consumer.subscribe(list(self.stage.source.topics), listener=self)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -211,22 +249,88 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         while not self.worker.stopping:
             if self.restore_error is not None:
                 raise self.restore_error
-            batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
-            started = time.perf_counter()
-            async with self.lock:
-                for tp, records in batches.items():
-                    io = self.tasks.get(tp.partition)
-                    if io is None:
-                        continue  # revoked meanwhile: the new owner reads them again
-                    await self._feed(io, records)
-                now = self.worker.clock()
-                for io in list(self.tasks.values()):
-                    io.task.tick(now)
-                    while io.task.pending is not None:
-                        await self.committer.commit(io, io.task.pending)
-                await self._send_outputs()
+            try:
+                batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
+                started = time.perf_counter()
+                async with self.lock:
+                    for tp, records in batches.items():
+                        io = self.tasks.get(tp.partition)
+                        if io is None:
+                            continue  # revoked meanwhile: the new owner reads them again
+                        await self._feed(io, records)
+                    now = self.worker.clock()
+                    for io in list(self.tasks.values()):
+                        io.task.tick(now)
+                        while io.task.pending is not None:
+                            await self.committer.commit(io, io.task.pending)
+                    await self._send_outputs()
+                    for io in list(self.tasks.values()):
+                        if io.foreign:
+                            await self._rewrite_foreign(io)
+            except MEMBERSHIP_LOST as exc:
+                await self._abandon(exc)
+                continue
             if batches:
                 self.worker.metrics.batch_processed(self.stage.name, started, batches)
+
+    async def _abandon(self, cause: BaseException) -> None:
+        """This member may have lost its tasks: drop them without a checkpoint, and rejoin.
+
+        Nothing of theirs past the last committed checkpoint is kept: whoever owns them next
+        (this worker again, after the rejoin, or another) restores them from the changelog.
+        """
+        log.warning(
+            "stage %s: %s: %s. Dropping task(s) %s without a checkpoint and rejoining the group",
+            self.stage.name,
+            type(cause).__name__,
+            cause,
+            sorted(self.tasks) or "none",
+        )
+        self.lease.expire()
+        with contextlib.suppress(Exception):
+            await self._cancel_restore()
+        async with self.lock:
+            for io in [*self.tasks.values(), *self.suspended.values()]:
+                await self._close(io, abort=True)
+            self.tasks.clear()
+            self.suspended.clear()
+        assigned = list(self.consumer.assignment())
+        if assigned:
+            self.consumer.pause(*assigned)
+        self.lease.request_rejoin()
+
+    async def _rewrite_foreign(self, io: TaskIO) -> None:
+        """Another writer (a zombie) wrote into this task's changelog between two of its
+        checkpoints: rewrite those keys with this task's values at the next checkpoint, so that
+        compaction never keeps the zombie's record as the last of its key (see
+        :mod:`headrace.runtime.checkpoint.fencing`). Rare: it opens its own reader."""
+        ranges, io.foreign = io.foreign, []
+        s = self.worker.settings
+        reader = AIOKafkaConsumer(
+            **s.kafka_kwargs(),
+            client_id=f"{s.client_id}-{self.stage.name}-fence",
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_uncommitted",
+        )
+        await reader.start()
+        try:
+            for op, start, end in ranges:
+                topic = io.changelog_topics[op]
+                keys = await read_keys(reader, TopicPartition(topic, io.task.partition), start, end)
+                log.warning(
+                    "%s[%d]: offsets %d..%d were written by another worker (a zombie whose "
+                    "session had expired); rewriting its %d key(s) with this task's values",
+                    topic,
+                    io.task.partition,
+                    start,
+                    end - 1,
+                    len(keys),
+                )
+                io.task.stores[op].force_dirty(keys)
+        finally:
+            await reader.stop()
 
     async def _feed(self, io: TaskIO, records: list[Any]) -> None:
         task = io.task
@@ -240,6 +344,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         for io in list(self.tasks.values()):
             out = io.task.out
             if out:
+                self.lease.check(f"outputs of task {io.name}")
                 records = out[:]
                 out.clear()
                 io.task.counters.records_out += len(records)
@@ -256,15 +361,25 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 try:
                     final = io.task.final_checkpoint()
                     await self.committer.commit(io, final)
+                except MEMBERSHIP_LOST as exc:
+                    log.warning(
+                        "no final checkpoint for task %s (%s: %s); dropping it",
+                        io.name,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    await self._close(io, abort=True)
+                    continue
                 except Exception:
                     log.exception("final checkpoint of task %s failed; dropping it", io.name)
-                    await self._close(io)
+                    await self._close(io, abort=True)
                     continue
                 # The final checkpoint released nothing: the suspended state is exactly the
                 # committed one, and a resume rewinds the input cut to it (skip list included).
                 self.suspended[p] = io
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.lease.joined()
         partitions = sorted({tp.partition for tp in assigned})
         if assigned:
             self.consumer.pause(*assigned)
@@ -286,7 +401,11 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         new: list[int] = []
         for p in partitions:
             io = self.suspended.pop(p, None)
-            if io is not None and await self._reusable(io, committed):
+            if (
+                io is not None
+                and await self._reusable(io, committed)
+                and await self._claim_unchanged(io)
+            ):
                 await self._resume_suspended(io, producers.get(p))
                 continue
             if io is not None:
@@ -339,6 +458,56 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             last = io.changelog_last.get(op)
             if ends[tp] != (0 if last is None else last + 1):
                 return False
+        return True
+
+    async def _claim(
+        self, io: TaskIO, read_until: dict[str, int] | None = None
+    ) -> list[tuple[str, int, int]]:
+        """At-least-once: claim this ownership's writer epoch in every changelog partition of
+        the task (see :mod:`headrace.runtime.checkpoint.fencing`).
+
+        Returns the ranges ``(operator, start, end)`` of records somebody else wrote between
+        what this task has read (``read_until``: the end offset per operator, by default past
+        its own last write) and its claim. Usually none.
+        """
+        if self.worker.settings.exactly_once or not self.stateful:
+            return []
+        self.lease.check(f"the writer-epoch claim of task {io.name}")
+        seen = [e for e in (st.writer_epoch for st in io.task.stores.values()) if e is not None]
+        epoch = next_epoch(max(seen) if seen else None, self.lease.generation)
+        headers = epoch_headers(epoch)
+        sent = {
+            op: await io.sender.send_pairs(
+                io.changelog_topics[op],
+                io.task.partition,
+                [claim_record(io.task.stores[op].partition_key, epoch)],
+                headers,
+            )
+            for op in self.stateful
+        }
+        gaps: list[tuple[str, int, int]] = []
+        for op, deliveries in sent.items():
+            if read_until is not None:
+                expected = read_until[op]
+            else:
+                previous = io.changelog_last.get(op)
+                expected = 0 if previous is None else previous + 1
+            gap = await first_gap(deliveries, expected)
+            if gap is not None:
+                gaps.append((op, *gap))
+            claimed_at = await last_offset(deliveries)
+            io.changelog_last[op] = claimed_at
+            # Records in a gap are not state (see _restore): the store is the state at the claim.
+            io.task.stores[op].apply_changes([], changelog_offset=claimed_at, writer_epoch=epoch)
+        io.epoch_headers = headers
+        log.info("task %s claimed writer epoch %d", io.name, epoch)
+        return gaps
+
+    async def _claim_unchanged(self, io: TaskIO) -> bool:
+        """Claim for a suspended task coming back; False if somebody wrote meanwhile."""
+        if await self._claim(io):
+            log.info("task %s: its changelog changed while it was suspended; restoring", io.name)
+            return False
         return True
 
     async def _resume_suspended(self, io: TaskIO, producer: AIOKafkaProducer | None) -> None:
@@ -435,10 +604,30 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         await restore(
             self.restore_consumer, targets, batch_size=s.restore_batch_size, progress=progress
         )
+        read_until: dict[int, dict[str, int]] = {p: {} for p in partitions}
         for t in targets:
             io = self.restoring[t.partition]
             op = next(o for o in self.stateful if self.job.changelog_topic(o) == t.topic)
             io.changelog_last[op] = t.last_applied
+            read_until[t.partition][op] = t.end
+        for p in partitions:
+            io = self.restoring[p]
+            for op, start, end in await self._claim(io, read_until[p]):
+                # Written after our restore read the partition and before our claim: by an
+                # owner that has since lost the task (it cannot have committed offsets after
+                # this rebalance), so not state. Its keys get their restored values again.
+                tp = TopicPartition(io.changelog_topics[op], p)
+                keys = await read_keys(self.restore_consumer, tp, start, end)
+                log.warning(
+                    "%s[%d]: %d record(s) at offsets %d..%d landed during the restore from a "
+                    "worker that lost the task; rewriting their keys",
+                    tp.topic,
+                    p,
+                    end - start,
+                    start,
+                    end - 1,
+                )
+                io.task.stores[op].force_dirty(keys)
         async with self.lock:
             for p in partitions:
                 await self._install(p, metas[p], committed)
@@ -490,7 +679,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._close(io)
         self.restoring.clear()
 
-    async def _close(self, io: TaskIO) -> None:
+    async def _close(self, io: TaskIO, *, abort: bool = False) -> None:
+        for fut, _ in io.unacked:  # outputs never acknowledged: nobody waits for them now
+            fut.add_done_callback(_retrieve)
+        io.unacked = []
+        if abort and io.producer is not None:
+            with contextlib.suppress(Exception):
+                await io.producer.abort_transaction()
         with contextlib.suppress(Exception):
             io.task.close()
         for store in io.task.stores.values():
@@ -525,3 +720,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             self.suspended.clear()
         await self.consumer.stop()
         await self.restore_consumer.stop()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Consume a dropped delivery's outcome (no "exception was never retrieved" noise)."""
+    if not fut.cancelled():
+        fut.exception()

@@ -22,6 +22,13 @@ at_least_once
     restoring task rewrites those keys with their committed values at its next checkpoint
     (:meth:`OperatorStateStore.force_dirty`), so stale writes never become "valid" later.
 
+Before it writes anything, a commit checks the member's write lease
+(:mod:`headrace.runtime.kafka.lease`): a worker that may have been expelled from its group
+writes nothing and rejoins. Under at-least-once every changelog record carries the owner's
+writer epoch, and a gap in the offsets its own writes are given means somebody else (a zombie)
+wrote into the partition; the task reads and rewrites those keys
+(:mod:`headrace.runtime.checkpoint.fencing`).
+
 Only after the commit does the task write the changes into its local backend, recording the
 changelog offset in the same write batch: a local RocksDB store therefore never holds
 uncommitted state, and a restart replays only the changelog tail past that offset.
@@ -42,7 +49,14 @@ from headrace.operators.job import Job
 from headrace.runtime.checkpoint.log import CheckpointAck
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.faults import maybe_crash
-from headrace.runtime.kafka.producer import BatchSender, Delivery, last_offset, wait_delivered
+from headrace.runtime.kafka.lease import MembershipLease
+from headrace.runtime.kafka.producer import (
+    BatchSender,
+    Delivery,
+    first_gap,
+    last_offset,
+    wait_delivered,
+)
 from headrace.runtime.task import OutRecord, PendingCheckpoint, StageTask
 
 if TYPE_CHECKING:
@@ -69,6 +83,12 @@ class TaskIO:
     #: the task's own transactional producer (exactly-once) or None
     producer: AIOKafkaProducer | None = None
     restored: bool = False
+    #: at-least-once: this ownership's writer epoch header for changelog records (None:
+    #: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
+    epoch_headers: list[tuple[str, bytes]] | None = None
+    #: changelog ranges (operator id, first, end) that another writer filled between two of
+    #: this task's writes: read and rewritten by the worker
+    foreign: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -85,8 +105,10 @@ class Committer:
         exactly_once: bool,
         consumer: AIOKafkaConsumer,
         worker_id: str,
+        lease: MembershipLease | None = None,
     ) -> None:
         self.job = job
+        self.lease = lease  #: checked before every write (None: in-process driver)
         self.exactly_once = exactly_once
         self.consumer = consumer
         self.worker_id = worker_id
@@ -97,6 +119,8 @@ class Committer:
     async def commit(self, io: TaskIO, pending: PendingCheckpoint) -> None:
         started = time.perf_counter()
         task, sender = io.task, io.sender
+        if self.lease is not None:
+            self.lease.check(f"checkpoint {pending.checkpoint_id} of task {io.name}")
         deliveries = io.unacked
         io.unacked = []
         deliveries += await sender.send(pending.outputs)
@@ -107,9 +131,16 @@ class Committer:
             if changes:
                 changed += len(changes)
                 topic = io.changelog_topics[op_id]
-                changelog[op_id] = await sender.send_pairs(topic, task.partition, changes)
+                changelog[op_id] = await sender.send_pairs(
+                    topic, task.partition, changes, io.epoch_headers
+                )
         deliveries += await sender.send(pending.barriers)
         for op_id, d in changelog.items():
+            previous = io.changelog_last.get(op_id)
+            if io.epoch_headers is not None and previous is not None:
+                gap = await first_gap(d, previous + 1)
+                if gap is not None:
+                    io.foreign.append((op_id, *gap))
             io.changelog_last[op_id] = await last_offset(d)
         await wait_delivered(deliveries)
         self.fault("after-changelog")

@@ -12,6 +12,12 @@ batches, and applied to the stores as write batches. Three rules decide what is 
   is reused when that offset is not past what the committed checkpoint covers, and only the tail
   is replayed. Otherwise it is wiped and rebuilt.
 
+* writer epochs (:mod:`headrace.runtime.checkpoint.fencing`): a record whose ``hr.epoch`` is
+  lower than an epoch seen earlier in the partition was written by an owner that had already
+  been replaced (a zombie). It is not applied, and its key is rewritten with the restored value
+  at the next checkpoint, so that compaction can never leave the zombie's record as the last
+  one of that key.
+
 A record whose key is not in the task's namespace (corruption, or a topic shared by mistake)
 stops the restore with an error naming topic, partition and offset: half a state is worse than
 none.
@@ -39,6 +45,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
+from headrace.runtime.checkpoint.fencing import EpochFilter
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.state.keys import metadata_prefix, partition_prefix
 from headrace.runtime.state.store import OperatorStateStore
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 _KEY = attrgetter("key")
 _VALUE = attrgetter("value")
 _OFFSET = attrgetter("offset")
+_HEADERS = attrgetter("headers")
 
 
 class ChangelogCorruptError(RuntimeError):
@@ -75,6 +83,12 @@ class RestoreTarget:
     end: int = 0
     applied: int = 0
     stale: set[bytes] = field(default_factory=set)
+    #: keys of records written by a fenced (older) owner: skipped, rewritten at the next
+    #: checkpoint (see :mod:`headrace.runtime.checkpoint.fencing`)
+    fenced: set[bytes] = field(default_factory=set)
+    fenced_count: int = 0
+    #: the highest writer epoch seen in this partition so far
+    epochs: EpochFilter = field(default_factory=EpochFilter)
     last_applied: int | None = None
     # the write batch being gathered: parallel key/value lists, and its metadata records
     _keys: list[bytes] = field(default_factory=list)
@@ -105,8 +119,11 @@ class RestoreTarget:
             clean = min(keys).startswith(state_prefix) and max(keys).startswith(state_prefix)
         except (TypeError, AttributeError):  # a key that is not bytes (None: no key)
             clean = False
-        meta_at = () if clean else self._sort_out(records, keys, prefixes)
+        meta_at: Sequence[int] = () if clean else self._sort_out(records, keys, prefixes)
         values = list(map(_VALUE, records))
+        # Epochs first, over the whole batch: a claim past the committed checkpoint still
+        # raises the epoch (it is a claim, whether or not its owner ever committed).
+        fenced = self.epochs.split(list(map(_HEADERS, records)))
         valid_until = self.valid_until
         cut = n
         if valid_until is not None and records[-1].offset > valid_until:
@@ -116,6 +133,17 @@ class RestoreTarget:
             del keys[cut:], values[cut:]
         if cut:
             self.last_applied = records[cut - 1].offset
+            if fenced and fenced[0] < cut:
+                skip = {i for i in fenced if i < cut}
+                self.fenced.update(keys[i] for i in skip)
+                self.fenced_count += len(skip)
+                keep = [i for i in range(cut) if i not in skip]
+                keys = [keys[i] for i in keep]
+                values = [values[i] for i in keep]
+                if meta_at:
+                    was_meta = set(meta_at)
+                    meta_at = [j for j, i in enumerate(keep) if i in was_meta]
+                cut = len(keep)
             if meta_at:
                 self._meta.extend((keys[i], values[i]) for i in meta_at if i < cut)
             if self._keys:
@@ -159,6 +187,17 @@ class RestoreTarget:
     def finish(self) -> None:
         """Last batch, stale-key compensation, and the local store's new changelog offset."""
         self.flush()
+        if self.fenced:
+            log.warning(
+                "%s[%d]: skipped %d record(s) written by a worker that had already lost this "
+                "task (a zombie: paused past its session timeout); their %d key(s) will be "
+                "rewritten with the restored values",
+                self.topic,
+                self.partition,
+                self.fenced_count,
+                len(self.fenced),
+            )
+            self.store.force_dirty(self.fenced)
         if self.stale:
             log.info(
                 "%s[%d]: %d key(s) written by a checkpoint that never committed; they will be "
@@ -169,7 +208,9 @@ class RestoreTarget:
             )
             self.store.force_dirty(self.stale)
         # Record how far the local store now is, so a restart replays only what follows.
-        self.store.apply_changes([], changelog_offset=self.last_applied)
+        self.store.apply_changes(
+            [], changelog_offset=self.last_applied, writer_epoch=self.epochs.highest
+        )
 
 
 def plan_start(target: RestoreTarget) -> None:
@@ -178,6 +219,7 @@ def plan_start(target: RestoreTarget) -> None:
     if local is not None and (target.valid_until is None or local <= target.valid_until):
         target.start = local + 1
         target.last_applied = local
+        target.epochs.highest = target.store.writer_epoch
         log.info(
             "reusing local state of %s[%d] at changelog offset %d; replaying the tail",
             target.topic,
@@ -242,3 +284,23 @@ async def restore(
             progress(t)
     # Every partition is paused now. The assignment is deliberately not emptied: aiokafka 0.14
     # can hang in stop() on a group-less consumer whose assignment is empty.
+
+
+async def read_keys(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int
+) -> set[bytes]:
+    """The keys of the records at offsets ``[start, end)`` of one changelog partition.
+
+    The fencing catch-up (:mod:`headrace.runtime.checkpoint.fencing`): records another
+    writer put where only this task should write are not state, but their keys must be
+    rewritten. ``consumer`` is group-less and owned by the caller; its assignment is replaced.
+    """
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    keys: set[bytes] = set()
+    while await consumer.position(tp) < end:
+        batches = await consumer.getmany(tp, timeout_ms=500)
+        for r in batches.get(tp, ()):
+            if r.offset < end and r.key is not None:
+                keys.add(r.key)
+    return keys

@@ -154,12 +154,16 @@ class BatchSender:
         return futures
 
     async def send_pairs(
-        self, topic: str, partition: int, pairs: Iterable[tuple[bytes | None, bytes | None]]
+        self,
+        topic: str,
+        partition: int,
+        pairs: Iterable[tuple[bytes | None, bytes | None]],
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> list[Delivery]:
-        """Submit ``(key, value)`` pairs to one partition without headers (changelog writes):
-        no per-record output tuple is built."""
+        """Submit ``(key, value)`` pairs to one partition (changelog writes), every record
+        with the same ``headers`` (one shared list, or none): no per-record tuple is built."""
         futures: list[Delivery] = []
-        await self._fill(futures, topic, partition, pairs, pairs=True)
+        await self._fill(futures, topic, partition, pairs, pairs=True, headers=headers)
         return futures
 
     async def _fill(
@@ -170,14 +174,18 @@ class BatchSender:
         records: Iterable[Any],
         *,
         pairs: bool,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
-        """Append ``records`` (output tuples, or ``(key, value)`` pairs without headers) to
+        """Append ``records`` (output tuples, or ``(key, value)`` pairs sharing ``headers``) to
         batches for one partition, submitting each batch as it fills and the last at the end."""
         create = self.producer.create_batch
         batch = create()
         append = _raw_append(batch)
+        shared = _NO_HEADERS if headers is None else headers
         if append is None:
-            return await self._fill_public(futures, topic, partition, records, batch, pairs=pairs)
+            return await self._fill_public(
+                futures, topic, partition, records, batch, pairs=pairs, headers=shared
+            )
         n = 0
         if not pairs:
             for rec in records:
@@ -191,11 +199,11 @@ class BatchSender:
                 n += 1
         else:
             for key, value in records:
-                if append(n, None, key, value, _NO_HEADERS) is None:
+                if append(n, None, key, value, shared) is None:
                     await self._submit_raw(futures, batch, topic, partition, n, full=True)
                     batch = create()
                     append = _raw_append(batch)
-                    if append is None or append(0, None, key, value, _NO_HEADERS) is None:
+                    if append is None or append(0, None, key, value, shared) is None:
                         raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
                     n = 0
                 n += 1
@@ -229,12 +237,14 @@ class BatchSender:
         batch: Any,
         *,
         pairs: bool,
+        headers: list[tuple[str, bytes]],
     ) -> None:
         """:meth:`_fill` through the public ``BatchBuilder.append`` (another batch type)."""
         producer = self.producer
         count = 0
+        shared = headers
         for rec in records:
-            key, value, headers = (rec[0], rec[1], _NO_HEADERS) if pairs else rec[2:5]
+            key, value, headers = (rec[0], rec[1], shared) if pairs else rec[2:5]
             if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 futures.append(await self._submit(batch, topic, partition, count))
                 batch = producer.create_batch()
@@ -261,6 +271,21 @@ async def last_offset(deliveries: list[Delivery]) -> int | None:
         meta = await fut
         last = meta.offset + count - 1
     return last
+
+
+async def first_gap(deliveries: list[Delivery], expected: int) -> tuple[int, int] | None:
+    """The first range ``(start, end)`` of offsets between ``expected`` and these batches (all
+    to one partition, in submission order) that somebody else's records filled, if any.
+
+    A partition has one legitimate writer (the task's owner), whose batches get consecutive
+    offsets; a gap means another producer, a zombie, wrote in between.
+    """
+    for fut, count in deliveries:
+        meta = await fut
+        if meta.offset > expected:
+            return expected, meta.offset
+        expected = meta.offset + count
+    return None
 
 
 async def wait_delivered(deliveries: list[Delivery]) -> None:

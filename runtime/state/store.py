@@ -62,8 +62,12 @@ STATE_FORMAT_VERSION = 1
 envelope)."""
 
 _OFFSET_NAME = "changelog_offset"
+#: a task's claim record (also written to the changelog by the owner; see
+#: headrace.runtime.checkpoint.fencing, which must use the same name)
+CLAIM_NAME = "writer_epoch"
 _STATE_META_PREFIX = "state:"
 _I64 = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
 _RESTORE_BATCH = 10_000
 _UNKNOWN: Any = object()  # changelog offset not read from the backend yet
 
@@ -127,6 +131,7 @@ class OperatorStateStore:
 
     __slots__ = (
         "_changelog_offset",
+        "_claim_key",
         "_clock",
         "_forced",
         "_meta_prefix",
@@ -159,6 +164,7 @@ class OperatorStateStore:
         self._part_prefix = partition_prefix(partition_key)
         self._meta_prefix = metadata_prefix(partition_key)
         self._offset_key = encode_metadata_key(partition_key, _OFFSET_NAME)
+        self._claim_key = encode_metadata_key(partition_key, CLAIM_NAME)
         self._changelog_offset: int | object | None = _UNKNOWN
 
     @property
@@ -280,7 +286,11 @@ class OperatorStateStore:
         self._forced.update(storage_keys)
 
     def apply_changes(
-        self, changes: Iterable[Change], *, changelog_offset: int | None = None
+        self,
+        changes: Iterable[Change],
+        *,
+        changelog_offset: int | None = None,
+        writer_epoch: int | None = None,
     ) -> None:
         """Write a checkpoint's changes to the backend in ONE atomic batch.
 
@@ -288,9 +298,13 @@ class OperatorStateStore:
         write committed). With ``None`` the recorded offset is deleted in the same batch:
         the local state is then ahead of any offset we could claim, so it must not be reused
         as "state at offset X". Evicts clean cache entries above ``cache_max_entries``
-        afterwards: eviction happens here, never on the per-record path.
+        afterwards: eviction happens here, never on the per-record path. ``writer_epoch``,
+        when given, is recorded as the task's claim (:mod:`headrace.runtime.checkpoint.fencing`)
+        in the same batch, so a warm restart resumes the epoch filter where it stopped.
         """
         batch = list(changes)
+        if writer_epoch is not None:
+            batch.append((self._claim_key, _U64.pack(writer_epoch)))
         if changelog_offset is None:
             batch.append((self._offset_key, None))
         else:
@@ -420,6 +434,12 @@ class OperatorStateStore:
             self._changelog_offset = offset
         assert offset is None or isinstance(offset, int)
         return offset
+
+    @property
+    def writer_epoch(self) -> int | None:
+        """The latest writer epoch claim this store holds (None: none)."""
+        raw = self.backend.get(self._claim_key)
+        return None if raw is None else int(_U64.unpack(raw)[0])
 
     def stats(self) -> StoreStats:
         states = self._states.values()

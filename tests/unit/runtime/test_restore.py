@@ -5,14 +5,16 @@ largest key of a batch, cuts at-least-once batches at ``valid_until`` by bisecti
 parallel key/value lists to the backend. These tests pin what the plain per-record loop did:
 namespace errors name topic/partition/offset, records past ``valid_until`` are not applied and
 mark their keys stale, tombstones delete in order, metadata records are checked before their
-batch is written, batches are atomic and the fault hook fires once per flushed batch.
+batch is written, batches are atomic and the fault hook fires once per flushed batch, and a
+record whose writer epoch is below one seen earlier in the partition (a zombie's) is skipped and
+its key rewritten.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ from hypothesis import strategies as st
 
 import headrace.runtime.checkpoint.restore as restore_module
 from headrace.operators.state import ValueStateDescriptor
-from headrace.runtime.checkpoint.restore import ChangelogCorruptError, RestoreTarget
+from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers
+from headrace.runtime.checkpoint.restore import ChangelogCorruptError, RestoreTarget, plan_start
 from headrace.runtime.state import (
     OperatorStateStore,
     StateBackend,
@@ -57,6 +60,7 @@ class Rec:
     offset: int
     key: Any
     value: bytes | None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def state_key(user: int) -> bytes:
@@ -93,8 +97,15 @@ def make_store(
         backend.close()
 
 
-def records(pairs: list[tuple[Any, bytes | None]], first: int = 0) -> list[Rec]:
-    return [Rec(TOPIC, PARTITION, first + i, k, v) for i, (k, v) in enumerate(pairs)]
+def records(
+    pairs: list[tuple[Any, bytes | None]], first: int = 0, epochs: list[int | None] | None = None
+) -> list[Rec]:
+    """Changelog records at offsets ``first``..; ``epochs[i]``: the i-th record's writer epoch."""
+    marks = epochs or [None] * len(pairs)
+    return [
+        Rec(TOPIC, PARTITION, first + i, k, v, [] if e is None else epoch_headers(e))
+        for i, ((k, v), e) in enumerate(zip(pairs, marks, strict=True))
+    ]
 
 
 def stored(store: OperatorStateStore) -> dict[bytes, bytes]:
@@ -102,6 +113,7 @@ def stored(store: OperatorStateStore) -> dict[bytes, bytes]:
     out = dict(store.backend.range_scan(partition_prefix(PK)))
     out.update(store.backend.range_scan(metadata_prefix(PK)))
     out.pop(store._offset_key, None)
+    out.pop(store._claim_key, None)
     return out
 
 
@@ -138,6 +150,7 @@ def changelogs(draw: st.DrawFn) -> list[tuple[bytes, bytes | None]]:
     chunk=st.integers(1, 12),
     batch_size=st.integers(1, 15),
     valid_until=st.none() | st.integers(-1, 45),
+    epoch_runs=st.lists(st.tuples(st.none() | st.integers(1, 4), st.integers(1, 8)), max_size=8),
 )
 def test_apply_matches_the_record_by_record_model(
     make_store: Callable[..., OperatorStateStore],
@@ -145,29 +158,99 @@ def test_apply_matches_the_record_by_record_model(
     chunk: int,
     batch_size: int,
     valid_until: int | None,
+    epoch_runs: list[tuple[int | None, int]],
 ) -> None:
+    # writer epochs come in runs (one owner writes several records), older owners included
+    epochs = [e for e, n in epoch_runs for _ in range(n)][: len(pairs)]
+    epochs += [None] * (len(pairs) - len(epochs))
     store = make_store()
     target = RestoreTarget(store, TOPIC, PARTITION, valid_until)
-    recs = records(pairs)
+    recs = records(pairs, epochs=epochs)
     run(target, recs, chunk, batch_size)
 
     model: dict[bytes, bytes] = {}
     stale: set[bytes] = set()
+    fenced: set[bytes] = set()
+    highest: int | None = None
     last = None
-    for r in recs:
+    for r, epoch in zip(recs, epochs, strict=True):
+        zombie = epoch is not None and highest is not None and epoch < highest
+        if epoch is not None and not zombie:
+            highest = epoch
         if valid_until is not None and r.offset > valid_until:
             stale.add(r.key)
             continue
-        if r.value is None:
+        last = r.offset
+        if zombie:
+            fenced.add(r.key)
+        elif r.value is None:
             model.pop(r.key, None)
         else:
             model[r.key] = r.value
-        last = r.offset
     assert stored(store) == model
     assert target.stale == stale
+    assert target.fenced == fenced
+    assert target.epochs.highest == highest
+    assert store.writer_epoch == highest
     assert target.last_applied == last
     assert target.applied == len(recs)
     assert store.changelog_offset == last
+
+
+def test_interleaved_writes_of_two_owners_restore_exactly_the_newer_owners_state(
+    make_store: Callable[..., OperatorStateStore],
+) -> None:
+    """The zombie scenario: owner 7 claims and writes, the new owner 8 claims, and the zombie's
+    late writes (its revocation's "final checkpoint") land between and after owner 8's."""
+    a, b, c = state_key(1), state_key(2), state_key(3)
+    claim7, claim8 = claim_record(PK, 7), claim_record(PK, 8)
+    log = [
+        (claim7, 7),
+        ((a, b"\x00" * 7 + b"\x05"), 7),  # a = 5, committed by owner 7
+        ((b, b"\x00" * 7 + b"\x01"), 7),
+        (claim8, 8),  # the new owner restored a = 5, b = 1 and claimed
+        ((a, b"\x00" * 7 + b"\x1a"), 8),  # a = 26
+        ((a, b"\x00" * 7 + b"\x06"), 7),  # the zombie: a = 6, b deleted, c = 9
+        ((b, None), 7),
+        ((c, b"\x00" * 7 + b"\x09"), 7),
+        (claim7, 7),  # even a zombie's late claim does not take the task back
+        ((b, b"\x00" * 7 + b"\x02"), 8),  # b = 2
+    ]
+    for chunk in (1, 3, len(log)):
+        store = make_store()
+        target = RestoreTarget(store, TOPIC, PARTITION, None)
+        recs = records([kv for kv, _ in log], epochs=[e for _, e in log])
+        run(target, recs, chunk, batch_size=4)
+        state = stored(store)
+        assert {k: state.get(k) for k in (a, b, c)} == {
+            a: b"\x00" * 7 + b"\x1a",
+            b: b"\x00" * 7 + b"\x02",
+            c: None,
+        }
+        assert target.fenced == {a, b, c, claim7[0]} and target.fenced_count == 4
+        assert store.writer_epoch == 8
+        # the zombie's keys are rewritten with the newer owner's values (c: deleted), so that
+        # compaction can never leave a zombie record as the last one of a key
+        changes = dict(store.take_changes())
+        assert changes[a] == b"\x00" * 7 + b"\x1a" and changes[c] is None
+        assert changes[claim7[0]] == claim8[1]
+
+
+def test_a_warm_restart_resumes_the_epoch_filter_from_the_local_store(
+    make_store: Callable[..., OperatorStateStore],
+) -> None:
+    a = state_key(1)
+    store = make_store()
+    first = RestoreTarget(store, TOPIC, PARTITION, None)
+    run(first, records([claim_record(PK, 3), (a, b"\x00" * 8)], epochs=[3, 3]), 10, 10)
+    assert (store.changelog_offset, store.writer_epoch) == (1, 3)
+    # the tail after a restart: a zombie of epoch 2 wrote after the local store's offset
+    again = RestoreTarget(store, TOPIC, PARTITION, None)
+    plan_start(again)
+    assert again.start == 2 and again.epochs.highest == 3
+    run(again, records([(a, b"\x00" * 7 + b"\x09")], first=2, epochs=[2]), 10, 10)
+    assert stored(store)[a] == b"\x00" * 8
+    assert again.fenced == {a}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,124 @@
+"""The write lease: a worker that may have lost its group membership does not write.
+
+Kafka's group coordinator expels a member that has not sent a heartbeat for
+``session.timeout.ms`` and gives its partitions to another member. The expelled member learns
+this only from its *next* exchange with the coordinator. A worker that was paused (GC, swap, a
+frozen VM, SIGSTOP) therefore resumes believing it still owns its tasks, and under at-least-once
+nothing in Kafka stops its writes (see :mod:`headrace.runtime.checkpoint.fencing`).
+
+The coordinator starts a member's session clock when it *receives* a heartbeat, which is after
+the member *sent* it. So if the last successful heartbeat was sent at ``t`` (our monotonic
+clock), the member is in the group until at least ``t + session_timeout``, and no other member
+can own its partitions before that. :class:`MembershipLease` records ``t`` for every successful
+heartbeat (and for a completed join) and answers one question before every write: is ``now``
+still safely inside that window? The safety margin (one heartbeat interval, at most a third of
+the session) covers the time a write takes to reach the broker and the rebalance the new owner
+still has to go through; with the default 10 s session and 3 s heartbeat a healthy member's
+lease is never older than about 3 s, so the check never fires in normal operation.
+
+aiokafka has no public hook for heartbeats, so the lease wraps the group coordinator's
+``_do_heartbeat`` of the one consumer it guards (aiokafka 0.11-0.14 all have it; the pin in
+pyproject.toml keeps it so). Where the hook is missing the lease cannot be renewed by
+heartbeats and falls back to the last join: the worker then drops and re-restores its tasks
+once per session, which is slow but never wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class LeaseExpired(RuntimeError):
+    """The worker cannot be sure it still owns its tasks: it must not write for them."""
+
+
+class MembershipLease:
+    """Tracks the last moment this consumer's group membership was confirmed."""
+
+    def __init__(
+        self,
+        group_id: str,
+        *,
+        session_timeout_ms: int,
+        heartbeat_interval_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.group_id = group_id
+        self.session = session_timeout_ms / 1000
+        self.margin = min(heartbeat_interval_ms / 1000, self.session / 3)
+        self.clock = clock
+        self.confirmed_at: float | None = None  #: send time of the last confirmation
+        self.generation: int | None = None
+        self._coordinator: Any = None
+
+    def attach(self, consumer: Any) -> None:
+        """Wrap the consumer's heartbeat so every successful one renews the lease."""
+        coordinator: Any = getattr(consumer, "_coordinator", None)
+        heartbeat = getattr(coordinator, "_do_heartbeat", None)
+        self._coordinator = coordinator
+        if heartbeat is None:
+            log.warning(
+                "aiokafka has no heartbeat hook here; group %s renews its write lease only on "
+                "rebalances",
+                self.group_id,
+            )
+            return
+        lease = self
+
+        async def tracked_heartbeat() -> Any:
+            sent = lease.clock()
+            ok = await heartbeat()
+            if ok:
+                lease.renew(sent)
+            return ok
+
+        coordinator._do_heartbeat = tracked_heartbeat
+
+    def joined(self) -> None:
+        """A rebalance just completed with this member in it (called on assignment)."""
+        self.renew(self.clock() - self.margin)
+        generation = getattr(self._coordinator, "generation", None)
+        self.generation = generation if isinstance(generation, int) and generation > 0 else None
+
+    def renew(self, sent_at: float) -> None:
+        if self.confirmed_at is None or sent_at > self.confirmed_at:
+            self.confirmed_at = sent_at
+
+    def expire(self) -> None:
+        """Forget the confirmation (the worker dropped its tasks; the next join renews)."""
+        self.confirmed_at = None
+
+    def remaining(self) -> float:
+        """Seconds the lease still holds (negative: expired)."""
+        if self.confirmed_at is None:
+            return -1.0
+        return self.confirmed_at + self.session - self.margin - self.clock()
+
+    def check(self, what: str) -> None:
+        """Raise :class:`LeaseExpired` unless the membership is confirmed recently enough."""
+        left = self.remaining()
+        if left < 0:
+            since = "never" if self.confirmed_at is None else f"{-left + self.session:.1f}s ago"
+            raise LeaseExpired(
+                f"group {self.group_id}: membership last confirmed {since} (session timeout "
+                f"{self.session:.1f}s); not writing {what}. The worker was probably paused past "
+                "its session timeout: it drops its tasks and rejoins"
+            )
+
+    def request_rejoin(self) -> None:
+        """Ask the consumer to rejoin its group (a new assignment follows)."""
+        request = getattr(self._coordinator, "request_rejoin", None)
+        if request is not None:
+            request()
+
+
+async def guarded(lease: MembershipLease | None, what: str, write: Awaitable[Any]) -> Any:
+    """``await write`` after checking ``lease`` (None: no lease, e.g. the in-process driver)."""
+    if lease is not None:
+        lease.check(what)
+    return await write
