@@ -248,7 +248,11 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer = self.consumer
         while not self.worker.stopping:
             if self.restore_error is not None:
-                raise self.restore_error
+                failed, self.restore_error = self.restore_error, None
+                if not isinstance(failed, MEMBERSHIP_LOST):
+                    raise failed
+                await self._abandon(failed)
+                continue
             try:
                 batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
                 started = time.perf_counter()
@@ -422,8 +426,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _restore_done(self, job: asyncio.Task[None]) -> None:
         if not job.cancelled() and job.exception() is not None:
-            log.error("restore of stage %s failed: %s", self.stage.name, job.exception())
-            self.restore_error = job.exception()
+            failed = job.exception()
+            if not isinstance(failed, MEMBERSHIP_LOST):
+                log.error("restore of stage %s failed: %s", self.stage.name, failed)
+            self.restore_error = failed
 
     def _use_producer(self, io: TaskIO, producer: AIOKafkaProducer) -> None:
         io.producer = producer
@@ -667,17 +673,21 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.resume(*self.input_tps(p))
 
     async def _cancel_restore(self) -> None:
-        job = self._restore_job
+        """Stop a restore under way and close its tasks. A restore that already failed for a
+        reason other than lost membership re-raises here (the loop raises it too)."""
+        job, self._restore_job = self._restore_job, None
+        failed: BaseException | None = None
         if job is not None and not job.done():
             job.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await job
-        elif job is not None and job.done() and not job.cancelled() and job.exception():
-            raise job.exception()  # type: ignore[misc]
-        self._restore_job = None
+        elif job is not None and not job.cancelled():
+            failed = job.exception()
         for io in self.restoring.values():
-            await self._close(io)
+            await self._close(io, abort=True)
         self.restoring.clear()
+        if failed is not None and not isinstance(failed, MEMBERSHIP_LOST):
+            raise failed
 
     async def _close(self, io: TaskIO, *, abort: bool = False) -> None:
         for fut, _ in io.unacked:  # outputs never acknowledged: nobody waits for them now
