@@ -51,7 +51,7 @@ from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, nex
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys, restore
 from headrace.runtime.config import Settings
-from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease
+from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
 from headrace.runtime.kafka.producer import BatchSender, first_gap, last_offset
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
 from headrace.runtime.metrics import WorkerMetrics
@@ -97,6 +97,9 @@ class Worker:
         self.layout: TopicLayout | None = None
         self.admin: AIOKafkaAdminClient | None = None
         self.shared_producer: AIOKafkaProducer | None = None
+        #: at-least-once: fails the shared producer's sends while a stage's lease is expired
+        self.producer_guard: ProducerGuard | None = None
+        self._replacing = asyncio.Lock()
         self.failure: BaseException | None = None
         self.metrics = WorkerMetrics(self)  #: its own registry (runtime/metrics.py)
         self.ops_port: int | None = None  #: where /metrics, /health, /ready are served
@@ -121,12 +124,9 @@ class Worker:
         try:
             self.layout = await ensure_topics(self.admin, self.job)
             await self.ops.start()
-            if not s.exactly_once:
-                self.shared_producer = AIOKafkaProducer(
-                    **s.kafka_kwargs(), client_id=s.client_id, **_PRODUCER_SETTINGS
-                )
-                await self.shared_producer.start()
             self.runners = [StageRunner(self, stage) for stage in self.job.stages]
+            if not s.exactly_once:
+                await self._start_shared_producer()
             for r in self.runners:
                 await r.start()
             loops = [
@@ -153,6 +153,32 @@ class Worker:
         if self.failure is not None:
             raise self.failure
         log.info("worker %s stopped cleanly", self.worker_id)
+
+    async def _start_shared_producer(self) -> None:
+        """The at-least-once producer every task shares, guarded by the stages' leases."""
+        s = self.settings
+        producer = AIOKafkaProducer(**s.kafka_kwargs(), client_id=s.client_id, **_PRODUCER_SETTINGS)
+        await producer.start()
+        guard = ProducerGuard(lambda: [r.lease for r in self.runners])
+        guard.install(producer)
+        self.shared_producer, self.producer_guard = producer, guard
+
+    async def replace_tripped_producer(self) -> None:
+        """The guard failed writes of the shared producer (the worker was paused past its
+        session): its sequence numbers have a gap, so every stage drops its tasks and the
+        worker goes on with a new producer; the old one is stopped without sending what it
+        still holds."""
+        async with self._replacing:
+            old, guard = self.shared_producer, self.producer_guard
+            if old is None or guard is None or guard.tripped is None:
+                return  # already replaced
+            log.warning("replacing the shared producer after lost writes: %s", guard.tripped)
+            await self._start_shared_producer()
+            for r in self.runners:
+                await r.abandon(guard.tripped)
+            ProducerGuard.discard_queued(old)
+            with contextlib.suppress(Exception):
+                await old.stop()
 
     # -- shared factories --------------------------------------------------------------------
     def partition_counts(self) -> dict[str, int]:
@@ -251,7 +277,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 failed, self.restore_error = self.restore_error, None
                 if not isinstance(failed, MEMBERSHIP_LOST):
                     raise failed
-                await self._abandon(failed)
+                await self.abandon(failed)
                 continue
             try:
                 batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
@@ -272,12 +298,12 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                         if io.foreign:
                             await self._rewrite_foreign(io)
             except MEMBERSHIP_LOST as exc:
-                await self._abandon(exc)
+                await self.abandon(exc)
                 continue
             if batches:
                 self.worker.metrics.batch_processed(self.stage.name, started, batches)
 
-    async def _abandon(self, cause: BaseException) -> None:
+    async def abandon(self, cause: BaseException) -> None:
         """This member may have lost its tasks: drop them without a checkpoint, and rejoin.
 
         Nothing of theirs past the last committed checkpoint is kept: whoever owns them next
@@ -302,6 +328,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         if assigned:
             self.consumer.pause(*assigned)
         self.lease.request_rejoin()
+        guard = self.worker.producer_guard
+        if guard is not None and guard.tripped is not None:
+            await self.worker.replace_tripped_producer()
 
     async def _rewrite_foreign(self, io: TaskIO) -> None:
         """Another writer (a zombie) wrote into this task's changelog between two of its

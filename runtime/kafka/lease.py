@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,64 @@ class MembershipLease:
             request()
 
 
-async def guarded(lease: MembershipLease | None, what: str, write: Awaitable[Any]) -> Any:
-    """``await write`` after checking ``lease`` (None: no lease, e.g. the in-process driver)."""
-    if lease is not None:
-        lease.check(what)
-    return await write
+class ProducerGuard:
+    """Fails a producer's batches at the moment they would leave the process, while any lease
+    it serves has expired.
+
+    The lease check before a write is not enough on its own: the producer sends asynchronously
+    (a batch waits in aiokafka's accumulator for the sender task), so a pause between the check
+    and the send would let the batch out after the process resumes, as a zombie's write. The
+    guard repeats the check inside the sender, in the same synchronous step as the socket
+    write (aiokafka's ``Sender._send_produce_req``: the request is built and written without
+    yielding to the event loop when the connection is up), so only a pause inside that step
+    remains. A failed batch leaves a gap in the idempotent producer's sequence numbers, so once
+    tripped the guard fails every later batch too, and the worker replaces the producer.
+    """
+
+    def __init__(self, leases: Callable[[], Iterable[MembershipLease]]) -> None:
+        self.leases = leases
+        self.tripped: LeaseExpired | None = None
+
+    def expired(self) -> LeaseExpired | None:
+        for lease in self.leases():
+            if lease.confirmed_at is not None and lease.remaining() < 0:
+                try:
+                    lease.check("produce requests")
+                except LeaseExpired as exc:
+                    return exc
+        return None
+
+    def install(self, producer: Any) -> None:
+        sender: Any = getattr(producer, "_sender", None)
+        send = getattr(sender, "_send_produce_req", None)
+        if send is None:
+            log.warning("aiokafka has no produce hook here; only the write lease guards writes")
+            return
+        guard = self
+
+        async def guarded_send(node_id: int, batches: dict[Any, Any]) -> None:
+            failure = guard.tripped or guard.expired()
+            if failure is None:
+                await send(node_id, batches)
+                return
+            guard.tripped = failure
+            for batch in batches.values():
+                batch.failure(exception=failure)
+            sender._in_flight.discard(node_id)
+            for tp in batches:
+                sender._muted_partitions.discard(tp)
+
+        sender._send_produce_req = guarded_send
+
+    @staticmethod
+    def discard_queued(producer: Any) -> None:
+        """Fail every batch still queued in ``producer`` (before stopping it: ``stop`` would
+        otherwise send them)."""
+        accumulator: Any = getattr(producer, "_message_accumulator", None)
+        queued: Any = getattr(accumulator, "_batches", None)
+        if not queued:
+            return
+        failure = LeaseExpired("producer replaced after a lost membership")
+        for tp in list(queued):
+            for batch in queued.pop(tp):
+                batch.failure(exception=failure)
