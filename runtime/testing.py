@@ -30,17 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
-from headrace.operators.state import declared_state
 from headrace.runtime.checkpoint.commit import Committer, TaskIO
-from headrace.runtime.checkpoint.metadata import CheckpointMetadata
-from headrace.runtime.checkpoint.restore import RestoreTarget, plan_start
 from headrace.runtime.config import Guarantee
+from headrace.runtime.host import StageHost
 from headrace.runtime.kafka.producer import Delivery
 from headrace.runtime.kafka.topics import plan_layout
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
-from headrace.runtime.task import OutRecord, StageTask
+from headrace.runtime.task import OutRecord
 
 __all__ = ["JobTester", "MemoryRecord"]
 
@@ -100,6 +98,73 @@ class MemoryLog:
                 break  # the last stable offset: nothing past an open transaction is readable
             if self.visible(rec, committed_only):
                 out.append(rec)
+        return out
+
+
+class MemoryChangelogReader:
+    """The consumer calls :func:`headrace.runtime.checkpoint.restore.restore` makes, over the
+    memory log: so the tester restores through the production restore code.
+
+    Like a ``read_committed`` consumer under exactly-once: records of aborted transactions are
+    skipped (the position still moves past them), and nothing past an open transaction is
+    returned (the end offset is the last stable offset).
+    """
+
+    def __init__(self, log: MemoryLog, *, committed_only: bool) -> None:
+        self.log = log
+        self.committed_only = committed_only
+        self._positions: dict[Any, int] = {}
+        self._paused: set[Any] = set()
+
+    def _records(self, tp: Any) -> list[MemoryRecord]:
+        return self.log.topics[tp.topic][tp.partition]
+
+    def _stable_end(self, tp: Any) -> int:
+        records = self._records(tp)
+        if self.committed_only:
+            for r in records:
+                if r.txn is not None and self.log.txn_state[r.txn] == "open":
+                    return r.offset
+        return len(records)
+
+    def assign(self, tps: Iterable[Any]) -> None:
+        self._positions = {tp: 0 for tp in tps}
+        self._paused.clear()
+
+    async def end_offsets(self, tps: Iterable[Any]) -> dict[Any, int]:
+        return {tp: self._stable_end(tp) for tp in tps}
+
+    async def seek_to_beginning(self, tp: Any) -> None:
+        self._positions[tp] = 0
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self._positions[tp] = offset
+
+    def pause(self, *tps: Any) -> None:
+        self._paused.update(tps)
+
+    async def position(self, tp: Any) -> int:
+        return self._positions[tp]
+
+    async def getmany(
+        self, *tps: Any, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[Any, list[MemoryRecord]]:
+        out: dict[Any, list[MemoryRecord]] = {}
+        for tp in tps or list(self._positions):
+            if tp in self._paused:
+                continue
+            end = self._stable_end(tp)
+            position = self._positions[tp]
+            batch: list[MemoryRecord] = []
+            for r in self._records(tp)[position:end]:
+                if max_records is not None and len(batch) >= max_records:
+                    break
+                position = r.offset + 1
+                if self.log.visible(r, self.committed_only):
+                    batch.append(r)
+            self._positions[tp] = position
+            if batch:
+                out[tp] = batch
         return out
 
 
@@ -218,6 +283,7 @@ class JobTester:
         self._dead = True
         self._sent = 0
         self._crash_phase: str | None = None
+        self._hosts: dict[str, StageHost] = {}
 
     @property
     def exactly_once(self) -> bool:
@@ -332,9 +398,9 @@ class JobTester:
                         progressed = True
                         await self._feed(io, records)
                 io.task.tick(self.now)
-                while io.task.pending is not None:
+                if io.task.pending is not None:
                     progressed = True
-                    await self._committer(io).commit(io, io.task.pending)
+                    await StageHost.settle(io, self._committer(io), self.now)
                 if io.task.out:
                     out = io.task.out[:]
                     io.task.out.clear()
@@ -344,11 +410,7 @@ class JobTester:
         raise RuntimeError("the job did not settle; is an operator emitting without end?")
 
     async def _feed(self, io: TaskIO, records: list[MemoryRecord]) -> None:
-        i = 0
-        while i < len(records):
-            i = io.task.feed(records, i)
-            while io.task.pending is not None:
-                await self._committer(io).commit(io, io.task.pending)
+        await StageHost.feed(io, records, self._committer(io))
 
     def _committer(self, io: TaskIO) -> Committer:
         c = Committer(
@@ -367,74 +429,46 @@ class JobTester:
             for p in range(self.layout.partitions_of(stage)):
                 self.tasks[(stage.name, p)] = await self._restore_task(stage, p)
 
-    async def _restore_task(self, stage: Stage, p: int) -> TaskIO:
-        stateful = [
-            s.operator_id for s in stage.process_steps() if declared_state(type(s.prototype))
-        ]
-        stores = {}
-        for op in stateful:
-            path = None
-            if self.backend == "rocksdb":
-                path = self.state_dir / op / str(p)
-                path.parent.mkdir(parents=True, exist_ok=True)
-            stores[op] = OperatorStateStore(
-                open_backend(self.backend, path),
-                StatePartitionKey(op, p, p),
+    def _host(self, stage: Stage) -> StageHost:
+        host = self._hosts.get(stage.name)
+        if host is None:
+            host = self._hosts[stage.name] = StageHost(
+                self.job,
+                stage,
+                self.layout,
+                exactly_once=self.exactly_once,
+                checkpoint_interval_ms=self.interval_ms,
+                open_store=self._open_store,
                 clock=lambda: self.now,
             )
-        upstream = None
-        if stage.source.internal:
-            upstream = self.layout.partitions_of(self.job.stages[stage.index - 1])
-        task = StageTask(
-            self.job,
-            stage,
-            p,
-            stores,
-            upstream_partitions=upstream,
-            downstream_partitions=self.layout.downstream_partitions(stage),
-            checkpoint_interval_ms=self.interval_ms,
+        return host
+
+    def _open_store(self, operator_id: str, partition: int) -> OperatorStateStore:
+        path = None
+        if self.backend == "rocksdb":
+            path = self.state_dir / operator_id / str(partition)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return OperatorStateStore(
+            open_backend(self.backend, path),
+            StatePartitionKey(operator_id, partition, partition),
             clock=lambda: self.now,
-            sequence_outputs=not self.exactly_once,
         )
-        group = self.job.group_id(stage)
-        committed = self.log.committed.get(group, {})
-        meta = None
-        positions = {}
-        for topic in stage.source.topics:
-            if (topic, p) in committed:
-                offset, text = committed[(topic, p)]
-                positions[(topic, p)] = offset
-                meta = CheckpointMetadata.decode(text) or meta
+
+    async def _restore_task(self, stage: Stage, p: int) -> TaskIO:
+        """The worker's path for an assigned partition: assemble, restore, claim, open."""
+        host = self._host(stage)
         producer = _MemoryProducer(self.log) if self.exactly_once else None
-        io = TaskIO(
-            task=task,
-            sender=_MemorySender(self.log, producer),  # type: ignore[arg-type]
-            group_id=group,
-            changelog_topics={op: self.job.changelog_topic(op) for op in stateful},
-            producer=producer,
-            committed=dict(positions),
-        )
-        for op in stateful:
-            valid_until = None
-            if not self.exactly_once:
-                valid_until = meta.changelog_offsets.get(op, -1) if meta else -1
-            target = RestoreTarget(stores[op], self.job.changelog_topic(op), p, valid_until)
-            plan_start(target)
-            target.apply(
-                self.log.read(target.topic, p, target.start or 0, committed_only=self.exactly_once),
-                10_000,
-            )
-            target.finish()
-            io.changelog_last[op] = target.last_applied
-        task.open(
-            last_checkpoint=meta.checkpoint_id if meta else 0,
-            positions=positions,
-            skip=meta.skip if meta else None,
-            seen=meta.seen if meta else None,
-        )
+        io = host.create(p, _MemorySender(self.log, producer), producer)
+        start = host.start_point(p, self.log.committed.get(host.group_id, {}))
+        reader = MemoryChangelogReader(self.log, committed_only=self.exactly_once)
+        read_until = await host.restore(reader, [(io, start)])
+        for op, first, end in await host.claim(io, read_until=read_until[p]):
+            topic = host.changelog_topics[op]
+            keys = {r.key for r in self.log.topics[topic][p][first:end] if r.key is not None}
+            io.task.stores[op].force_dirty(keys)
+        host.open(io, start)
         if producer is not None:
             await producer.begin_transaction()
-        io.restored = True
         return io
 
     def repartition_topics(self) -> list[str]:

@@ -45,21 +45,18 @@ from aiokafka.errors import (
 from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import ErrorPolicy, Job, Stage
-from headrace.operators.state import declared_state
 from headrace.runtime.checkpoint.commit import Committer, TaskIO
-from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, next_epoch
-from headrace.runtime.checkpoint.metadata import CheckpointMetadata
-from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys, restore
+from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
 from headrace.runtime.config import Settings
+from headrace.runtime.host import Gap, StageHost, StartPoint
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
-from headrace.runtime.kafka.producer import BatchSender, first_gap, last_offset
+from headrace.runtime.kafka.producer import BatchSender
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.status import Operations
-from headrace.runtime.task import StageTask
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +247,21 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self._restore_job: asyncio.Task[None] | None = None
         self.restore_error: BaseException | None = None
         self.lock = asyncio.Lock()
-        self.stateful = [
-            step.operator_id
-            for step in stage.process_steps()
-            if declared_state(type(step.prototype))
-        ]
+        layout = worker.layout
+        assert layout is not None
+        #: assembly, restore, claim, open, feed: the code every driver shares
+        self.host = StageHost(
+            self.job,
+            stage,
+            layout,
+            exactly_once=s.exactly_once,
+            checkpoint_interval_ms=s.checkpoint_interval_ms,
+            alignment_timeout_s=s.alignment_timeout_s,
+            error_policy=worker.error_policy,
+            clock=worker.clock,
+            open_store=worker.open_store,
+        )
+        self.stateful = self.host.stateful
 
     def ready(self) -> bool:
         return not self.restoring
@@ -287,12 +294,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                         io = self.tasks.get(tp.partition)
                         if io is None:
                             continue  # revoked meanwhile: the new owner reads them again
-                        await self._feed(io, records)
+                        await self.host.feed(io, records, self.committer)
                     now = self.worker.clock()
                     for io in list(self.tasks.values()):
-                        io.task.tick(now)
-                        while io.task.pending is not None:
-                            await self.committer.commit(io, io.task.pending)
+                        await self.host.settle(io, self.committer, now)
                     await self._send_outputs()
                     for io in list(self.tasks.values()):
                         if io.foreign:
@@ -364,14 +369,6 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 io.task.stores[op].force_dirty(keys)
         finally:
             await reader.stop()
-
-    async def _feed(self, io: TaskIO, records: list[Any]) -> None:
-        task = io.task
-        i = 0
-        while i < len(records):
-            i = task.feed(records, i)
-            while task.pending is not None:
-                await self.committer.commit(io, task.pending)
 
     async def _send_outputs(self) -> None:
         for io in list(self.tasks.values()):
@@ -495,48 +492,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 return False
         return True
 
-    async def _claim(
-        self, io: TaskIO, read_until: dict[str, int] | None = None
-    ) -> list[tuple[str, int, int]]:
-        """At-least-once: claim this ownership's writer epoch in every changelog partition of
-        the task (see :mod:`headrace.runtime.checkpoint.fencing`).
-
-        Returns the ranges ``(operator, start, end)`` of records somebody else wrote between
-        what this task has read (``read_until``: the end offset per operator, by default past
-        its own last write) and its claim. Usually none.
-        """
-        if self.worker.settings.exactly_once or not self.stateful:
-            return []
-        self.lease.check(f"the writer-epoch claim of task {io.name}")
-        seen = [e for e in (st.writer_epoch for st in io.task.stores.values()) if e is not None]
-        epoch = next_epoch(max(seen) if seen else None, self.lease.generation)
-        headers = epoch_headers(epoch)
-        sent = {
-            op: await io.sender.send_pairs(
-                io.changelog_topics[op],
-                io.task.partition,
-                [claim_record(io.task.stores[op].partition_key, epoch)],
-                headers,
-            )
-            for op in self.stateful
-        }
-        gaps: list[tuple[str, int, int]] = []
-        for op, deliveries in sent.items():
-            if read_until is not None:
-                expected = read_until[op]
-            else:
-                previous = io.changelog_last.get(op)
-                expected = 0 if previous is None else previous + 1
-            gap = await first_gap(deliveries, expected)
-            if gap is not None:
-                gaps.append((op, *gap))
-            claimed_at = await last_offset(deliveries)
-            io.changelog_last[op] = claimed_at
-            # Records in a gap are not state (see _restore): the store is the state at the claim.
-            io.task.stores[op].apply_changes([], changelog_offset=claimed_at, writer_epoch=epoch)
-        io.epoch_headers = headers
-        log.info("task %s claimed writer epoch %d", io.name, epoch)
-        return gaps
+    async def _claim(self, io: TaskIO, read_until: dict[str, int] | None = None) -> list[Gap]:
+        return await self.host.claim(io, lease=self.lease, read_until=read_until)
 
     async def _claim_unchanged(self, io: TaskIO) -> bool:
         """Claim for a suspended task coming back; False if somebody wrote meanwhile."""
@@ -563,35 +520,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def _make_task(self, partition: int, producer: AIOKafkaProducer | None) -> TaskIO:
         """A task and its I/O; ``producer`` is its own transactional one, else the shared one."""
-        w, s = self.worker, self.worker.settings
-        layout = w.layout
-        assert layout is not None
-        stores = {op: w.open_store(op, partition) for op in self.stateful}
-        upstream = None
-        if self.stage.source.internal:
-            previous = self.job.stages[self.stage.index - 1]
-            upstream = layout.partitions_of(previous)
-        task = StageTask(
-            self.job,
-            self.stage,
-            partition,
-            stores,
-            upstream_partitions=upstream,
-            downstream_partitions=layout.downstream_partitions(self.stage),
-            checkpoint_interval_ms=s.checkpoint_interval_ms,
-            alignment_timeout=s.alignment_timeout_s,
-            clock=w.clock,
-            error_policy=w.error_policy,
-            sequence_outputs=not s.exactly_once,
-        )
-        sending = producer or w.shared_producer
+        sending = producer or self.worker.shared_producer
         assert sending is not None
-        return TaskIO(
-            task=task,
-            sender=BatchSender(sending, w.partition_counts()),
-            group_id=self.group_id,
-            changelog_topics={op: self.job.changelog_topic(op) for op in self.stateful},
-            producer=producer,
+        return self.host.create(
+            partition, BatchSender(sending, self.worker.partition_counts()), producer
         )
 
     async def _start_producer(self, partition: int) -> AIOKafkaProducer:
@@ -607,25 +539,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _restore(self, partitions: list[int], committed: dict[TopicPartition, Any]) -> None:
         started = time.monotonic()
-        targets: list[RestoreTarget] = []
-        metas: dict[int, CheckpointMetadata | None] = {}
         s = self.worker.settings
-        for p in partitions:
-            io = self.restoring[p]
-            meta = None
-            for tp in self.input_tps(p):
-                om = committed.get(tp)
-                if om is not None:
-                    meta = CheckpointMetadata.decode(om.metadata) or meta
-            metas[p] = meta
-            for op in self.stateful:
-                valid_until = None
-                if not s.exactly_once:
-                    valid_until = meta.changelog_offsets.get(op, -1) if meta else -1
-                targets.append(
-                    RestoreTarget(io.task.stores[op], self.job.changelog_topic(op), p, valid_until)
-                )
-        self.restore_targets = targets
+        found = {(tp.topic, tp.partition): (om.offset, om.metadata) for tp, om in committed.items()}
+        starts = {p: self.host.start_point(p, found) for p in partitions}
 
         def progress(t: RestoreTarget) -> None:
             log.info(
@@ -636,15 +552,16 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 max(0, t.end - (t.start or 0)),
             )
 
-        await restore(
-            self.restore_consumer, targets, batch_size=s.restore_batch_size, progress=progress
+        def exported(targets: list[RestoreTarget]) -> None:
+            self.restore_targets = targets
+
+        read_until = await self.host.restore(
+            self.restore_consumer,
+            [(self.restoring[p], starts[p]) for p in partitions],
+            batch_size=s.restore_batch_size,
+            progress=progress,
+            on_targets=exported,
         )
-        read_until: dict[int, dict[str, int]] = {p: {} for p in partitions}
-        for t in targets:
-            io = self.restoring[t.partition]
-            op = next(o for o in self.stateful if self.job.changelog_topic(o) == t.topic)
-            io.changelog_last[op] = t.last_applied
-            read_until[t.partition][op] = t.end
         for p in partitions:
             io = self.restoring[p]
             for op, start, end in await self._claim(io, read_until[p]):
@@ -665,7 +582,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 io.task.stores[op].force_dirty(keys)
         async with self.lock:
             for p in partitions:
-                await self._install(p, metas[p], committed)
+                await self._install(p, starts[p])
         log.info(
             "stage %s: restored task(s) %s in %.2fs",
             self.stage.name,
@@ -673,31 +590,18 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             time.monotonic() - started,
         )
 
-    async def _install(
-        self, p: int, meta: CheckpointMetadata | None, committed: dict[TopicPartition, Any]
-    ) -> None:
+    async def _install(self, p: int, start: StartPoint) -> None:
         """A restored task starts: open its operators, seek its inputs, resume them."""
         io = self.restoring.pop(p)
-        positions = {
-            (tp.topic, tp.partition): committed[tp].offset
-            for tp in self.input_tps(p)
-            if tp in committed
-        }
-        io.committed = dict(positions)
-        io.task.open(
-            last_checkpoint=meta.checkpoint_id if meta else 0,
-            positions=positions,
-            skip=meta.skip if meta else None,
-            seen=meta.seen if meta else None,
-        )
+        self.host.open(io, start)
         if io.producer is not None:
             await io.producer.begin_transaction()
         for tp in self.input_tps(p):
-            if tp in committed:
-                self.consumer.seek(tp, committed[tp].offset)
+            offset = start.positions.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.consumer.seek(tp, offset)
             else:
                 await self.consumer.seek_to_beginning(tp)
-        io.restored = True
         self.tasks[p] = io
         self.consumer.resume(*self.input_tps(p))
 

@@ -1,0 +1,268 @@
+"""The task host: where a task is assembled, restored, claimed, opened, fed and checkpointed.
+
+Two drivers run tasks: the worker's stage runner (real Kafka clients, consumer-group
+rebalances; :mod:`headrace.runtime.worker`) and :class:`~headrace.runtime.testing.JobTester` (an
+in-memory log with transactions). They differ in where records come from and how partitions are
+handed out; what happens to a task does not, so it is written once, here:
+
+1. **assemble** (:meth:`StageHost.create`): one store per stateful operator, the
+   :class:`~headrace.runtime.task.StageTask` with its upstream and downstream partition
+   counts, and its :class:`~headrace.runtime.checkpoint.commit.TaskIO`;
+2. **find the start** (:meth:`StageHost.start_point`): the committed input offsets and the
+   checkpoint metadata written with them;
+3. **restore** (:meth:`StageHost.restore`): changelog targets with the at-least-once cut
+   (``valid_until``), read through :func:`~headrace.runtime.checkpoint.restore.restore`;
+4. **claim** (:meth:`StageHost.claim`, at-least-once only): the writer epoch of this ownership
+   (:mod:`headrace.runtime.checkpoint.fencing`);
+5. **open** (:meth:`StageHost.open`): operators opened at the restored cut;
+6. **feed and checkpoint** (:meth:`StageHost.feed`, :meth:`StageHost.settle`): records in,
+   every checkpoint the task prepares carried out by the committer.
+
+The driver supplies the ports: a *sender* (outputs, changelog writes, claims), a *committer*
+(the offset commit of its guarantee), a *changelog reader* with the few consumer calls
+:func:`restore` makes (``assign``, ``seek``, ``getmany``, ...: an ``AIOKafkaConsumer``, or the
+tester's in-memory reader), and the committed offsets of its consumer group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from headrace.operators.job import ErrorPolicy, Job, Stage
+from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, next_epoch
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.kafka.lease import MembershipLease
+from headrace.runtime.kafka.producer import first_gap, last_offset
+from headrace.runtime.kafka.topics import TopicLayout
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task import StageTask
+
+__all__ = ["Gap", "StageHost", "StartPoint"]
+
+log = logging.getLogger(__name__)
+
+#: an input (topic, partition)
+InputTP = tuple[str, int]
+#: changelog records somebody else wrote where only this task should: (operator, start, end)
+Gap = tuple[str, int, int]
+
+
+@dataclass(slots=True)
+class StartPoint:
+    """Where a task starts: its group's committed offsets and the checkpoint they belong to."""
+
+    positions: dict[InputTP, int] = field(default_factory=dict)
+    meta: CheckpointMetadata | None = None
+
+
+class StageHost:
+    """Everything a driver does to the tasks of one stage, minus moving records around."""
+
+    def __init__(
+        self,
+        job: Job,
+        stage: Stage,
+        layout: TopicLayout,
+        *,
+        exactly_once: bool,
+        checkpoint_interval_ms: int,
+        open_store: Callable[[str, int], OperatorStateStore],
+        clock: Callable[[], float],
+        alignment_timeout_s: float = 60.0,
+        error_policy: ErrorPolicy | None = None,
+    ) -> None:
+        self.job = job
+        self.stage = stage
+        self.layout = layout
+        self.exactly_once = exactly_once
+        self.checkpoint_interval_ms = checkpoint_interval_ms
+        self.alignment_timeout_s = alignment_timeout_s
+        self.error_policy = error_policy or ErrorPolicy(job.error_policy)
+        self.clock = clock
+        self.open_store = open_store
+        self.group_id = job.group_id(stage)
+        #: the ids of the stage's operators that declare state (one store and changelog each)
+        self.stateful = [step.operator_id for st, step in job.stateful_operators() if st is stage]
+        self.changelog_topics = {op: job.changelog_topic(op) for op in self.stateful}
+
+    def inputs(self, partition: int) -> list[InputTP]:
+        """The input partitions a task reads: partition ``p`` of every co-partitioned source."""
+        return [(topic, partition) for topic in self.stage.source.topics]
+
+    # -- 1. assemble -----------------------------------------------------------------------------
+    def create(self, partition: int, sender: Any, producer: Any | None = None) -> TaskIO:
+        """A new task for ``partition`` over fresh stores; ``producer``: its own transactional
+        producer under exactly-once (None: ``sender`` writes through a shared one)."""
+        stores = {op: self.open_store(op, partition) for op in self.stateful}
+        upstream = None
+        if self.stage.source.internal:
+            upstream = self.layout.partitions_of(self.job.stages[self.stage.index - 1])
+        task = StageTask(
+            self.job,
+            self.stage,
+            partition,
+            stores,
+            upstream_partitions=upstream,
+            downstream_partitions=self.layout.downstream_partitions(self.stage),
+            checkpoint_interval_ms=self.checkpoint_interval_ms,
+            alignment_timeout=self.alignment_timeout_s,
+            clock=self.clock,
+            error_policy=self.error_policy,
+            sequence_outputs=not self.exactly_once,
+        )
+        return TaskIO(
+            task=task,
+            sender=sender,
+            group_id=self.group_id,
+            changelog_topics=dict(self.changelog_topics),
+            producer=producer,
+        )
+
+    # -- 2. find the start ---------------------------------------------------------------------
+    def start_point(
+        self, partition: int, committed: Mapping[InputTP, tuple[int, str | None]]
+    ) -> StartPoint:
+        """The committed offsets of the task's inputs and the metadata committed with them
+        (``committed``: (topic, partition) -> (offset, metadata) of the stage's group)."""
+        start = StartPoint()
+        for tp in self.inputs(partition):
+            found = committed.get(tp)
+            if found is None:
+                continue
+            offset, text = found
+            start.positions[tp] = offset
+            start.meta = CheckpointMetadata.decode(text) or start.meta
+        return start
+
+    # -- 3. restore ------------------------------------------------------------------------------
+    def restore_targets(self, io: TaskIO, start: StartPoint) -> list[RestoreTarget]:
+        """One restore target per store. At-least-once: changelog records past the committed
+        checkpoint's offset (``cl`` in the metadata) belong to a checkpoint that never
+        committed its offsets and are not state."""
+        targets = []
+        for op in self.stateful:
+            valid_until = None
+            if not self.exactly_once:
+                meta = start.meta
+                valid_until = meta.changelog_offsets.get(op, -1) if meta else -1
+            targets.append(
+                RestoreTarget(
+                    io.task.stores[op], self.changelog_topics[op], io.task.partition, valid_until
+                )
+            )
+        return targets
+
+    async def restore(
+        self,
+        reader: Any,
+        tasks: list[tuple[TaskIO, StartPoint]],
+        *,
+        batch_size: int = 10_000,
+        progress: Callable[[RestoreTarget], None] | None = None,
+        on_targets: Callable[[list[RestoreTarget]], None] | None = None,
+    ) -> dict[int, dict[str, int]]:
+        """Restore every task's stores from its changelog partitions, all through one reader.
+
+        Returns, per partition and operator, the changelog end offset the restore read up to
+        (what a claim must find contiguous, see :meth:`claim`).
+        """
+        by_target: list[tuple[TaskIO, str, RestoreTarget]] = []
+        for io, start in tasks:
+            for op, target in zip(self.stateful, self.restore_targets(io, start), strict=True):
+                by_target.append((io, op, target))
+        targets = [t for _, _, t in by_target]
+        if on_targets is not None:
+            on_targets(targets)
+        await restore(reader, targets, batch_size=batch_size, progress=progress)
+        read_until: dict[int, dict[str, int]] = {io.task.partition: {} for io, _ in tasks}
+        for io, op, target in by_target:
+            io.changelog_last[op] = target.last_applied
+            read_until[io.task.partition][op] = target.end
+        return read_until
+
+    # -- 4. claim --------------------------------------------------------------------------------
+    async def claim(
+        self,
+        io: TaskIO,
+        *,
+        lease: MembershipLease | None = None,
+        read_until: dict[str, int] | None = None,
+    ) -> list[Gap]:
+        """At-least-once: claim this ownership's writer epoch in every changelog partition of
+        the task (see :mod:`headrace.runtime.checkpoint.fencing`).
+
+        Returns the ranges of records somebody else wrote between what this task has read
+        (``read_until``: the end offset per operator; by default just past its own last write)
+        and its claim. Usually none; the caller rewrites their keys.
+        """
+        if self.exactly_once or not self.stateful:
+            return []
+        if lease is not None:
+            lease.check(f"the writer-epoch claim of task {io.name}")
+        stores = io.task.stores
+        seen = [e for e in (st.writer_epoch for st in stores.values()) if e is not None]
+        generation = lease.generation if lease is not None else None
+        epoch = next_epoch(max(seen) if seen else None, generation)
+        headers = epoch_headers(epoch)
+        gaps: list[Gap] = []
+        for op in self.stateful:
+            deliveries = await io.sender.send_pairs(
+                self.changelog_topics[op],
+                io.task.partition,
+                [claim_record(stores[op].partition_key, epoch)],
+                headers,
+            )
+            if read_until is not None:
+                expected = read_until[op]
+            else:
+                previous = io.changelog_last.get(op)
+                expected = 0 if previous is None else previous + 1
+            gap = await first_gap(deliveries, expected)
+            if gap is not None:
+                gaps.append((op, *gap))
+            claimed_at = await last_offset(deliveries)
+            io.changelog_last[op] = claimed_at
+            # Records in a gap are not state (the caller rewrites their keys): the store is the
+            # state at the claim.
+            stores[op].apply_changes([], changelog_offset=claimed_at, writer_epoch=epoch)
+        io.epoch_headers = headers
+        log.info("task %s claimed writer epoch %d", io.name, epoch)
+        return gaps
+
+    # -- 5. open ---------------------------------------------------------------------------------
+    def open(self, io: TaskIO, start: StartPoint) -> None:
+        """Open the task's operators at the committed cut (its skip list and dedupe marks)."""
+        meta = start.meta
+        io.committed = dict(start.positions)
+        io.task.open(
+            last_checkpoint=meta.checkpoint_id if meta else 0,
+            positions=dict(start.positions),
+            skip=meta.skip if meta else None,
+            seen=meta.seen if meta else None,
+        )
+        io.restored = True
+
+    # -- 6. feed and checkpoint -------------------------------------------------------------
+    @staticmethod
+    async def feed(io: TaskIO, records: list[Any], committer: Committer) -> None:
+        """Run a fetched batch through the task; commit each checkpoint it reaches on the way
+        (a barrier inside the batch cuts it there)."""
+        task = io.task
+        i = 0
+        while i < len(records):
+            i = task.feed(records, i)
+            while task.pending is not None:
+                await committer.commit(io, task.pending)
+
+    @staticmethod
+    async def settle(io: TaskIO, committer: Committer, now: float) -> None:
+        """Let the clock inject a barrier if one is due, and commit what is pending."""
+        task = io.task
+        task.tick(now)
+        while task.pending is not None:
+            await committer.commit(io, task.pending)
