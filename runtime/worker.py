@@ -31,9 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
@@ -49,6 +48,7 @@ from headrace.runtime.checkpoint.commit import Committer, TaskIO
 from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
 from headrace.runtime.config import Settings
 from headrace.runtime.host import Gap, StageHost, StartPoint
+from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
 from headrace.runtime.kafka.producer import BatchSender
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
@@ -71,13 +71,6 @@ MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
     ProducerFenced,
     InvalidProducerEpoch,
 )
-
-_PRODUCER_SETTINGS: dict[str, Any] = {
-    "acks": "all",
-    "enable_idempotence": True,
-    "linger_ms": 5,
-    "max_batch_size": 512 * 1024,
-}
 
 
 class Worker:
@@ -116,7 +109,7 @@ class Worker:
     async def run(self) -> None:
         s = self.settings
         log.info("worker %s starting job %r with %r", self.worker_id, self.job.name, s)
-        self.admin = AIOKafkaAdminClient(**s.kafka_kwargs(), client_id=f"{s.client_id}-admin")
+        self.admin = clients.admin_client(s, client_id=f"{s.client_id}-admin")
         await self.admin.start()
         try:
             self.layout = await ensure_topics(self.admin, self.job)
@@ -154,7 +147,7 @@ class Worker:
     async def _start_shared_producer(self) -> None:
         """The at-least-once producer every task shares, guarded by the stages' leases."""
         s = self.settings
-        producer = AIOKafkaProducer(**s.kafka_kwargs(), client_id=s.client_id, **_PRODUCER_SETTINGS)
+        producer = clients.producer(s, client_id=s.client_id)
         await producer.start()
         guard = ProducerGuard(lambda: [r.lease for r in self.runners])
         guard.install(producer)
@@ -205,33 +198,15 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.job = worker.job
         s = worker.settings
         self.group_id = self.job.group_id(stage)
-        isolation = "read_committed" if s.exactly_once else "read_uncommitted"
-        self.consumer = AIOKafkaConsumer(
-            **s.kafka_kwargs(),
-            client_id=f"{s.client_id}-{stage.name}",
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level=isolation,
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=s.heartbeat_interval_ms,
+        self.consumer = clients.group_consumer(
+            s, self.group_id, client_id=f"{s.client_id}-{stage.name}"
         )
         self.lease = MembershipLease(
             self.group_id,
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
         )
-        self.restore_consumer = AIOKafkaConsumer(
-            **s.kafka_kwargs(),
-            client_id=f"{s.client_id}-{stage.name}-restore",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level=isolation,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-        )
+        self.restore_consumer = clients.reader(s, client_id=f"{s.client_id}-{stage.name}-restore")
         self.committer = Committer(
             self.job,
             exactly_once=s.exactly_once,
@@ -344,13 +319,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         :mod:`headrace.runtime.checkpoint.fencing`). Rare: it opens its own reader."""
         ranges, io.foreign = io.foreign, []
         s = self.worker.settings
-        reader = AIOKafkaConsumer(
-            **s.kafka_kwargs(),
-            client_id=f"{s.client_id}-{self.stage.name}-fence",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_uncommitted",
+        reader = clients.reader(
+            s, client_id=f"{s.client_id}-{self.stage.name}-fence", committed_only=False
         )
         await reader.start()
         try:
@@ -528,11 +498,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _start_producer(self, partition: int) -> AIOKafkaProducer:
         s = self.worker.settings
-        producer = AIOKafkaProducer(
-            **s.kafka_kwargs(),
+        producer = clients.producer(
+            s,
             client_id=f"{s.client_id}-{self.stage.name}-{partition}",
             transactional_id=self.job.transactional_id(self.stage, partition),
-            **_PRODUCER_SETTINGS,
         )
         await producer.start()  # init_transactions: fences a zombie owner, aborts its txn
         return producer
