@@ -96,7 +96,7 @@ def cli(log_level: str, log_format: str) -> None:
     partitions when Kafka rebalances them. Secrets (SASL password) are read from the
     environment only (HEADRACE_SASL_PASSWORD, HEADRACE_SSL_PASSWORD) and never logged.
     """
-    from headrace.runtime.metrics import setup_logging
+    from headrace.runtime.logs import setup_logging
 
     setup_logging(log_level, log_format.lower())
 

@@ -17,6 +17,10 @@ Faults:
 * :meth:`FaultDriver.crash_at_phase`: a worker started with ``HEADRACE_FAULT_PHASE`` kills
   itself inside a checkpoint (``after-changelog``, ``before-commit``, ``after-commit``) or a
   restore (``during-restore``), see :mod:`headrace.runtime.faults`;
+* :meth:`FaultDriver.pause` / :meth:`FaultDriver.random_pauses`: SIGSTOP a worker for longer
+  than its session timeout, then SIGCONT: it comes back as a *zombie* that still believes it
+  owns its tasks (a GC or swap pause, a frozen VM). It must stop writing, drop its tasks and
+  rejoin, never exit: :meth:`FaultDriver.zombies_that_died` lists those that did;
 * :meth:`FaultDriver.rebalance_storm`: workers join, leave (SIGTERM) and die (SIGKILL);
 * :meth:`FaultDriver.restart_broker`: stop and start a :class:`LocalBroker` while data flows.
 """
@@ -49,6 +53,8 @@ __all__ = [
 ]
 
 FAULT_LINE = "fault injection: SIGKILL at phase"
+#: events after which a worker's exit is the driver's doing
+_DRIVER_ENDS = {"kill9", "sigterm", "stop", "phase-crash"}
 #: logged by Worker.run, after the CLI installed its SIGTERM handler
 STARTED_LINE = "starting job"
 
@@ -106,6 +112,8 @@ class WorkerProcess:
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
+                if sig == signal.SIGTERM:  # a paused worker handles it only once continued
+                    self.proc.send_signal(signal.SIGCONT)
 
     async def wait(self, wait_s: float) -> int | None:
         """The exit code, or None if still running after ``wait_s`` seconds."""
@@ -168,6 +176,7 @@ class FaultDriver:
         self.events: list[FaultEvent] = []
         self._t0 = time.monotonic()
         self._runs: dict[int, int] = {}
+        self._paused: list[WorkerProcess] = []
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         (self.workdir / "state").mkdir(parents=True, exist_ok=True)
 
@@ -186,8 +195,8 @@ class FaultDriver:
 
     @property
     def faults(self) -> int:
-        """Faults injected so far (kills, phase crashes, SIGTERMs, broker restarts)."""
-        kinds = {"kill9", "phase-crash", "sigterm", "broker-restart"}
+        """Faults injected so far (kills, phase crashes, SIGTERMs, pauses, broker restarts)."""
+        kinds = {"kill9", "phase-crash", "sigterm", "pause", "broker-restart"}
         return sum(1 for e in self.events if e.kind in kinds)
 
     def logs(self) -> str:
@@ -266,6 +275,54 @@ class FaultDriver:
             w.reap()
             raise AssertionError(f"{w.name} did not exit within {wait_s}s of SIGTERM")
         return rc
+
+    async def pause(
+        self,
+        worker: WorkerProcess | None = None,
+        *,
+        pause_s: float | tuple[float, float] = (9.0, 13.0),
+    ) -> WorkerProcess:
+        """SIGSTOP ``worker`` (default: a random running one) for ``pause_s`` seconds (or a
+        random duration in that range), then SIGCONT.
+
+        Longer than the workers' session timeout (``HEADRACE_SESSION_TIMEOUT_MS``), the group
+        expels the worker while it is stopped and gives its tasks to others; when it resumes it
+        is a zombie. Other faults may run concurrently (``asyncio.create_task(d.pause(...))``).
+        """
+        w = worker or self.pick()
+        await w.wait_started()
+        seconds = pause_s if isinstance(pause_s, int | float) else self.rng.uniform(*pause_s)
+        w.signal(signal.SIGSTOP)
+        self._paused.append(w)
+        self._event("pause", f"{w.name} for {seconds:.1f}s")
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            w.signal(signal.SIGCONT)
+            self._event("resume", w.name)
+        return w
+
+    async def random_pauses(
+        self,
+        n: int,
+        *,
+        interval: tuple[float, float] = (1.0, 3.0),
+        pause_s: tuple[float, float] = (9.0, 13.0),
+    ) -> None:
+        """``n`` pauses of random workers at random moments, one after the other."""
+        for _ in range(n):
+            await asyncio.sleep(self.rng.uniform(*interval))
+            await self.pause(pause_s=pause_s)
+
+    def zombies_that_died(self) -> list[str]:
+        """Paused workers that exited on their own after resuming (not killed or stopped by
+        the driver): a zombie must drop its tasks and rejoin, not exit."""
+        ended_by_driver = {e.detail.split()[0] for e in self.events if e.kind in _DRIVER_ENDS}
+        return [
+            f"{w.name} (rc={w.returncode})"
+            for w in self._paused
+            if w.returncode not in (None, 0) and w.name not in ended_by_driver
+        ]
 
     async def crash_at_phase(
         self,

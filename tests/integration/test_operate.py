@@ -28,7 +28,8 @@ import pytest
 
 from examples.demo import produce_lines, wait_for_counts
 from headrace.runtime.checkpoint.log import CheckpointSummary
-from headrace.runtime.metrics import JsonFormatter, RedactingFilter, parse_exposition
+from headrace.runtime.logs import JsonFormatter, RedactingFilter
+from headrace.runtime.metrics import parse_exposition
 from headrace.runtime.status import GroupStatus, JobStatus, Member, progress_bar, render
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 from scenario import MakeRun, WordcountRun
+from test_pause import PAUSE_S, ZOMBIE_ENV
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 
@@ -21,6 +22,8 @@ async def _kill_storm(run: WordcountRun, *, lines: int, rate: float, rounds: int
     producer = run.produce(lines, rate=rate)
     d.start_worker()
     d.start_worker()
+    # a worker paused past its session timeout while the kills go on: it comes back a zombie
+    zombie = asyncio.create_task(d.pause(pause_s=PAUSE_S))
     for _ in range(rounds):
         await d.random_kills(1, interval=(1.5, 2.5))
         await d.crash_at_phase("after-changelog", after=2)
@@ -29,6 +32,7 @@ async def _kill_storm(run: WordcountRun, *, lines: int, rate: float, rounds: int
         # A fresh slot has no local state: it restores from the changelog and dies in it.
         await run.crash_during_restore()
         await d.random_kills(1, interval=(0.5, 1.5))
+    await zombie
     await producer
     assert d.count("kill9") + d.count("phase-crash") >= 6 * rounds
 
@@ -40,7 +44,7 @@ async def test_kill9_at_random_and_inside_checkpoints_loses_and_duplicates_nothi
 ) -> None:
     """exactly_once: per word the output is exactly 1..count, state = replay.
     at_least_once: state = replay, output may repeat but never skips."""
-    run = await wordcount_run(guarantee, backend, seed=11)
+    run = await wordcount_run(guarantee, backend, seed=11, env=ZOMBIE_ENV)
     await _kill_storm(run, lines=2400, rate=400)
     report = await run.finish_and_verify()
     run.assert_ok(report)

@@ -1,0 +1,84 @@
+"""Workers paused past their session timeout come back as zombies; state stays exact.
+
+A pause (SIGSTOP, then SIGCONT) longer than the consumer session timeout is what a long GC or
+swap pause, a frozen VM or a stalled network does to a worker: the group expels it and gives its
+tasks to others while it still believes it owns them. When it resumes it must not write for
+them (write lease, producer guard), its stale changelog records must never become state (writer
+epochs), and it must rejoin the group rather than exit. Before these existed, the resumed worker
+wrote its stale counts in a "final checkpoint" that the next restore applied (state lost under
+at-least-once), its buffered outputs landed after newer ones, and it exited with code 1.
+
+The workers run with a 6 s session timeout and a 1 s heartbeat, and every pause lasts 1.7-2.3x
+that: one while input flows, one right after a kill -9 (during the rebalance it causes), and one
+right after a worker joins, with two workers paused at the same time in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from scenario import MakeRun, WordcountRun
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+#: short sessions so that a pause of ~10 s makes a zombie (and the test stays short)
+#: (6 s is the broker's default group.min.session.timeout.ms)
+ZOMBIE_ENV = {"HEADRACE_SESSION_TIMEOUT_MS": "6000", "HEADRACE_HEARTBEAT_INTERVAL_MS": "1000"}
+PAUSE_S = (10.0, 14.0)
+
+
+async def pause_storm(run: WordcountRun, *, lines: int, rate: float, rounds: int = 1) -> None:
+    """Three workers; per round at least 3 pauses, a kill -9 and a join, overlapping."""
+    d = run.driver
+    producer = run.produce(lines, rate=rate)
+    workers = [d.start_worker() for _ in range(3)]
+    for w in workers:
+        await w.wait_started()
+    await asyncio.sleep(4.0)  # tasks assigned, restored and counting: a pause hits live tasks
+    for _ in range(rounds):
+        await asyncio.sleep(d.rng.uniform(0.5, 2.0))
+        first = asyncio.create_task(d.pause(pause_s=PAUSE_S))  # while input flows
+        await asyncio.sleep(d.rng.uniform(1.0, 2.0))
+        killed = await d.kill()  # a rebalance: the killed worker's tasks move...
+        d.start_worker(slot=killed.slot)
+        await asyncio.sleep(0.5)
+        # ...and another worker is paused while that rebalance is under way (two zombies)
+        second = asyncio.create_task(d.pause(pause_s=PAUSE_S))
+        await asyncio.gather(first, second)
+        d.start_worker()  # a join...
+        await asyncio.sleep(0.5)
+        await d.pause(pause_s=PAUSE_S)  # ...and a pause during the rebalance it causes
+    await producer
+    assert d.count("pause") >= 3 * rounds and d.count("kill9") >= rounds, d.summary()
+
+
+@pytest.mark.parametrize(
+    ("guarantee", "backend"),
+    [
+        ("at_least_once", "memory"),
+        ("at_least_once", "rocksdb"),
+        ("exactly_once", "memory"),
+        # the fourth combination runs in the soak (the default suite has a time budget)
+        pytest.param("exactly_once", "rocksdb", marks=pytest.mark.soak),
+    ],
+)
+async def test_paused_workers_come_back_as_zombies_and_state_stays_exact(
+    wordcount_run: MakeRun, guarantee: str, backend: str
+) -> None:
+    """at_least_once: final state = replay (and the last output per key is the final count);
+    exactly_once: per word the output is exactly 1..count. Every resumed worker rejoins and
+    ends with exit code 0."""
+    run = await wordcount_run(guarantee, backend, seed=41, env=ZOMBIE_ENV)
+    await pause_storm(run, lines=3000, rate=150)
+    await asyncio.sleep(2.0)  # let the resumed workers notice and rejoin
+    zombies_died = run.driver.zombies_that_died()
+    report = await run.finish_and_verify(workers=3)
+    run.assert_ok(report)
+    assert not zombies_died, (
+        f"resumed (zombie) workers exited instead of rejoining: {zombies_died}\n{run.diagnostics()}"
+    )
+    logs = run.driver.logs()
+    if guarantee == "at_least_once":
+        assert "claimed writer epoch" in logs, run.diagnostics()
+    assert "rejoining the group" in logs, run.diagnostics()
