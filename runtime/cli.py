@@ -129,6 +129,11 @@ def cli(log_level: str, log_format: str) -> None:
 )
 @click.option("--metrics-port", type=int, help="Serve Prometheus metrics and /health on this port.")
 @click.option(
+    "--metrics-host",
+    help="Interface for --metrics-port (default 127.0.0.1; 0.0.0.0 for every interface, as a "
+    "container needs).",
+)
+@click.option(
     "--session-timeout-ms",
     type=int,
     help="Consumer-group session timeout (default 10000): a worker silent this long loses its "

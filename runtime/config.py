@@ -45,6 +45,8 @@ class Settings:
     ssl_keyfile: str | None = None
     ssl_password: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
+    #: interface of the ops HTTP server (/metrics, /health, /ready); loopback unless asked
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         # Accept plain strings/ints from code as well as from the environment.

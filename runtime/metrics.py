@@ -273,7 +273,7 @@ class OpsServer:
         )
         sock = self._server.sockets[0].getsockname()
         self.port = int(sock[1])
-        log.info("serving /metrics, /health and /ready on port %d", self.port)
+        log.info("serving /metrics, /health and /ready on %s:%d", self.host or "*", self.port)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -346,7 +346,9 @@ class Operations:
     async def start(self) -> None:
         port = self.worker.settings.metrics_port
         if port is not None:
-            self.server = OpsServer(self.worker, self.worker.metrics, port)
+            self.server = OpsServer(
+                self.worker, self.worker.metrics, port, host=self.worker.settings.metrics_host
+            )
             await self.server.start()
             self.worker.ops_port = self.server.port
         await self.publisher.start()
