@@ -6,8 +6,11 @@
     headrace status MODULE:JOB         members, tasks, lag, last checkpoint, restores under way
     headrace kafka start|stop|status   a local single-node Kafka broker for development
 
-Every ``run`` option can also come from the environment as ``HEADRACE_<OPTION>`` (for example
-``HEADRACE_BOOTSTRAP_SERVERS``, ``HEADRACE_SASL_PASSWORD``); flags win over the environment.
+Every option can also come from the environment as ``HEADRACE_<OPTION>`` (for example
+``--checkpoint-interval-ms`` is ``HEADRACE_CHECKPOINT_INTERVAL_MS``; ``--help`` shows each);
+flags win over the environment. Secrets come from the environment only
+(``HEADRACE_SASL_PASSWORD``, ``HEADRACE_SSL_PASSWORD``). The names are made in one place,
+:data:`headrace.runtime.config.SETTINGS`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -23,53 +27,139 @@ from typing import Any
 import click
 
 from headrace.operators.job import Job
-from headrace.runtime.config import Guarantee, Settings
+from headrace.runtime.config import (
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    SETTING_BY_FIELD,
+    SETTINGS,
+    Guarantee,
+    Settings,
+    SettingsError,
+    env_warnings,
+)
 from headrace.runtime.kafka.cli import kafka_cli
 
 log = logging.getLogger("headrace")
 
 
+#: the settings every command that talks to Kafka takes
+_KAFKA_FIELDS = (
+    "bootstrap_servers",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
+)
+_METAVARS = {
+    "bootstrap_servers": "HOST:PORT[,...]",
+    "processing_guarantee": "[exactly_once|at_least_once]",
+    "state_backend": "[memory|rocksdb]",
+    "error_policy": "[fail|skip|dead_letter]",
+    "security_protocol": "[" + "|".join(SECURITY_PROTOCOLS) + "]",
+    "sasl_mechanism": "[" + "|".join(SASL_MECHANISMS) + "]",
+    "state_dir": "DIR",
+    "ssl_cafile": "FILE",
+    "ssl_certfile": "FILE",
+    "ssl_keyfile": "FILE",
+    "alignment_timeout_s": "SECONDS",
+    "status_interval_s": "SECONDS",
+    "metrics_host": "ADDRESS",
+    "client_id": "TEXT",
+    "sasl_username": "TEXT",
+}
+
+
 def load_job(spec: str) -> Job:
-    """``package.module:attribute`` -> the Job (or a zero-argument factory returning one)."""
+    """``MODULE:ATTR`` -> the Job object ``MODULE.ATTR``; ``MODULE:ATTR()`` calls ``ATTR``.
+
+    A factory is called only when the spec asks for it with ``()``: loading a job must not run
+    an arbitrary callable (``main``, say) with its side effects just to find out that it is not
+    a Job. The working directory comes first on ``sys.path``, so the user's own modules win.
+    """
     module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter(f"expected MODULE:JOB, got {spec!r}", param_hint="JOB")
-    sys.path.insert(0, ".")
+    call = attr.endswith("()")
+    attr = attr.removesuffix("()")
+    if not module_name or not attr.isidentifier():
+        raise click.BadParameter(
+            f"expected MODULE:JOB or MODULE:FACTORY(), got {spec!r}", param_hint="MODULE:JOB"
+        )
+    cwd = os.getcwd()
+    if not sys.path or sys.path[0] not in ("", cwd):
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="JOB") from exc
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise click.BadParameter(
+                f"no module named {module_name!r} (looked in {cwd} and on sys.path)",
+                param_hint="MODULE:JOB",
+            ) from exc
+        raise
     obj = getattr(module, attr, None)
     if obj is None:
-        raise click.BadParameter(f"{module_name!r} has no attribute {attr!r}", param_hint="JOB")
-    job = obj() if callable(obj) and not isinstance(obj, Job) else obj
-    if not isinstance(job, Job):
-        raise click.BadParameter(f"{spec} is a {type(job).__name__}, not a headrace Job")
-    return job
+        raise click.BadParameter(
+            f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
+            f"{attr!r}",
+            param_hint="MODULE:JOB",
+        )
+    if call:
+        if not callable(obj):
+            raise click.BadParameter(
+                f"{module_name}:{attr} is an object of type {type(obj).__name__}, not callable: "
+                "drop the ()",
+                param_hint="MODULE:JOB",
+            )
+        obj = obj()
+    if not isinstance(obj, Job):
+        hint = (
+            f"; to call it as a factory that returns a Job, write {module_name}:{attr}()"
+            if callable(obj) and not call
+            else ""
+        )
+        raise click.BadParameter(
+            f"{spec} is an object of type {type(obj).__name__}, not a headrace Job{hint}",
+            param_hint="MODULE:JOB",
+        )
+    return obj
+
+
+def _setting_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Click options for these settings, each with its ``HEADRACE_*`` variable in ``--help``.
+
+    Values are checked by :class:`Settings` (one validator for the CLI and for code), which
+    names the flag and the variable in its error; see :func:`_settings`.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(names):
+            info = SETTING_BY_FIELD[name]
+            fn = click.option(
+                info.option,
+                info.field,
+                envvar=info.envvar,
+                show_envvar=True,
+                metavar=_METAVARS.get(name, "NUMBER" if name.endswith("_s") else "INTEGER"),
+                help=info.help,
+            )(fn)
+        return fn
+
+    return decorate
 
 
 def _kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--bootstrap-servers",
-            help="Kafka bootstrap servers [HEADRACE_BOOTSTRAP_SERVERS or KAFKA_BOOTSTRAP_SERVERS].",
-        ),
-        click.option(
-            "--security-protocol",
-            type=click.Choice(["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]),
-            help="Kafka security protocol.",
-        ),
-        click.option(
-            "--sasl-mechanism", help="SASL mechanism, e.g. PLAIN, SCRAM-SHA-256, SCRAM-SHA-512."
-        ),
-        click.option("--sasl-username", help="SASL user name."),
-        click.option("--ssl-cafile", help="CA bundle for SSL."),
-        click.option("--ssl-certfile", help="Client certificate for SSL."),
-        click.option("--ssl-keyfile", help="Client key for SSL."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return _setting_options(_KAFKA_FIELDS)(fn)
+
+
+def _settings(options: dict[str, Any]) -> Settings:
+    """Settings from flags and the environment, or a usage error (exit 2) naming the setting."""
+    for warning in env_warnings():
+        log.warning("%s", warning)
+    try:
+        return Settings.from_env(**options)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,57 +194,24 @@ def cli(log_level: str, log_format: str) -> None:
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
 @_kafka_options
-@click.option(
-    "--guarantee",
-    "processing_guarantee",
-    type=click.Choice([g.value for g in Guarantee]),
-    help="exactly_once (transactions, default) or at_least_once.",
-)
-@click.option("--checkpoint-interval-ms", type=int, help="Checkpoint interval (default 1000).")
-@click.option(
-    "--state-backend",
-    type=click.Choice(["memory", "rocksdb"]),
-    help="State backend (default memory).",
-)
-@click.option("--state-dir", help="Directory for RocksDB state (default .headrace/state).")
-@click.option(
-    "--error-policy",
-    type=click.Choice(["fail", "skip", "dead_letter"]),
-    help="Override the job's error policy.",
-)
-@click.option(
-    "--alignment-timeout-s",
-    type=float,
-    help="Checkpoint unaligned after waiting this long (default 60).",
-)
-@click.option("--metrics-port", type=int, help="Serve Prometheus metrics and /health on this port.")
-@click.option(
-    "--metrics-host",
-    help="Interface for --metrics-port (default 127.0.0.1; 0.0.0.0 for every interface, as a "
-    "container needs).",
-)
-@click.option(
-    "--session-timeout-ms",
-    type=int,
-    help="Consumer-group session timeout (default 10000): a worker silent this long loses its "
-    "tasks, and stops writing for them (its write lease).",
-)
-@click.option(
-    "--heartbeat-interval-ms",
-    type=int,
-    help="Consumer-group heartbeat interval (default 3000), well below the session timeout.",
+@_setting_options(
+    tuple(s.field for s in SETTINGS if not s.env_only and s.field not in _KAFKA_FIELDS)
 )
 def run(job_spec: str, **options: Any) -> None:
     """Start a worker for MODULE:JOB (e.g. examples.wordcount:job).
+
+    MODULE:JOB names a Job object; MODULE:FACTORY() calls a zero-argument function that
+    returns one (only with the parentheses). The working directory is searched first.
 
     SIGTERM or Ctrl-C takes a final checkpoint of every task, leaves the consumer group and
     exits 0. A record that fails under the 'fail' policy exits 1 naming its topic, partition
     and offset; nothing past it is committed.
     """
+    from headrace.runtime.kafka.clients import KafkaSetupError
     from headrace.runtime.worker import Worker
 
+    settings = _settings(options)
     job = load_job(job_spec)
-    settings = Settings.from_env(**options)
     worker = Worker(job, settings)
 
     async def main() -> None:
@@ -165,8 +222,15 @@ def run(job_spec: str, **options: Any) -> None:
 
     try:
         asyncio.run(main())
+    except KafkaSetupError as exc:
+        # the environment, not a bug: the message says what to check (traceback at debug)
+        log.error("worker cannot start: %s", exc)
+        log.debug("traceback", exc_info=exc)
+        raise SystemExit(1) from exc
     except Exception as exc:
-        log.error("worker failed: %s", exc)
+        # the traceback (with the user's frame, through the exception chain) goes to the log, in
+        # text as lines after the message, in JSON as the "exception" field
+        log.error("worker failed: %s", exc, exc_info=exc)
         raise SystemExit(1) from exc
 
 
@@ -183,7 +247,7 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
     from headrace.runtime.inspect import read_checkpoints
 
     job = load_job(job_spec)
-    settings = Settings.from_env(**options)
+    settings = _settings(options)
     summaries = asyncio.run(read_checkpoints(job, settings))
     if not summaries:
         click.echo(f"no checkpoints recorded for job {job.name!r} yet")

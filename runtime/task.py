@@ -60,6 +60,7 @@ from headrace.runtime.checkpoint.barrier import (
     dedupe_slot,
     sequence,
 )
+from headrace.runtime.logs import mask
 from headrace.runtime.state.handles import ABSENT, MISS, AggregatingHandle, ValueHandle
 from headrace.runtime.state.store import OperatorStateStore
 
@@ -805,7 +806,8 @@ class StageTask:
             ("hr.error.topic", r.topic.encode()),
             ("hr.error.partition", b"%d" % r.partition),
             ("hr.error.offset", b"%d" % r.offset),
-            ("hr.error.message", f"{type(exc).__name__}: {exc}"[:1000].encode()),
+            # masked: an error message can quote a secret, and this header leaves the process
+            ("hr.error.message", mask(f"{type(exc).__name__}: {exc}")[:1000].encode()),
         ]
         self.out.append((self.job.dead_letter_topic, None, r.key, r.value, headers))
         log.warning("dead-lettered record at %s after %s error: %r", where, kind, exc)

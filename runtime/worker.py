@@ -37,6 +37,7 @@ from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     InvalidProducerEpoch,
+    KafkaConnectionError,
     ProducerFenced,
     RebalanceInProgressError,
     UnknownMemberIdError,
@@ -52,6 +53,7 @@ from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
 from headrace.runtime.kafka.producer import BatchSender
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
+from headrace.runtime.logs import register_secrets
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
@@ -80,6 +82,7 @@ class Worker:
         self.job = job
         self.settings = settings
         self.clock = clock
+        register_secrets(settings.secrets())  # masked in every log line, whatever the source
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.error_policy = ErrorPolicy(settings.error_policy or job.error_policy)
         self._stop = asyncio.Event()
@@ -110,7 +113,11 @@ class Worker:
         s = self.settings
         log.info("worker %s starting job %r with %r", self.worker_id, self.job.name, s)
         self.admin = clients.admin_client(s, client_id=f"{s.client_id}-admin")
-        await self.admin.start()
+        try:
+            await self.admin.start()
+        except KafkaConnectionError:
+            await clients.preflight(s)  # raises KafkaSetupError naming the cause
+            raise
         try:
             self.layout = await ensure_topics(self.admin, self.job)
             await self.ops.start()

@@ -90,3 +90,92 @@ def producer(
 
 def admin_client(settings: Settings, *, client_id: str) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**settings.kafka_kwargs(), client_id=client_id)
+
+
+class KafkaSetupError(RuntimeError):
+    """headrace cannot talk to Kafka with these settings: unreachable, refused credentials, a
+    TLS or protocol mismatch. The message names the broker, the cause and the settings to check;
+    it is a problem of the environment, not a bug, so the CLI shows it without a traceback."""
+
+
+async def preflight(settings: Settings, timeout_s: float = 10.0) -> None:
+    """Connect to the bootstrap servers once, as every client will, and explain a failure.
+
+    aiokafka reports every bootstrap failure as "Unable to bootstrap from [...]", whether the
+    host is down, the SASL password is wrong or a TLS client talks to a plain listener. This
+    opens one connection per bootstrap server until one succeeds and, if none does, raises
+    :class:`KafkaSetupError` with the cause per server, naming the settings to check. Secrets
+    never appear in the message.
+    """
+    import asyncio
+
+    from aiokafka import errors
+    from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
+
+    kw = settings.kafka_kwargs()
+    causes: list[str] = []
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.rpartition(":")
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(
+                    host,
+                    int(port),
+                    client_id=f"{settings.client_id}-preflight",
+                    request_timeout_ms=int(timeout_s * 1000),
+                    ssl_context=kw.get("ssl_context"),
+                    security_protocol=settings.security_protocol,
+                    sasl_mechanism=settings.sasl_mechanism or "PLAIN",
+                    sasl_plain_username=settings.sasl_username,
+                    sasl_plain_password=settings.sasl_password,
+                ),
+                timeout_s,
+            )
+        except (errors.SaslAuthenticationFailed, errors.AuthenticationFailedError) as exc:
+            causes.append(
+                f"{server}: SASL authentication failed for user {settings.sasl_username!r} "
+                f"with mechanism {settings.sasl_mechanism} ({_describe(exc)}); check "
+                "HEADRACE_SASL_USERNAME / --sasl-username, HEADRACE_SASL_PASSWORD and "
+                "HEADRACE_SASL_MECHANISM / --sasl-mechanism"
+            )
+            continue
+        except errors.UnsupportedSaslMechanismError as exc:
+            causes.append(
+                f"{server}: the broker does not offer SASL mechanism {settings.sasl_mechanism} "
+                f"({_describe(exc)}); set HEADRACE_SASL_MECHANISM / --sasl-mechanism"
+            )
+            continue
+        except (TimeoutError, errors.KafkaError, OSError) as exc:
+            causes.append(f"{server}: {_connection_hint(settings, exc)}")
+            continue
+        try:
+            await asyncio.wait_for(conn.send(MetadataRequest([])), timeout_s)
+        except (TimeoutError, errors.KafkaError, OSError) as exc:
+            causes.append(f"{server}: {_connection_hint(settings, exc)}")
+            continue
+        finally:
+            conn.close()
+        return
+    raise KafkaSetupError(
+        f"cannot use Kafka at {settings.bootstrap_servers} (--bootstrap-servers / "
+        f"HEADRACE_BOOTSTRAP_SERVERS) with security protocol {settings.security_protocol}:\n  "
+        + "\n  ".join(causes)
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _connection_hint(settings: Settings, exc: BaseException) -> str:
+    """What a failed connection most likely means, given the security protocol in use."""
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        return f"connection refused ({_describe(exc)}): is a broker listening there?"
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+        return f"cannot connect ({_describe(exc)})"
+    hint = "does the listener use this security protocol? (--security-protocol)"
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        hint += "; check the certificates (--ssl-cafile, --ssl-certfile, --ssl-keyfile)"
+    return f"the connection failed ({_describe(exc)}): {hint}"

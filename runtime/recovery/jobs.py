@@ -31,7 +31,7 @@ def build_json_wordcount(name: str, source: str, sink: str) -> Job:
 
 
 def json_wordcount() -> Job:
-    """Factory (``headrace.runtime.recovery.jobs:json_wordcount``): reads the names from the env."""
+    """Factory: ``headrace run headrace.runtime.recovery.jobs:json_wordcount()``."""
     return build_json_wordcount(
         os.environ.get("RECOVERY_JOB", "json-wordcount"),
         os.environ.get("RECOVERY_SOURCE", "json-lines"),

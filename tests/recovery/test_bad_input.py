@@ -20,7 +20,7 @@ from headrace.runtime.recovery.jobs import build_json_wordcount
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
-JOB_SPEC = "headrace.runtime.recovery.jobs:json_wordcount"
+JOB_SPEC = "headrace.runtime.recovery.jobs:json_wordcount()"
 BAD = b"\xffthis is not JSON"
 GOOD = [f"line {i} of good words and more {i % 7}" for i in range(300)]
 BAD_AT = 100  #: offset of the bad record in partition 0
