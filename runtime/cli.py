@@ -26,7 +26,7 @@ from typing import Any
 
 import click
 
-from headrace.operators.job import Job
+from headrace.operators.job import Job, JobDefinitionError
 from headrace.runtime.config import (
     SASL_MECHANISMS,
     SECURITY_PROTOCOLS,
@@ -207,7 +207,10 @@ def run(job_spec: str, **options: Any) -> None:
     exits 0. A record that fails under the 'fail' policy exits 1 naming its topic, partition
     and offset; nothing past it is committed.
     """
+    from aiokafka.errors import InvalidSessionTimeoutError
+
     from headrace.runtime.kafka.clients import KafkaSetupError
+    from headrace.runtime.kafka.topics import TopicConfigError
     from headrace.runtime.worker import Worker
 
     settings = _settings(options)
@@ -222,8 +225,20 @@ def run(job_spec: str, **options: Any) -> None:
 
     try:
         asyncio.run(main())
-    except KafkaSetupError as exc:
-        # the environment, not a bug: the message says what to check (traceback at debug)
+    except (
+        KafkaSetupError,
+        TopicConfigError,
+        JobDefinitionError,
+        InvalidSessionTimeoutError,
+    ) as exc:
+        # the set-up, not a bug: the message says what to check (traceback at debug)
+        if isinstance(exc, InvalidSessionTimeoutError):
+            exc = KafkaSetupError(
+                f"the broker rejected the session timeout of {settings.session_timeout_ms} ms "
+                f"({SETTING_BY_FIELD['session_timeout_ms'].names()}): it must lie between the "
+                "broker's group.min.session.timeout.ms and group.max.session.timeout.ms "
+                "(6000 and 1800000 by default)"
+            )
         log.error("worker cannot start: %s", exc)
         log.debug("traceback", exc_info=exc)
         raise SystemExit(1) from exc

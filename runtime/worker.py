@@ -135,13 +135,21 @@ class Worker:
             for t in done:
                 if t is not stop_wait and t.exception() is not None:
                     self.failure = t.exception()
-            for t in loops:
-                if not t.done():
-                    await t  # loops exit at their next iteration once _stop is set
-                elif t.exception() is not None and self.failure is None:
-                    self.failure = t.exception()
+            # loops exit at their next iteration once _stop is set; a second failing loop must
+            # not skip the shutdown of the others (their clients would be left unclosed)
+            results = await asyncio.gather(*loops, return_exceptions=True)
+            for t, result in zip(loops, results, strict=True):
+                if isinstance(result, BaseException) and self.failure is None:
+                    self.failure = result
+                    log.debug("loop %s failed", t.get_name(), exc_info=result)
             for r in self.runners:
-                await r.shutdown(final_checkpoint=self.failure is None)
+                try:
+                    await r.shutdown(final_checkpoint=self.failure is None)
+                except Exception as exc:
+                    if self.failure is None:
+                        self.failure = exc
+                    else:
+                        log.warning("shutdown of stage %s after a failure: %r", r.stage.name, exc)
         finally:
             await self.ops.stop()
             if self.shared_producer is not None:

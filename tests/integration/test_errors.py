@@ -5,7 +5,8 @@
 * Secrets: a secret that holds a quote, a backslash and a newline, quoted by the user's error
   message, appears nowhere in the process output (message, traceback, JSON fields) nor in the
   ``hr.error.message`` header of a dead-lettered record.
-* A client that speaks SASL to a plain listener is told so, naming the settings to check.
+* A client that speaks SASL to a plain listener is told so, naming the settings to check; a
+  session timeout the broker refuses is named, and the worker closes its clients.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ async def run_user_job(
     policy: str,
     log_format: str,
     run_s: float = 60,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], str, str]:
     """Run the user's job (in its own project dir) over "a", "boom", "b" until it exits or
     ``run_s`` passed (then SIGTERM); returns the process, the job name and the sink topic."""
@@ -95,6 +97,7 @@ async def run_user_job(
         T_SOURCE=source,
         T_SINK=sink,
         PYTHONUNBUFFERED="1",
+        **(extra_env or {}),
     )
     args = [sys.executable, "-m", "headrace.runtime.cli", "--log-format", log_format]
     child = await asyncio.create_subprocess_exec(
@@ -193,3 +196,21 @@ def test_speaking_sasl_to_a_plain_listener_names_the_settings_to_check(
     assert "security protocol SASL_PLAINTEXT" in output and "--security-protocol" in output
     assert "Traceback" not in output
     assert_no_secret(output)
+
+
+async def test_a_session_timeout_the_broker_refuses_is_named_and_nothing_is_left_open(
+    tmp_path: Path, kafka_bootstrap_servers: str, topic_factory: TopicFactory
+) -> None:
+    proc, _, _ = await run_user_job(
+        tmp_path,
+        kafka_bootstrap_servers,
+        topic_factory,
+        policy="fail",
+        log_format="text",
+        extra_env={"HEADRACE_SESSION_TIMEOUT_MS": "5000", "HEADRACE_HEARTBEAT_INTERVAL_MS": "1000"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "the broker rejected the session timeout of 5000 ms" in output, output
+    assert "--session-timeout-ms / HEADRACE_SESSION_TIMEOUT_MS" in output
+    assert "Traceback" not in output and "Unclosed" not in output, output
