@@ -31,13 +31,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
+
 from headrace.operators.job import ErrorPolicy, Job, Stage
-from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, next_epoch
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.kafka.lease import MembershipLease
-from headrace.runtime.kafka.producer import first_gap, last_offset
+from headrace.runtime.kafka.producer import BatchSender, Delivery, first_gap, last_offset
 from headrace.runtime.kafka.topics import TopicLayout
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task import StageTask
@@ -45,6 +48,65 @@ from headrace.runtime.task import StageTask
 __all__ = ["Gap", "StageHost", "StartPoint"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TaskIO:
+    """A task plus the Kafka clients and bookkeeping its checkpoints need."""
+
+    task: StageTask
+    sender: BatchSender
+    group_id: str
+    changelog_topics: dict[str, str]
+    #: operator id -> offset of the last changelog record this task's state includes
+    changelog_last: dict[str, int | None] = field(default_factory=dict)
+    #: deliveries of outputs sent since the last checkpoint (acknowledged at the next one)
+    unacked: list[Delivery] = field(default_factory=list)
+    #: offsets of the last committed checkpoint, per input (topic, partition), and its skip list
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)
+    committed_skip: dict[int, int] = field(default_factory=dict)
+    #: the task's own transactional producer (exactly-once) or None
+    producer: AIOKafkaProducer | None = None
+    restored: bool = False
+    #: at-least-once: this ownership's writer epoch header for changelog records (None:
+    #: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
+    epoch_headers: list[tuple[str, bytes]] | None = None
+    #: changelog ranges (operator id, first, end) that another writer filled between two of
+    #: this task's writes: read and rewritten by the worker
+    foreign: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.task.stage.name}/{self.task.partition}"
+
+    @property
+    def stage_name(self) -> str:
+        return self.task.stage.name
+
+    @property
+    def partition(self) -> int:
+        return self.task.partition
+
+
+#: called with every committed checkpoint (the worker's metrics); None: nobody observes
+CommitObserver = Callable[[CommitResult], None]
+
+
+async def commit_checkpoint(
+    io: TaskIO,
+    committer: Committer,
+    pending: PendingCheckpoint,
+    observe: CommitObserver | None = None,
+) -> CommitResult:
+    """Commit ``pending`` and apply the result: the task writes the changes into its local
+    stores and releases held records; the outputs the commit sent are counted."""
+    result = await committer.commit(io, pending)
+    io.task.counters.records_out += result.outputs  # the rest count where they are sent
+    io.task.checkpoint_committed(result.changelog_offsets)
+    if observe is not None:
+        observe(result)
+    return result
+
 
 #: an input (topic, partition)
 InputTP = tuple[str, int]
@@ -249,7 +311,12 @@ class StageHost:
 
     # -- 6. feed and checkpoint -------------------------------------------------------------
     @staticmethod
-    async def feed(io: TaskIO, records: list[Any], committer: Committer) -> None:
+    async def feed(
+        io: TaskIO,
+        records: list[Any],
+        committer: Committer,
+        observe: CommitObserver | None = None,
+    ) -> None:
         """Run a fetched batch through the task; commit each checkpoint it reaches on the way
         (a barrier inside the batch cuts it there)."""
         task = io.task
@@ -257,12 +324,14 @@ class StageHost:
         while i < len(records):
             i = task.feed(records, i)
             while task.pending is not None:
-                await committer.commit(io, task.pending)
+                await commit_checkpoint(io, committer, task.pending, observe)
 
     @staticmethod
-    async def settle(io: TaskIO, committer: Committer, now: float) -> None:
+    async def settle(
+        io: TaskIO, committer: Committer, now: float, observe: CommitObserver | None = None
+    ) -> None:
         """Let the clock inject a barrier if one is due, and commit what is pending."""
         task = io.task
         task.tick(now)
         while task.pending is not None:
-            await committer.commit(io, task.pending)
+            await commit_checkpoint(io, committer, task.pending, observe)

@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from headrace.runtime.task import PendingCheckpoint
+    from headrace.runtime.checkpoint.pending import CommitResult
     from headrace.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -105,18 +105,13 @@ class WorkerMetrics:
         r.register(_TaskCollector(self))
 
     # -- events ---------------------------------------------------------------------------------
-    def checkpoint_committed(self, stage: str, pending: PendingCheckpoint, seconds: float) -> None:
+    def checkpoint_committed(self, result: CommitResult) -> None:
         """Once per committed task checkpoint (off the per-record path)."""
-        keys = 0
-        size = 0
-        for changes in pending.changes.values():
-            keys += len(changes)
-            for k, v in changes:
-                size += len(k) + (len(v) if v is not None else 0)
-        self.checkpoint_duration.labels(self.job, stage).observe(seconds)
-        self.checkpoint_keys.labels(self.job, stage).observe(keys)
-        self.checkpoint_bytes.labels(self.job, stage).observe(size)
-        self.alignment.labels(self.job, stage).observe(pending.alignment_seconds)
+        stage = result.stage
+        self.checkpoint_duration.labels(self.job, stage).observe(result.seconds)
+        self.checkpoint_keys.labels(self.job, stage).observe(result.changed_keys)
+        self.checkpoint_bytes.labels(self.job, stage).observe(result.changed_bytes)
+        self.alignment.labels(self.job, stage).observe(result.alignment_seconds)
 
     def batch_processed(self, stage: str, started: float, batches: dict[Any, list[Any]]) -> None:
         """Once per non-empty poll: ``started`` is ``time.perf_counter()`` before processing."""

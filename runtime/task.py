@@ -30,7 +30,7 @@ import logging
 import struct
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -60,15 +60,14 @@ from headrace.runtime.checkpoint.barrier import (
     dedupe_slot,
     sequence,
 )
+from headrace.runtime.checkpoint.pending import PendingCheckpoint
+from headrace.runtime.kafka.producer import Headers, OutRecord
 from headrace.runtime.logs import mask
 from headrace.runtime.state.handles import ABSENT, MISS, AggregatingHandle, ValueHandle
 from headrace.runtime.state.store import OperatorStateStore
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
-#: (topic, partition or None for the sink's partitioner, key bytes, value bytes, headers)
-OutRecord = tuple[str, int | None, bytes | None, bytes | None, Headers]
 _NO_HEADERS: Headers = []  # shared, never mutated
 
 #: A compiled step of a stage's chain: ``step(raw, key_bytes, key, value)``. ``raw`` is the
@@ -256,33 +255,8 @@ class RecordError(Exception):
 
 
 @dataclass(slots=True)
-class PendingCheckpoint:
-    """Everything checkpoint ``checkpoint_id`` of one task commits, captured synchronously.
-
-    The snapshot is taken at the cut, between two records; the I/O (changelog writes, commit)
-    happens afterwards while the task's later records wait in its output buffer.
-    """
-
-    checkpoint_id: int
-    #: (topic, partition) -> offset to commit
-    offsets: dict[tuple[str, int], int]
-    skip: dict[int, int]
-    aligned: bool
-    final: bool
-    #: operator id -> [(storage key, value bytes or None for a delete)]
-    changes: dict[str, list[tuple[bytes, bytes | None]]]
-    #: at-least-once: highest repartition sequence processed per slot (part of the cut)
-    seen: dict[int, int]
-    #: outputs produced before the cut (they belong to this checkpoint's transaction)
-    outputs: list[OutRecord]
-    #: barrier records for every partition of the repartition output, if any
-    barriers: list[OutRecord] = field(default_factory=list)
-    alignment_seconds: float = 0.0
-
-
-@dataclass(slots=True)
 class TaskCounters:
-    """Per-task counters; exported by the worker's metrics and the test driver's results."""
+    """Per-task counters, read by the worker's metrics at scrape time."""
 
     records_in: int = 0
     records_out: int = 0

@@ -30,15 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
-from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.config import Guarantee
-from headrace.runtime.host import StageHost
-from headrace.runtime.kafka.producer import Delivery
+from headrace.runtime.host import StageHost, TaskIO
+from headrace.runtime.kafka.producer import Delivery, OutRecord
 from headrace.runtime.kafka.topics import plan_layout
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
-from headrace.runtime.task import OutRecord
 
 __all__ = ["JobTester", "MemoryRecord"]
 

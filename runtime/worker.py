@@ -45,10 +45,10 @@ from aiokafka.errors import (
 from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import ErrorPolicy, Job, Stage
-from headrace.runtime.checkpoint.commit import Committer, TaskIO
+from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
 from headrace.runtime.config import Settings
-from headrace.runtime.host import Gap, StageHost, StartPoint
+from headrace.runtime.host import Gap, StageHost, StartPoint, TaskIO, commit_checkpoint
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
 from headrace.runtime.kafka.producer import BatchSender
@@ -229,7 +229,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             worker_id=worker.worker_id,
             lease=self.lease,
         )
-        self.committer.metrics = worker.metrics
+        self.observe_commit = worker.metrics.checkpoint_committed
         self.tasks: dict[int, TaskIO] = {}
         self.suspended: dict[int, TaskIO] = {}
         self.restoring: dict[int, TaskIO] = {}
@@ -284,10 +284,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                         io = self.tasks.get(tp.partition)
                         if io is None:
                             continue  # revoked meanwhile: the new owner reads them again
-                        await self.host.feed(io, records, self.committer)
+                        await self.host.feed(io, records, self.committer, self.observe_commit)
                     now = self.worker.clock()
                     for io in list(self.tasks.values()):
-                        await self.host.settle(io, self.committer, now)
+                        await self.host.settle(io, self.committer, now, self.observe_commit)
                     await self._send_outputs()
                     for io in list(self.tasks.values()):
                         if io.foreign:
@@ -375,7 +375,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     continue
                 try:
                     final = io.task.final_checkpoint()
-                    await self.committer.commit(io, final)
+                    await commit_checkpoint(io, self.committer, final, self.observe_commit)
                 except MEMBERSHIP_LOST as exc:
                     log.warning(
                         "no final checkpoint for task %s (%s: %s); dropping it",
@@ -634,7 +634,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             for io in list(self.tasks.values()):
                 if final_checkpoint:
                     try:
-                        await self.committer.commit(io, io.task.final_checkpoint())
+                        await commit_checkpoint(
+                            io, self.committer, io.task.final_checkpoint(), self.observe_commit
+                        )
                     except Exception:
                         log.exception("final checkpoint of %s failed", io.name)
                 elif io.producer is not None:

@@ -1,10 +1,9 @@
 """Committing a task's checkpoint: the one place where durability is decided.
 
-A :class:`~headrace.runtime.task.PendingCheckpoint` was captured synchronously at the cut (state
-changes,
-outputs before the cut, input offsets and skip list, barrier records). Committing it means making
-all of that durable *together*, so that a crash at any instant leaves either the previous
-checkpoint or this one — never a mix (DESIGN.md section 5.5):
+A :class:`~headrace.runtime.checkpoint.pending.PendingCheckpoint` was captured synchronously at
+the cut (state changes, outputs before the cut, input offsets and skip list, barrier records).
+Committing it means making all of that durable *together*, so that a crash at any instant leaves
+either the previous checkpoint or this one — never a mix (ARCHITECTURE.md section 5.5):
 
 exactly_once
     Every task has its own transactional producer (``transactional.id`` =
@@ -39,8 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
@@ -48,51 +46,44 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from headrace.operators.job import Job
 from headrace.runtime.checkpoint.log import CheckpointAck
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka.lease import MembershipLease
 from headrace.runtime.kafka.producer import (
     BatchSender,
     Delivery,
+    OutRecord,
     first_gap,
     last_offset,
     wait_delivered,
 )
-from headrace.runtime.task import OutRecord, PendingCheckpoint, StageTask
-
-if TYPE_CHECKING:
-    from headrace.runtime.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class TaskIO:
-    """A task plus the Kafka clients and bookkeeping its checkpoints need."""
+class CommitTarget(Protocol):
+    """The per-task bookkeeping a commit reads and updates (the host's ``TaskIO`` is one).
 
-    task: StageTask
+    The committer never sees the task itself: it gets what the task prepared (a
+    :class:`PendingCheckpoint`) and returns a :class:`CommitResult`; the caller applies it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def stage_name(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+
     sender: BatchSender
     group_id: str
     changelog_topics: dict[str, str]
-    #: operator id -> offset of the last changelog record this task's state includes
-    changelog_last: dict[str, int | None] = field(default_factory=dict)
-    #: deliveries of outputs sent since the last checkpoint (acknowledged at the next one)
-    unacked: list[Delivery] = field(default_factory=list)
-    #: offsets of the last committed checkpoint, per input (topic, partition), and its skip list
-    committed: dict[tuple[str, int], int] = field(default_factory=dict)
-    committed_skip: dict[int, int] = field(default_factory=dict)
-    #: the task's own transactional producer (exactly-once) or None
-    producer: AIOKafkaProducer | None = None
-    restored: bool = False
-    #: at-least-once: this ownership's writer epoch header for changelog records (None:
-    #: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
-    epoch_headers: list[tuple[str, bytes]] | None = None
-    #: changelog ranges (operator id, first, end) that another writer filled between two of
-    #: this task's writes: read and rewritten by the worker
-    foreign: list[tuple[str, int, int]] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return f"{self.task.stage.name}/{self.task.partition}"
+    changelog_last: dict[str, int | None]
+    unacked: list[Delivery]
+    committed: dict[tuple[str, int], int]
+    committed_skip: dict[int, int]
+    producer: AIOKafkaProducer | None
+    epoch_headers: list[tuple[str, bytes]] | None
+    foreign: list[tuple[str, int, int]]
 
 
 class Committer:
@@ -114,25 +105,26 @@ class Committer:
         self.worker_id = worker_id
         #: called at each phase of a commit; kills the process when fault injection is on
         self.fault: Callable[[str], None] = maybe_crash
-        self.metrics: WorkerMetrics | None = None  #: set by the worker (runtime/metrics.py)
 
-    async def commit(self, io: TaskIO, pending: PendingCheckpoint) -> None:
+    async def commit(self, io: CommitTarget, pending: PendingCheckpoint) -> CommitResult:
+        """Make ``pending`` durable for ``io``'s task, or raise (nothing of it is then taken as
+        state). The caller applies the result to the task (its local stores)."""
         started = time.perf_counter()
-        task, sender = io.task, io.sender
+        sender = io.sender
         if self.lease is not None:
             self.lease.check(f"checkpoint {pending.checkpoint_id} of task {io.name}")
         deliveries = io.unacked
         io.unacked = []
         deliveries += await sender.send(pending.outputs)
-        task.counters.records_out += len(pending.outputs)  # the rest count in the worker loop
         changelog: dict[str, list[Delivery]] = {}
-        changed = 0
+        changed = size = 0
         for op_id, changes in pending.changes.items():
             if changes:
                 changed += len(changes)
+                size += sum(len(k) + (len(v) if v is not None else 0) for k, v in changes)
                 topic = io.changelog_topics[op_id]
                 changelog[op_id] = await sender.send_pairs(
-                    topic, task.partition, changes, io.epoch_headers
+                    topic, io.partition, changes, io.epoch_headers
                 )
         deliveries += await sender.send(pending.barriers)
         for op_id, d in changelog.items():
@@ -174,27 +166,36 @@ class Committer:
             io.unacked += await sender.send([ack])
         io.committed = dict(pending.offsets)
         io.committed_skip = dict(pending.skip)
-        task.checkpoint_committed(io.changelog_last)
-        if self.metrics is not None:
-            self.metrics.checkpoint_committed(
-                task.stage.name, pending, time.perf_counter() - started
-            )
+        seconds = time.perf_counter() - started
         log.debug(
             "task %s committed checkpoint %d (%d changed keys, %.1f ms%s)",
             io.name,
             pending.checkpoint_id,
             changed,
-            (time.perf_counter() - started) * 1000,
+            seconds * 1000,
             "" if pending.aligned else ", unaligned",
+        )
+        return CommitResult(
+            stage=io.stage_name,
+            partition=io.partition,
+            checkpoint_id=pending.checkpoint_id,
+            changelog_offsets=dict(io.changelog_last),
+            changed_keys=changed,
+            changed_bytes=size,
+            outputs=len(pending.outputs),
+            aligned=pending.aligned,
+            final=pending.final,
+            alignment_seconds=pending.alignment_seconds,
+            seconds=seconds,
         )
 
     def _ack(
-        self, io: TaskIO, pending: PendingCheckpoint, started: float, changed: int
+        self, io: CommitTarget, pending: PendingCheckpoint, started: float, changed: int
     ) -> OutRecord:
         ack = CheckpointAck(
             job=self.job.name,
-            stage=io.task.stage.name,
-            partition=io.task.partition,
+            stage=io.stage_name,
+            partition=io.partition,
             checkpoint_id=pending.checkpoint_id,
             offsets={f"{t}/{p}": o for (t, p), o in pending.offsets.items()},
             changelog_offsets=dict(io.changelog_last),

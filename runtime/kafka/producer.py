@@ -17,7 +17,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from headrace.runtime.task import OutRecord
+Headers = list[tuple[str, bytes]]
+#: A record to write: (topic, partition or None for the sink's partitioner, key bytes, value
+#: bytes, headers). Tasks produce them; the sender writes them.
+OutRecord = tuple[str, int | None, bytes | None, bytes | None, Headers]
+
 
 _M = 0x5BD1E995
 _MASK = 0xFFFFFFFF
