@@ -111,10 +111,6 @@ class Stage:
     steps: list[Step] = field(default_factory=list)
     output: SinkSpec | RepartitionSpec | None = None
 
-    @property
-    def group_id_suffix(self) -> str:
-        return self.name
-
     def process_steps(self) -> list[ProcessStep]:
         return [s for s in self.steps if isinstance(s, ProcessStep)]
 

@@ -1,4 +1,4 @@
-"""Operating a worker: Prometheus metrics, health endpoints and structured logs (DESIGN.md 8).
+"""Operating a worker: Prometheus metrics, health endpoints and structured logs (ARCHITECTURE.md 8).
 
 Every :class:`~headrace.runtime.worker.Worker` owns one :class:`WorkerMetrics` with its *own*
 ``CollectorRegistry`` (nothing is registered globally, so workers and tests never see each
@@ -169,8 +169,9 @@ class _TaskCollector(Collector):
             "dead_lettered": families[3],
             "checkpoints": families[4],
             "unaligned_checkpoints": families[5],
+            "deduplicated": families[6],
         }
-        tasks, restored, restore_total, lag, ready = families[6:11]
+        tasks, restored, restore_total, lag, ready = families[7:12]
         for runner in list(worker.runners):
             stage = runner.stage.name
             for state, ios in (
@@ -221,6 +222,12 @@ class _TaskCollector(Collector):
             CounterMetricFamily(
                 "headrace_unaligned_checkpoints",
                 "Checkpoints a task took unaligned (alignment timeout).",
+                labels=task_labels,
+            ),
+            CounterMetricFamily(
+                "headrace_records_deduplicated",
+                "Repartition records a task dropped because an upstream replay had delivered them "
+                "before (at-least-once).",
                 labels=task_labels,
             ),
             GaugeMetricFamily(

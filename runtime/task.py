@@ -264,6 +264,8 @@ class TaskCounters:
     dead_lettered: int = 0
     checkpoints: int = 0
     unaligned_checkpoints: int = 0
+    #: at-least-once: repartition records dropped as replays of records seen before
+    deduplicated: int = 0
 
 
 class TaskContext:
@@ -333,7 +335,6 @@ class StageTask:
         self._out_index = 0
         self._topic_index = {t: i for i, t in enumerate(stage.source.topics)}
         self.seen: dict[int, int] = {}
-        self.duplicates_dropped = 0
         if stage.source.internal and not upstream_partitions:
             raise ValueError(f"{stage.name} reads a repartition topic: upstream_partitions needed")
         self.operators: list[Operator] = []
@@ -737,7 +738,7 @@ class StageTask:
             seq = int(headers[1][1])
             slot = dedupe_slot(channel, seq)
             if seq <= self.seen.get(slot, -1):
-                self.duplicates_dropped += 1
+                self.counters.deduplicated += 1
                 return
             self.seen[slot] = seq
         self._process(r)
@@ -871,7 +872,3 @@ class StageTask:
                 self._process_sequenced(r, int(r.headers[0][1]))
             if self.aligner.ready:
                 self._prepare(force=False, final=False)
-
-    def checkpoint_failed(self) -> None:
-        """The commit failed: the task's state is no longer trustworthy; it must be restored."""
-        self.pending = None

@@ -9,7 +9,7 @@ Rebalances are eager in aiokafka (every member gives up everything, then receive
 share), so revoked tasks are *suspended* after their final checkpoint rather than dropped: when a
 partition comes straight back and nobody committed anything for it meanwhile, the task resumes
 with its in-memory state; otherwise it is restored from its changelog in the background while
-its inputs stay paused (DESIGN.md section 6).
+its inputs stay paused (ARCHITECTURE.md section 6).
 
 Partial failures. A worker that was paused past its session timeout (see
 :mod:`headrace.runtime.kafka.lease`) or whose commit says it is no longer a member (a failed

@@ -10,7 +10,7 @@ writes barrier ``n`` into every repartition partition when it checkpoints ``n``.
 of the downstream task must contain, from every channel, exactly the records that channel wrote
 before its barrier ``n`` — the records its upstream checkpoint ``n`` already accounted for.
 
-Alignment (Flink's rule, DESIGN.md section 5.4): after barrier ``n`` arrives on channel ``c``,
+Alignment (Flink's rule, ARCHITECTURE.md section 5.4): after barrier ``n`` arrives on channel ``c``,
 later records of ``c`` are *held* until barrier ``n`` has arrived on every channel; then the task
 checkpoints and releases them. A channel whose next barrier is ``m > n`` (its task restarted, or
 skipped ids while catching up) counts as having passed ``n``; the checkpoint id is then the

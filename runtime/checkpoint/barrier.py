@@ -2,7 +2,7 @@
 
 Barrier ids come from the clock: ``n = floor(now_ms / interval_ms)``. Every source task injects
 barrier ``n`` when its clock crosses the boundary, so ids agree across workers without a
-coordinator, and idle partitions still produce them (DESIGN.md section 5.1).
+coordinator, and idle partitions still produce them (ARCHITECTURE.md section 5.1).
 
 On a repartition topic every record carries the ``hr.ch`` header (the upstream partition that
 wrote it: the *channel*), and a barrier is a record with an empty value and a second header

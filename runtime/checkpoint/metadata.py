@@ -12,7 +12,7 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
   sequence number processed (see :mod:`headrace.runtime.checkpoint.barrier`);
 * ``cl``: per stateful operator, the changelog offset after this checkpoint's writes. Under
   at-least-once the changelog may hold writes of a checkpoint that never committed its offsets;
-  restore treats records past ``cl`` as stale (DESIGN.md section 5.5).
+  restore treats records past ``cl`` as stale (ARCHITECTURE.md section 5.5).
 
 The encoding is compact JSON; Kafka's default limit (``offset.metadata.max.bytes``) is 4096.
 """

@@ -1,4 +1,4 @@
-"""Rebuilding task state from changelog partitions (DESIGN.md section 6).
+"""Rebuilding task state from changelog partitions (ARCHITECTURE.md section 6).
 
 All changelog partitions of the tasks being restored are read by one consumer at once, in
 batches, and applied to the stores as write batches. Three rules decide what is applied:

@@ -3,7 +3,7 @@
 Partition counts of internal topics follow their source: a repartition topic has the partition
 count of the stage that writes it (unless ``key_by(partitions=...)`` says otherwise), and a
 changelog has one partition per task of its stage. headrace creates what is missing and refuses
-to start, naming the topic, when an existing one does not fit (DESIGN.md section 4): a wrong
+to start, naming the topic, when an existing one does not fit (ARCHITECTURE.md section 4): a wrong
 partition count would silently send keys to the wrong task and state to the wrong changelog.
 """
 

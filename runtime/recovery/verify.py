@@ -1,6 +1,6 @@
 """Checking a job's output and state against a deterministic replay of its input.
 
-The recovery invariant (DESIGN.md section 6) is checked from the outside, with nothing but
+The recovery invariant (ARCHITECTURE.md section 6) is checked from the outside, with nothing but
 Kafka: the input that was actually produced is read back, a *replay function* computes what a
 failure-free run outputs for it (per key, the sequence of output values), and that is compared
 with the job's output topic (read ``read_committed``) and with the final state rebuilt from the

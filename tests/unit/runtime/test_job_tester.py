@@ -1,4 +1,4 @@
-"""The invariant of DESIGN.md section 6, checked with the in-process driver.
+"""The invariant of ARCHITECTURE.md section 6, checked with the in-process driver.
 
 The driver runs the production task, commit and restore code over an in-memory log with
 transactions. Random interleavings of input, checkpoints and crashes must leave: the state
