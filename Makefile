@@ -20,19 +20,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-# Broker jars from Maven Central into deploy/kafka/target/lib (no-op when present).
+# Broker jars from Maven Central into ~/.cache/headrace/kafka/<version>/lib (no-op when present).
 kafka-jars: venv
-	@$(PY) -m headrace.runtime.kafka.cli jars >/dev/null
+	@$(PY) -m headrace.runtime.localkafka.cli jars >/dev/null
 
 # A long-lived local broker in deploy/kafka/run for manual work; `eval` the printed exports.
 kafka-start: kafka-jars
-	$(PY) -m headrace.runtime.kafka.cli start
+	$(PY) -m headrace.runtime.localkafka.cli start
 
 kafka-stop: venv
-	$(PY) -m headrace.runtime.kafka.cli stop
+	$(PY) -m headrace.runtime.localkafka.cli stop
 
 kafka-status: venv
-	$(PY) -m headrace.runtime.kafka.cli status
+	$(PY) -m headrace.runtime.localkafka.cli status
 
 # Uses $$KAFKA_BOOTSTRAP_SERVERS if set, else Docker if a daemon answers, else starts a
 # local broker from the jars for the session (see runtime/pytest_plugin.py).

@@ -90,7 +90,7 @@ class Broker:
     def __enter__(self) -> Broker:
         if self.external:
             return self
-        from headrace.runtime.kafka.local_broker import LocalBroker
+        from headrace.runtime.localkafka import LocalBroker
 
         os.environ.setdefault("HEADRACE_KAFKA_JVM_OPTS", "-Xms512m -Xmx1g")
         self.local = LocalBroker(RUN_DIR / "broker")
@@ -485,7 +485,7 @@ def machine_info(bootstrap: str) -> dict[str, Any]:
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
         info["mem_gib"] = round(int(mem) / 1024 / 1024, 1)
     with contextlib.suppress(Exception):
-        from headrace.runtime.kafka.local_broker import kafka_version
+        from headrace.runtime.localkafka import kafka_version
 
         info["kafka"] = kafka_version()
     with contextlib.suppress(Exception):

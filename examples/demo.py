@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         suffix = "-" + uuid.uuid4().hex[:6]
         print(f"using the broker at {bootstrap} (topics get the suffix {suffix})")
     else:
-        from headrace.runtime.kafka.local_broker import LocalBroker
+        from headrace.runtime.localkafka import LocalBroker
 
         run_dir = Path(tempfile.mkdtemp(prefix="headrace-demo-"))
         print("starting a local Kafka broker (first run: Maven fetches the jars) ...")

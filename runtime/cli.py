@@ -37,7 +37,7 @@ from headrace.runtime.config import (
     SettingsError,
     env_warnings,
 )
-from headrace.runtime.kafka.cli import kafka_cli
+from headrace.runtime.localkafka.cli import kafka_cli
 
 log = logging.getLogger("headrace")
 

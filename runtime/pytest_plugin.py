@@ -37,13 +37,13 @@ from typing import Any, Literal, NoReturn, Protocol
 
 import pytest
 
-from headrace.runtime.kafka.local_broker import LocalBroker, LocalBrokerError
+from headrace.runtime.localkafka import LocalBroker, LocalBrokerError
 
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 BROKER_DIR_ENV = "HEADRACE_LOCAL_BROKER_DIR"
 BACKEND_ENV = "HEADRACE_KAFKA"
 IMAGE_ENV = "HEADRACE_KAFKA_IMAGE"
-#: Confluent Platform 7.9 ships Apache Kafka 3.9, matching deploy/kafka/pom.xml.
+#: Confluent Platform 7.9 ships Apache Kafka 3.9, the local broker's default version.
 DEFAULT_IMAGE = "confluentinc/cp-kafka:7.9.0"
 
 BrokerKind = Literal["env", "docker", "local"]
@@ -197,7 +197,7 @@ def kafka_endpoint() -> Iterator[KafkaEndpoint]:
     try:
         endpoint, teardown = _start_docker() if use_docker else _start_local()
     except Exception as exc:
-        how = "testcontainers Kafka" if use_docker else "local broker (deploy/kafka)"
+        how = "testcontainers Kafka" if use_docker else "local broker (headrace kafka start)"
         _unavailable(f"starting {how} failed: {type(exc).__name__}: {exc}")
     try:
         yield endpoint

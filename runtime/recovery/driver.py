@@ -42,7 +42,7 @@ from typing import IO, Any
 
 from aiokafka import AIOKafkaProducer
 
-from headrace.runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.localkafka import LocalBroker
 
 __all__ = [
     "FaultDriver",

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from headrace.runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.localkafka import LocalBroker
 from headrace.runtime.pytest_plugin import TopicFactory
 
 pytestmark = pytest.mark.kafka

@@ -8,7 +8,7 @@ import pytest
 from scenario import MakeRun
 from test_pause import PAUSE_S, ZOMBIE_ENV
 
-from headrace.runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.localkafka import LocalBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
 

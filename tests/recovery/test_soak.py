@@ -13,7 +13,7 @@ import pytest
 from scenario import MakeRun, soak_scale
 from test_pause import PAUSE_S, ZOMBIE_ENV, pause_storm
 
-from headrace.runtime.kafka.local_broker import LocalBroker
+from headrace.runtime.localkafka import LocalBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.soak, pytest.mark.timeout(1800)]
 

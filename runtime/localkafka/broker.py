@@ -3,17 +3,19 @@
 Why this exists: headrace's exactly-once and recovery guarantees are only worth something if
 they are tested against a real broker (transactions, group coordinator, fencing, log
 recovery after a crash). CI and many developer machines have a JDK but no Docker daemon, so
-instead of a container we fetch the broker jars from Maven Central (deploy/kafka/pom.xml)
-and run ``java -cp 'lib/*' kafka.Kafka server.properties`` ourselves.
+instead of a container we fetch the broker jars from Maven Central
+(:mod:`headrace.runtime.localkafka.jars`) and run ``java -cp 'lib/*' kafka.Kafka
+server.properties`` ourselves.
 
-Everything about one broker lives in its *run directory* (default ``deploy/kafka/run``)::
+Everything about one broker lives in its *run directory* (default: ``deploy/kafka/run`` in a
+headrace checkout, else ``.headrace/kafka`` in the working directory)::
 
     run_dir/
       broker.json        ports + cluster id: lets another process (the CLI, a pytest
                          session, .ci/run) wrap the same broker and restart it on the
                          same address
       server.properties  rendered on every start from broker.json
-      log4j.properties
+      log4j.properties   (Kafka 3.x) or log4j2.properties (4.x)
       broker.pid         only while the broker runs
       data/              Kafka log dirs (formatted once, kept across restarts)
       logs/server.log    the broker's own log (tailed into our error messages)
@@ -36,7 +38,6 @@ import base64
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import json
 import os
@@ -46,27 +47,20 @@ import socket
 import subprocess
 import time
 import uuid
-import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = [
-    "BrokerStartError",
-    "JarsUnavailableError",
-    "LocalBroker",
-    "LocalBrokerError",
-    "default_run_dir",
-    "ensure_jars",
-    "kafka_home",
-    "kafka_version",
-]
+from headrace.runtime.localkafka.config import SERVER_PROPERTIES_TEMPLATE, logging_config
+from headrace.runtime.localkafka.jars import (
+    LocalBrokerError,
+    ensure_jars,
+    kafka_version,
+    tail,
+)
 
 _T = TypeVar("_T")
 
-#: Env var naming the directory that holds pom.xml (and target/lib). Needed when headrace is
-#: installed as a package rather than run from a checkout (deploy/ is not in the wheel).
-KAFKA_HOME_ENV = "HEADRACE_KAFKA_HOME"
 #: Extra JVM flags appended to the defaults (e.g. a bigger heap for benchmarks).
 JVM_OPTS_ENV = "HEADRACE_KAFKA_JVM_OPTS"
 
@@ -75,6 +69,8 @@ _STORAGE_TOOL_MAIN = "kafka.tools.StorageTool"
 _NODE_ID = 1
 _STATE_FILE = "broker.json"
 _PID_FILE = "broker.pid"
+#: the checkout this module lives in, if it is one (deploy/kafka is where its broker runs)
+_CHECKOUT_KAFKA = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
 
 DEFAULT_JVM_OPTS: tuple[str, ...] = (
     "-Xms128m",
@@ -84,198 +80,22 @@ DEFAULT_JVM_OPTS: tuple[str, ...] = (
     "-Djava.awt.headless=true",
 )
 
-# Kafka 3.9 logs through slf4j -> reload4j (log4j 1.x syntax). Kafka 4.x uses log4j2: this
-# template (and the binding in pom.xml) is what changes with the major version.
-LOG4J_TEMPLATE = """\
-log4j.rootLogger=INFO, file
-log4j.appender.file=org.apache.log4j.RollingFileAppender
-log4j.appender.file.File={log_file}
-log4j.appender.file.MaxFileSize=20MB
-log4j.appender.file.MaxBackupIndex=2
-log4j.appender.file.layout=org.apache.log4j.PatternLayout
-log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
-log4j.logger.kafka.request.logger=WARN
-log4j.logger.kafka.network.RequestChannel$=WARN
-log4j.logger.state.change.logger=WARN
-log4j.logger.kafka.log.LogCleaner=INFO
-log4j.logger.org.apache.kafka.raft=WARN
-log4j.logger.org.apache.kafka.controller=INFO
-"""
-
-SERVER_PROPERTIES_TEMPLATE = """\
-# Rendered by runtime/kafka/local_broker.py on every start; edit the code, not this file.
-process.roles=broker,controller
-node.id={node_id}
-controller.quorum.voters={node_id}@{host}:{controller_port}
-controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}
-advertised.listeners=PLAINTEXT://{host}:{port}
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-log.dirs={data_dir}
-
-# Single node: every internal topic must be satisfiable with one replica, or transactions
-# and consumer groups hang waiting for replicas that will never exist.
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-# Fewer internal partitions: the coordinator loads faster after every (re)start, which is
-# what recovery tests wait on. Semantics are unchanged.
-offsets.topic.num.partitions=10
-transaction.state.log.num.partitions=10
-num.partitions=1
-auto.create.topics.enable={auto_create}
-
-# Tests start consumer groups constantly; the default 3 s join delay only slows them down.
-group.initial.rebalance.delay.ms=0
-
-# After a crash (SIGKILL) the restarted broker cannot register until the controller expires
-# the dead incarnation's session (default 9 s). Recovery tests kill the broker on purpose,
-# so keep the session short; heartbeats are on loopback inside one JVM, so 500 ms is cheap.
-broker.heartbeat.interval.ms=500
-broker.session.timeout.ms=4000
-
-# Small machine (2 cores, broker heap <= 512 MiB): the cleaner's default 128 MiB dedupe
-# buffer would take a quarter of the heap. Compaction (changelog topics) still works.
-log.cleaner.dedupe.buffer.size=16777216
-num.network.threads=2
-num.io.threads=4
-num.recovery.threads.per.data.dir=2
-"""
-
-
-class LocalBrokerError(RuntimeError):
-    """Anything that stops the local broker from being fetched, started or stopped."""
-
-
-class JarsUnavailableError(LocalBrokerError):
-    """The broker jars are missing and could not be fetched (no Maven, no network...)."""
-
 
 class BrokerStartError(LocalBrokerError):
     """The broker process did not come up; the message includes the tail of its log."""
 
 
-# --------------------------------------------------------------------------------------
-# Jars
-# --------------------------------------------------------------------------------------
-
-
-def kafka_home() -> Path:
-    """Directory holding ``pom.xml`` for the broker jars.
-
-    ``$HEADRACE_KAFKA_HOME`` wins; otherwise ``deploy/kafka`` of the checkout this module
-    lives in, which is the normal case (editable install / CI clone).
-    """
-    env = os.environ.get(KAFKA_HOME_ENV)
-    if env:
-        return Path(env).expanduser().resolve()
-    candidate = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
-    if (candidate / "pom.xml").is_file():
-        return candidate
-    raise JarsUnavailableError(
-        f"cannot find deploy/kafka/pom.xml next to {Path(__file__).resolve().parents[2]}; "
-        f"set {KAFKA_HOME_ENV} to a directory containing headrace's deploy/kafka/pom.xml"
-    )
-
-
 def default_run_dir() -> Path:
-    """``deploy/kafka/run`` of the checkout: git-ignored, survives between commands."""
-    return kafka_home() / "run"
-
-
-def kafka_version(home: Path | None = None) -> str:
-    """The ``kafka.version`` property of pom.xml: the single source of the broker version."""
-    pom = (home or kafka_home()) / "pom.xml"
-    try:
-        root = ET.parse(pom).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise JarsUnavailableError(f"cannot read {pom}: {exc}") from exc
-    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
-    node = root.find("m:properties/m:kafka.version", ns)
-    if node is None or not (node.text or "").strip():
-        raise JarsUnavailableError(f"{pom} has no <kafka.version> property")
-    return (node.text or "").strip()
-
-
-def _lib_dir(home: Path) -> Path:
-    return home / "target" / "lib"
-
-
-def _jars_present(home: Path, version: str) -> bool:
-    return (_lib_dir(home) / f"kafka_2.13-{version}.jar").is_file()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialise Maven runs: `make`, CI and parallel pytest sessions may all ask at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def ensure_jars(home: Path | None = None, *, offline: bool = False) -> Path:
-    """Return the directory of broker jars, running Maven first if they are missing.
-
-    Jars of another Kafka version (pom.xml was bumped) are removed so the classpath never
-    mixes two brokers. Maven's output goes to ``target/maven.log`` and is shown only on
-    failure, because a quiet success is what every test run wants.
-    """
-    home = home or kafka_home()
-    version = kafka_version(home)
-    lib = _lib_dir(home)
-    if _jars_present(home, version):
-        return lib
-    with _file_lock(home / "target" / ".jars.lock"):
-        if _jars_present(home, version):  # another process fetched them meanwhile
-            return lib
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise JarsUnavailableError(
-                f"Kafka {version} jars are missing from {lib} and `mvn` is not on PATH; "
-                "install Maven 3.8+ (and a JDK 17) or run `make kafka-jars` on a machine "
-                "that has it"
-            )
-        if lib.exists():
-            shutil.rmtree(lib)
-        cmd = [mvn, "-B", "-q", "-f", str(home / "pom.xml"), "package"]
-        if offline:
-            cmd.insert(1, "-o")
-        log_path = home / "target" / "maven.log"
-        started = time.monotonic()
-        with log_path.open("w") as log:
-            rc = subprocess.run(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False
-            ).returncode
-        if rc != 0 or not _jars_present(home, version):
-            raise JarsUnavailableError(
-                f"`{' '.join(cmd)}` failed (exit {rc}) after {time.monotonic() - started:.1f}s; "
-                f"last lines of {log_path}:\n{_tail(log_path, 30)}"
-            )
-    return lib
+    """``deploy/kafka/run`` of a headrace checkout (git-ignored), else ``.headrace/kafka`` in
+    the working directory: next to the project's other local state, never in site-packages."""
+    if _CHECKOUT_KAFKA.is_dir():
+        return _CHECKOUT_KAFKA / "run"
+    return Path.cwd() / ".headrace" / "kafka"
 
 
 # --------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            data = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return f"  ({path} does not exist)"
-    return "\n".join("  " + line for line in data.splitlines()[-lines:])
 
 
 def _free_port(host: str) -> int:
@@ -412,12 +232,12 @@ class LocalBroker:
         port: int | None = None,
         controller_port: int | None = None,
         host: str = "127.0.0.1",
-        home: Path | None = None,
+        version: str | None = None,
         jvm_opts: tuple[str, ...] | None = None,
         auto_create_topics: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
-        self._home = home
+        self._version = version
         self._requested_port = port
         self._requested_controller_port = controller_port
         self.host = host
@@ -431,11 +251,11 @@ class LocalBroker:
     # -- paths ---------------------------------------------------------------------------
 
     @property
-    def home(self) -> Path:
-        """deploy/kafka (pom.xml + target/lib)."""
-        if self._home is None:
-            self._home = kafka_home()
-        return self._home
+    def version(self) -> str:
+        """The Kafka version this run dir was formatted with, else the one asked for."""
+        if self._state is not None:
+            return self._state.kafka_version
+        return kafka_version(self._version)
 
     @property
     def data_dir(self) -> Path:
@@ -492,7 +312,14 @@ class LocalBroker:
                 cport = _free_port(self.host)
         formatted = (self.data_dir / "meta.properties").is_file()
         cluster_id = old.cluster_id if (old and formatted) else _random_cluster_id()
-        return _State(self.host, port, cport, cluster_id, kafka_version(self.home))
+        version = kafka_version(self._version)
+        if old and formatted and old.kafka_version != version:
+            raise BrokerStartError(
+                f"the run dir {self.run_dir} holds a Kafka {old.kafka_version} cluster; this "
+                f"start asks for Kafka {version}: delete the run dir (its data goes) or start "
+                "with another --run-dir"
+            )
+        return _State(self.host, port, cport, cluster_id, version)
 
     @property
     def port(self) -> int | None:
@@ -573,15 +400,15 @@ class LocalBroker:
                 auto_create="true" if self.auto_create_topics else "false",
             )
         )
-        (self.run_dir / "log4j.properties").write_text(
-            LOG4J_TEMPLATE.format(log_file=self.log_file)
-        )
+        name, text, _ = logging_config(state.kafka_version, self.log_file)
+        (self.run_dir / name).write_text(text)
 
     def _java_cmd(self, lib: Path, main: str, *args: str) -> list[str]:
+        name, _, flag = logging_config(self.version, self.log_file)
         return [
             _java(),
             *self.jvm_opts,
-            f"-Dlog4j.configuration=file:{self.run_dir / 'log4j.properties'}",
+            f"{flag}{self.run_dir / name}",
             f"-Dkafka.logs.dir={self.logs_dir}",
             "-cp",
             f"{lib}/*",
@@ -644,11 +471,11 @@ class LocalBroker:
         time in seconds (also kept in ``last_startup_seconds``). Raises ``BrokerStartError``
         with the tail of the broker's log when it dies or is not ready within ``timeout``.
         """
-        lib = ensure_jars(self.home)
         started = time.monotonic()
         pid = self.pid
         if pid is None:
             state = self._resolve_state()
+            lib = ensure_jars(state.kafka_version)
             for p in (state.port, state.controller_port):
                 if _port_open(state.host, p, timeout=0.2):
                     raise BrokerStartError(
@@ -693,8 +520,8 @@ class LocalBroker:
     def _failure_report(self, what: str) -> str:
         return (
             f"{what} (run dir {self.run_dir}).\n"
-            f"Last lines of {self.log_file}:\n{_tail(self.log_file, 40)}\n"
-            f"Last lines of {self.stdout_file}:\n{_tail(self.stdout_file, 15)}"
+            f"Last lines of {self.log_file}:\n{tail(self.log_file, 40)}\n"
+            f"Last lines of {self.stdout_file}:\n{tail(self.stdout_file, 15)}"
         )
 
     def stop(self, timeout: float = 30.0) -> bool:
