@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 from headrace.runtime.localkafka.config import SERVER_PROPERTIES_TEMPLATE, logging_config
 from headrace.runtime.localkafka.jars import (
+    VERSION_ENV,
     LocalBrokerError,
     ensure_jars,
     kafka_version,
@@ -252,8 +253,9 @@ class LocalBroker:
 
     @property
     def version(self) -> str:
-        """The Kafka version this run dir was formatted with, else the one asked for."""
-        if self._state is not None:
+        """The Kafka version asked for, else the one this run dir was formatted with, else the
+        default."""
+        if self._version is None and self._state is not None:
             return self._state.kafka_version
         return kafka_version(self._version)
 
@@ -312,7 +314,11 @@ class LocalBroker:
                 cport = _free_port(self.host)
         formatted = (self.data_dir / "meta.properties").is_file()
         cluster_id = old.cluster_id if (old and formatted) else _random_cluster_id()
-        version = kafka_version(self._version)
+        # a run dir keeps its Kafka version unless another one is asked for explicitly
+        asked = self._version or os.environ.get(VERSION_ENV)
+        if asked is None and old is not None and formatted:
+            asked = old.kafka_version
+        version = kafka_version(asked)
         if old and formatted and old.kafka_version != version:
             raise BrokerStartError(
                 f"the run dir {self.run_dir} holds a Kafka {old.kafka_version} cluster; this "

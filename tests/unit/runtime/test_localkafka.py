@@ -77,3 +77,5 @@ def test_a_run_dir_of_one_kafka_line_is_not_started_with_another(tmp_path: Path)
     )
     with pytest.raises(BrokerStartError, match=r"holds a Kafka 3\.9\.2 cluster"):
         LocalBroker(run_dir, version="4.1.1").start()
+    # asked for nothing: the run dir's own version (a restart of a 4.x broker stays 4.x)
+    assert LocalBroker(run_dir).version == "3.9.2"
