@@ -36,6 +36,7 @@ from headrace.operators.state import (
     declared_state,
 )
 from headrace.runtime.state.backend import StateBackend
+from headrace.runtime.state.encoding import FORMAT_VERSION
 from headrace.runtime.state.handles import BoundState, Change, make_handle
 from headrace.runtime.state.keys import (
     KeyFormatError,
@@ -57,7 +58,7 @@ __all__ = [
 
 H = TypeVar("H")
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = FORMAT_VERSION  #: the value encodings of headrace.runtime.state.encoding
 """Version of the value encodings in :mod:`headrace.runtime.state.handles` (list framing, TTL
 envelope)."""
 

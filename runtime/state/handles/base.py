@@ -1,0 +1,272 @@
+"""What every handle shares: the per-state write-back cache, dirty marks and store hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+from headrace.operators.serde import Serde, SerdeError
+from headrace.operators.state import StateDescriptor, StateKind
+from headrace.runtime.state.backend import StateBackend
+from headrace.runtime.state.encoding import U32, expiry_of, payload, with_expiry
+from headrace.runtime.state.keys import StatePartitionKey, state_prefix
+
+Change = tuple[bytes, bytes | None]
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+_MISS: Any = _Sentinel("<not cached>")
+_ABSENT: Any = _Sentinel("<absent>")
+
+#: The cache sentinels, for the runtime's compiled per-record steps of the built-in
+#: aggregations (``headrace.runtime.task``), which read and write a handle's ``_cache``/``_dirty``
+#: directly: ``_cache.get(key, MISS)`` is MISS when the key is not cached (``_load`` it) and
+#: ABSENT when it is known not to exist. A handle never rebinds ``_cache`` or ``_dirty`` (they
+#: are cleared and evicted in place), so holding them for the handle's lifetime is safe.
+MISS: Any = _MISS
+ABSENT: Any = _ABSENT
+
+
+class _Expiring:
+    """A cached value of a TTL state with its expiry (seconds on the store's clock)."""
+
+    __slots__ = ("expires", "value")
+
+    def __init__(self, value: Any, expires: float) -> None:
+        self.value = value
+        self.expires = expires
+
+
+class StoreView(Protocol):
+    """What handles need from :class:`~headrace.runtime.state.store.OperatorStateStore`."""
+
+    current_key: bytes
+
+    @property
+    def backend(self) -> StateBackend: ...
+
+    @property
+    def partition_key(self) -> StatePartitionKey: ...
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+
+class BoundState:
+    """Common machinery of every bound state (not user-facing)."""
+
+    __slots__ = (
+        "_cache",
+        "_clock",
+        "_default",
+        "_dirty",
+        "_prefix",
+        "_serde",
+        "_store",
+        "_ttl",
+        "_what",
+        "descriptor",
+        "name",
+    )
+    kind: ClassVar[StateKind]
+
+    _cache: dict[Any, Any]
+    _dirty: Any
+
+    def __init__(self, store: StoreView, descriptor: StateDescriptor[Any]) -> None:
+        name = descriptor.state_name
+        pk = store.partition_key
+        self.descriptor = descriptor
+        self.name = name
+        self._store = store
+        self._clock = store.clock
+        self._ttl = descriptor.ttl
+        self._serde: Serde[Any] = descriptor.serde
+        self._default = descriptor.default_factory
+        self._prefix = state_prefix(pk, name)
+        self._what = f"state '{name}' of operator '{pk.operator_id}'"
+
+    # -- storage helpers ----------------------------------------------------------------------
+
+    def _skey(self, ukb: bytes) -> bytes:
+        return self._prefix + U32.pack(len(ukb)) + ukb
+
+    def _error(self, key: object, action: str, exc: Exception) -> SerdeError:
+        return SerdeError(
+            self._what, key, f"cannot {action} with serde '{self._serde.name}': {exc}"
+        )
+
+    # -- store hooks --------------------------------------------------------------------------
+
+    def changes(self, out: list[Change]) -> None:
+        """Append (storage key, bytes | None) for every dirty entry and clear the marks."""
+        raise NotImplementedError
+
+    def mark(self, user_key: bytes, map_key: bytes | None) -> bool:
+        """Mark a cached entry dirty (force_dirty); False if it is not cached."""
+        raise NotImplementedError
+
+    def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
+        """(map key, value) of a stored entry, for inspection (TTL envelope stripped, expiry
+        not checked)."""
+        raise NotImplementedError
+
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def cached_count(self) -> int:
+        return len(self._cache)
+
+    def evict(self, count: int) -> None:
+        """Drop up to ``count`` clean cache entries, oldest-written first.
+
+        Dicts keep insertion order and ``changes`` re-inserts each written key at the end, so
+        iteration order is "least recently written first": hot keys survive.
+        """
+        if count <= 0:
+            return
+        dirty = self._dirty
+        victims = []
+        for key in self._cache:
+            if key not in dirty:
+                victims.append(key)
+                if len(victims) >= count:
+                    break
+        cache = self._cache
+        for key in victims:
+            del cache[key]
+
+    def invalidate(self) -> None:
+        """Forget everything cached and every dirty mark (after a restore or reset)."""
+        self._cache.clear()
+        self._dirty.clear()
+
+
+class _ScalarState(BoundState):
+    """One stored value per user key (value, list, aggregating, reducing, keyed)."""
+
+    __slots__ = ()
+    #: scoped to the record key (whose bytes key the cache); KeyedState keys it by user objects
+    _scoped: ClassVar[bool] = True
+
+    def __init__(self, store: StoreView, descriptor: StateDescriptor[Any]) -> None:
+        super().__init__(store, descriptor)
+        self._cache = {}
+        self._dirty = set()
+
+    # subclass hooks: user key <-> bytes, value <-> bytes
+    def _ukb(self, uk: Any) -> bytes:
+        assert isinstance(uk, bytes)
+        return uk
+
+    def _uk_from_bytes(self, ukb: bytes) -> Any:
+        return ukb
+
+    def _to_bytes(self, value: Any) -> bytes:
+        return self._serde.serialize(value)
+
+    def _from_bytes(self, data: bytes) -> Any:
+        return self._serde.deserialize(data)
+
+    # cache access
+    def _decode(self, raw: bytes, uk: Any) -> Any:
+        """Stored bytes -> cached representation, or _ABSENT if expired."""
+        try:
+            if self._ttl is None:
+                return self._from_bytes(raw)
+            expires = expiry_of(raw)
+            if expires <= self._clock():
+                return _ABSENT
+            return _Expiring(self._from_bytes(payload(raw, True)), expires)
+        except SerdeError:
+            raise
+        except Exception as exc:
+            raise self._error(uk, f"deserialize {len(raw)} stored bytes", exc) from exc
+
+    def _load(self, uk: Any) -> Any:
+        raw = self._store.backend.get(self._skey(self._ukb(uk)))
+        if raw is None:
+            value = _ABSENT
+        else:
+            value = self._decode(raw, uk)
+            if value is _ABSENT:  # expired in storage: delete it at the next checkpoint
+                self._dirty.add(uk)
+        self._cache[uk] = value
+        return value
+
+    def _get(self, uk: Any) -> Any:
+        """The live value for ``uk`` or _ABSENT (TTL checked)."""
+        value = self._cache.get(uk, _MISS)
+        if value is _MISS:
+            value = self._load(uk)
+        if self._ttl is None or value is _ABSENT:
+            return value
+        if value.expires <= self._clock():
+            self._cache[uk] = _ABSENT
+            self._dirty.add(uk)
+            return _ABSENT
+        return value.value
+
+    def _set(self, uk: Any, value: Any) -> None:
+        ttl = self._ttl
+        self._cache[uk] = value if ttl is None else _Expiring(value, self._clock() + ttl)
+        self._dirty.add(uk)
+
+    def _remove(self, uk: Any) -> None:
+        self._cache[uk] = _ABSENT
+        self._dirty.add(uk)
+
+    # store hooks
+    def changes(self, out: list[Change]) -> None:
+        # Runs once per dirty key per checkpoint: locals instead of attribute/method lookups.
+        cache = self._cache
+        ttl = self._ttl
+        prefix = self._prefix
+        pack = U32.pack
+        scoped = self._scoped  # scoped: the user key is already the record key's bytes
+        ukb_of = self._ukb
+        to_bytes: Callable[[Any], bytes] = self._to_bytes
+        if type(self)._to_bytes is _ScalarState._to_bytes:
+            to_bytes = self._serde.serialize
+        uk: Any = None
+        try:
+            for uk in self._dirty:
+                value = cache.pop(uk)
+                cache[uk] = value  # move to the end: most recently written
+                ukb = uk if scoped else ukb_of(uk)
+                key = prefix + pack(len(ukb)) + ukb
+                if value is _ABSENT:
+                    out.append((key, None))
+                elif ttl is None:
+                    out.append((key, to_bytes(value)))
+                else:
+                    out.append((key, with_expiry(value.expires, to_bytes(value.value))))
+        except SerdeError:
+            raise
+        except Exception as exc:
+            raise self._error(uk, "serialize", exc) from exc
+        self._dirty.clear()
+
+    def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
+        try:
+            return None, self._from_bytes(payload(raw, self._ttl is not None))
+        except Exception as exc:
+            raise self._error(user_key, "deserialize stored bytes", exc) from exc
+
+    def mark(self, user_key: bytes, map_key: bytes | None) -> bool:
+        if map_key is not None:
+            return False
+        uk = self._uk_from_bytes(user_key)
+        if uk in self._cache:
+            self._dirty.add(uk)
+            return True
+        return False
