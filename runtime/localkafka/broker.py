@@ -33,21 +33,14 @@ topic explicitly (with the partition count they need) through the pytest plugin'
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +51,16 @@ from headrace.runtime.localkafka.jars import (
     ensure_jars,
     kafka_version,
     tail,
+)
+from headrace.runtime.localkafka.process import (
+    cmdline,
+    free_port,
+    java,
+    metadata_ok,
+    pid_alive,
+    port_open,
+    random_cluster_id,
+    run_coroutine_sync,
 )
 
 _T = TypeVar("_T")
@@ -92,114 +95,6 @@ def default_run_dir() -> Path:
     if _CHECKOUT_KAFKA.is_dir():
         return _CHECKOUT_KAFKA / "run"
     return Path.cwd() / ".headrace" / "kafka"
-
-
-# --------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _random_cluster_id() -> str:
-    """Same shape as ``kafka-storage random-uuid``: 16 random bytes, base64url, no padding.
-
-    Kafka refuses ids starting with '-' (they look like command-line flags).
-    """
-    while True:
-        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        if not cid.startswith("-"):
-            return cid
-
-
-def _java() -> str:
-    java_home = os.environ.get("JAVA_HOME")
-    if java_home and (Path(java_home) / "bin" / "java").is_file():
-        return str(Path(java_home) / "bin" / "java")
-    java = shutil.which("java")
-    if java is None:
-        raise LocalBrokerError("`java` not found (set JAVA_HOME or put a JDK 17 on PATH)")
-    return java
-
-
-def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _run_coroutine_sync(factory: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a coroutine to completion from sync code, even if an event loop is running.
-
-    ``start()`` is called from sync pytest fixtures but also from async tests (restarts);
-    ``asyncio.run`` refuses to nest, so in that case a helper thread gets its own loop.
-    """
-
-    async def _main() -> _T:
-        return await factory()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(_main())
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, _main()).result()
-
-
-async def _metadata_ok(bootstrap: str, wait_s: float) -> bool:
-    """True when the broker answers a Metadata request listing at least one broker.
-
-    An open port is not enough: a KRaft broker accepts connections before it has caught up
-    with the controller and been unfenced, and clients would see transient errors.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        request_timeout_ms=max(1000, int(wait_s * 1000)),
-        client_id="headrace-local-broker-probe",
-    )
-    try:
-        async with asyncio.timeout(wait_s):
-            await admin.start()
-            cluster: dict[str, Any] = await admin.describe_cluster()
-        return bool(cluster.get("brokers"))
-    except Exception:
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a live (non-zombie) process; reaps it if it is our exited child."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _cmdline(pid: int) -> str | None:
-    """The process's command line (Linux), or None when it cannot be read."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return raw.replace(b"\0", b" ").decode("utf-8", "replace")
 
 
 # --------------------------------------------------------------------------------------
@@ -306,14 +201,14 @@ class LocalBroker:
     def _resolve_state(self) -> _State:
         """Ports and cluster id for this start: keep the old ones unless told otherwise."""
         old = self._state
-        port = self._requested_port or (old.port if old else None) or _free_port(self.host)
+        port = self._requested_port or (old.port if old else None) or free_port(self.host)
         cport = self._requested_controller_port or (old.controller_port if old else None)
         if cport is None or cport == port:
-            cport = _free_port(self.host)
+            cport = free_port(self.host)
             while cport == port:
-                cport = _free_port(self.host)
+                cport = free_port(self.host)
         formatted = (self.data_dir / "meta.properties").is_file()
-        cluster_id = old.cluster_id if (old and formatted) else _random_cluster_id()
+        cluster_id = old.cluster_id if (old and formatted) else random_cluster_id()
         # a run dir keeps its Kafka version unless another one is asked for explicitly
         asked = self._version or os.environ.get(VERSION_ENV)
         if asked is None and old is not None and formatted:
@@ -353,9 +248,9 @@ class LocalBroker:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return None
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         # Guard against PID reuse: only a kafka.Kafka JVM started on *our* config is ours.
         if cmd is not None and (_BROKER_MAIN not in cmd or str(self.config_file) not in cmd):
             return None
@@ -369,10 +264,10 @@ class LocalBroker:
         """The broker process is alive and answers a Metadata request."""
         if not self.is_running() or self.port is None:
             return False
-        if not _port_open(self.host, self.port):
+        if not port_open(self.host, self.port):
             return False
         bootstrap = self.bootstrap_servers
-        return _run_coroutine_sync(lambda: _metadata_ok(bootstrap, timeout))
+        return run_coroutine_sync(lambda: metadata_ok(bootstrap, timeout))
 
     def status(self) -> dict[str, Any]:
         """A JSON-able summary, for ``headrace kafka status`` and debugging."""
@@ -383,7 +278,7 @@ class LocalBroker:
             "pid": pid,
             "bootstrap_servers": f"{self.host}:{self.port}" if self.port else None,
             "controller_port": self.controller_port,
-            "accepting_connections": bool(pid and self.port and _port_open(self.host, self.port)),
+            "accepting_connections": bool(pid and self.port and port_open(self.host, self.port)),
             "formatted": (self.data_dir / "meta.properties").is_file(),
             "cluster_id": self.cluster_id,
             "kafka_version": self._state.kafka_version if self._state else None,
@@ -412,7 +307,7 @@ class LocalBroker:
     def _java_cmd(self, lib: Path, main: str, *args: str) -> list[str]:
         name, _, flag = logging_config(self.version, self.log_file)
         return [
-            _java(),
+            java(),
             *self.jvm_opts,
             f"{flag}{self.run_dir / name}",
             f"-Dkafka.logs.dir={self.logs_dir}",
@@ -452,7 +347,7 @@ class LocalBroker:
 
         ``posix_spawn`` rather than ``subprocess.Popen``: a Popen object that is garbage
         collected while the broker still runs emits a ResourceWarning, which the test suite
-        turns into an error. We reap our own child in ``_pid_alive`` instead.
+        turns into an error. We reap our own child in ``pid_alive`` instead.
         """
         cmd = self._java_cmd(lib, _BROKER_MAIN, str(self.config_file))
         out_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
@@ -483,7 +378,7 @@ class LocalBroker:
             state = self._resolve_state()
             lib = ensure_jars(state.kafka_version)
             for p in (state.port, state.controller_port):
-                if _port_open(state.host, p, timeout=0.2):
+                if port_open(state.host, p, timeout=0.2):
                     raise BrokerStartError(
                         f"{state.host}:{p} is already in use by another process; "
                         f"stop it or pass another port (run dir {self.run_dir})"
@@ -504,7 +399,7 @@ class LocalBroker:
         bootstrap = self.bootstrap_servers
         assert self.port is not None
         while True:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 with contextlib.suppress(FileNotFoundError):
                     self.pid_file.unlink()
                 raise BrokerStartError(self._failure_report(f"broker process {pid} exited"))
@@ -517,8 +412,8 @@ class LocalBroker:
                     )
                 )
             probe_s = min(5.0, max(1.0, remaining))
-            if _port_open(self.host, self.port) and _run_coroutine_sync(
-                functools.partial(_metadata_ok, bootstrap, probe_s)
+            if port_open(self.host, self.port) and run_coroutine_sync(
+                functools.partial(metadata_ok, bootstrap, probe_s)
             ):
                 return
             time.sleep(0.2)
@@ -580,10 +475,10 @@ class LocalBroker:
     def _wait_exit(pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 return True
             time.sleep(0.1)
-        return not _pid_alive(pid)
+        return not pid_alive(pid)
 
     def __repr__(self) -> str:
         return f"LocalBroker(run_dir={str(self.run_dir)!r}, port={self.port}, pid={self.pid})"
