@@ -68,3 +68,22 @@ def aggregate_operator(function: AggregateFunction[Any, Any, Any], serde: Serde[
     desc = AggregatingStateDescriptor[Any, Any, Any](aggregate_function=function, serde=serde)
     op: Operator = type("Aggregate", (_Aggregate,), {"state": desc})()
     return op
+
+
+def builtin_kind(op: Operator) -> tuple[str, str] | None:
+    """``(kind, state attribute)`` when ``op`` runs a built-in aggregation's own ``process``
+    (``count``, a ``sum``/``reduce`` fold, ``aggregate``), else None (a user operator, or a
+    subclass that overrides ``process``).
+
+    The runtime compiles these into steps that do what ``process`` does on the state's cache
+    (headrace.runtime.task.fusion); this is how it recognises them without reaching into this
+    module's private classes.
+    """
+    process = type(op).process
+    if process is Count.process:
+        return "count", "count"
+    if process is _Fold.process:
+        return "fold", "acc"
+    if process is _Aggregate.process:
+        return "aggregate", "state"
+    return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from headrace.operators.serde import Serde, SerdeError
 from headrace.operators.state import StateDescriptor, StateKind
@@ -28,10 +28,7 @@ _MISS: Any = _Sentinel("<not cached>")
 _ABSENT: Any = _Sentinel("<absent>")
 
 #: The cache sentinels, for the runtime's compiled per-record steps of the built-in
-#: aggregations (``headrace.runtime.task``), which read and write a handle's ``_cache``/``_dirty``
-#: directly: ``_cache.get(key, MISS)`` is MISS when the key is not cached (``_load`` it) and
-#: ABSENT when it is known not to exist. A handle never rebinds ``_cache`` or ``_dirty`` (they
-#: are cleared and evicted in place), so holding them for the handle's lifetime is safe.
+#: aggregations, which work on a handle's cache through its :class:`CachePort`.
 MISS: Any = _MISS
 ABSENT: Any = _ABSENT
 
@@ -59,6 +56,22 @@ class StoreView(Protocol):
 
     @property
     def clock(self) -> Callable[[], float]: ...
+
+
+class CachePort(NamedTuple):
+    """A handle's write-back cache, for the runtime's compiled steps of the built-in
+    aggregations (headrace.runtime.task.fusion), which do on it exactly what the handle's
+    methods would: ``cache.get(key, MISS)`` is MISS when the key is not cached (``load`` it)
+    and ABSENT when it is known not to exist; a write sets ``cache[key]`` and calls
+    ``dirty_add(key)``. A handle never rebinds its cache or dirty set (they are cleared and
+    evicted in place), so holding the port for the handle's lifetime is safe."""
+
+    store: Any  #: the store the handle is bound to
+    cache: dict[Any, Any]
+    dirty_add: Callable[[Any], None]
+    load: Callable[[Any], Any]
+    default: Callable[[], Any]
+    ttl: float | None
 
 
 class BoundState:
@@ -144,6 +157,14 @@ class BoundState:
         cache = self._cache
         for key in victims:
             del cache[key]
+
+    def cache_port(self) -> CachePort:
+        """Direct access to the cache for compiled steps (see :class:`CachePort`)."""
+        load: Callable[[Any], Any] = getattr(self, "_load", self._no_load)
+        return CachePort(self._store, self._cache, self._dirty.add, load, self._default, self._ttl)
+
+    def _no_load(self, key: Any) -> Any:
+        raise TypeError(f"{type(self).__name__} has no per-key load")
 
     def invalidate(self) -> None:
         """Forget everything cached and every dirty mark (after a restore or reset)."""

@@ -122,6 +122,11 @@ class AggregatingHandle(_ScalarState, AggregatingState[Any, Any]):
         super().__init__(store, descriptor)
         self._fn = descriptor.aggregate_function
 
+    @property
+    def function(self) -> Any:
+        """The state's AggregateFunction (compiled steps call it directly)."""
+        return self._fn
+
     def add(self, value: Any) -> None:
         key = self._store.current_key
         acc = self._get(key)

@@ -229,7 +229,7 @@ def run(job: Job, recs: list[MemoryRecord], batch: int = 7) -> dict[str, Any]:
         "changes": changes,
         "counters": (c.records_in, c.skipped, c.dead_lettered),
         "error": error,
-        "positions": task._positions,
+        "positions": task.cut.positions,
     }
 
 
@@ -258,8 +258,8 @@ def test_builtin_steps_match_the_operators_as_written(name: str) -> None:
 
 def test_count_to_sink_is_one_inlined_loop_with_s1_results() -> None:
     task = make_task(build("count", False))
-    assert task._run.__name__ == "run_count"
-    assert make_task(build("count-other-key-serde", False))._run.__name__ == "run"
+    assert task.run.__name__ == "run_count"
+    assert make_task(build("count-other-key-serde", False)).run.__name__ == "run"
     result = run(build("count", False), records([(b"a", b"x"), (b"b", b""), (b"a", b"y")]))
     assert result["out"] == [
         ("o", None, b"a", INT.serialize(1), []),
@@ -336,7 +336,7 @@ def test_a_failing_output_serde_keeps_the_state_write_like_the_chain() -> None:
             as_written(_count()) if slow else _count(), name="n"
         ).sink("o", key_serde=STR, value_serde=serde)
         task = make_task(job)
-        assert (task._run.__name__ == "run_count") is not slow
+        assert (task.run.__name__ == "run_count") is not slow
         task.feed(records([(b"a", b"")] * 5))
         (store,) = task.stores.values()
         results.append((task.out, task.counters.skipped, store.take_changes()))
@@ -360,7 +360,7 @@ def test_ttl_state_runs_the_operator_as_written() -> None:
     task = make_task(job)
     (store,) = task.stores.values()
     assert builtin_handle(task.operators[0], store) is None
-    assert task._run.__name__ == "run"
+    assert task.run.__name__ == "run"
     task.feed(records([(b"a", b""), (b"a", b"")]))
     assert [o[3] for o in task.out] == [INT.serialize(1), INT.serialize(2)]
 

@@ -1,0 +1,331 @@
+"""The chain of a stage, compiled once per task into closures: the per-record path.
+
+Per record: deserialize key and value with the stage's serde, point the state stores at the raw
+key bytes, and call a chain of closures (map, flat_map, filter, operators, then the output).
+Outputs are appended to the task's list as ready-to-send byte tuples; state is never
+serialized here — the stores do that once per dirty key at a checkpoint.
+
+What keeps that path short (it is most of a worker's own CPU; see ``bench/task_micro.py``):
+
+- the loop over a batch is one closure per task (:func:`compile_feed`) with what it touches in
+  locals; ``try`` costs nothing until something raises (Python 3.11+);
+- the fast paths of :mod:`headrace.runtime.task.fusion`: narrower serde functions, built-in
+  aggregations as direct cache steps, and a stage that is only ``count()`` into a sink as one
+  inlined loop (:func:`compile_count_to_sink`);
+- user operators get a ``Record`` per record; nothing else is kept per record (steps pass the
+  raw record and the key bytes along, see :data:`~headrace.runtime.task.records.Step`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from headrace.operators.job import (
+    FilterStep,
+    FlatMapStep,
+    MapStep,
+    ProcessStep,
+    RepartitionSpec,
+    SinkSpec,
+)
+from headrace.operators.operator import Operator
+from headrace.operators.record import Record
+from headrace.runtime.checkpoint.barrier import SEQUENCE_HEADER, channel_headers, sequence
+from headrace.runtime.state.handles import ABSENT, MISS
+from headrace.runtime.task.fusion import (
+    builtin_handle,
+    builtin_step,
+    fast_serde_function,
+    never_none,
+)
+from headrace.runtime.task.records import (
+    FAILED,
+    KEY_CHANGED,
+    NO_HEADERS,
+    RawRecord,
+    Step,
+    TaskContext,
+)
+
+if TYPE_CHECKING:
+    from headrace.runtime.task.stage_task import StageTask
+
+#: the compiled loop over ``records[start:end]``
+Feed = Callable[[Sequence[RawRecord], int, int], None]
+
+
+def compile_chain(task: StageTask) -> tuple[Step, list[tuple[Operator, TaskContext]]]:
+    """The head step of the stage's chain and its operators with their contexts, in order."""
+    nxt = compile_output(task)
+    compiled: list[tuple[Operator, TaskContext]] = []
+    for step in reversed(task.stage.steps):
+        nxt = compile_step(task, step, nxt, compiled)
+    compiled.reverse()
+    return nxt, compiled
+
+
+def compile_step(
+    task: StageTask,
+    step: Any,
+    nxt: Step,
+    compiled: list[tuple[Operator, TaskContext]],
+) -> Step:
+    if isinstance(step, MapStep):
+        fn = step.fn
+
+        def map_step(r: Any, kb: Any, k: Any, v: Any) -> None:
+            nxt(r, kb, k, fn(v))
+
+        return map_step
+    if isinstance(step, FlatMapStep):
+        ffn = step.fn
+
+        def flat_map_step(r: Any, kb: Any, k: Any, v: Any) -> None:
+            for x in ffn(v):
+                nxt(r, kb, k, x)
+
+        return flat_map_step
+    if isinstance(step, FilterStep):
+        pred = step.fn
+
+        def filter_step(r: Any, kb: Any, k: Any, v: Any) -> None:
+            if pred(v):
+                nxt(r, kb, k, v)
+
+        return filter_step
+    if isinstance(step, ProcessStep):
+        op = step.instantiate()
+        store = task.stores.get(step.operator_id)
+        if store is not None:
+            store.bind_operator(op)
+        ctx = TaskContext(step.operator_id, task.partition, nxt)
+        compiled.append((op, ctx))
+        if store is not None:
+            builtin = builtin_step(op, store, nxt)
+            if builtin is not None:
+                return builtin
+        process = op.process
+
+        def process_step(r: Any, kb: Any, k: Any, v: Any) -> None:
+            ctx.key = k
+            ctx._kb = kb
+            ctx._raw = r
+            h = r.headers
+            process(
+                Record(
+                    k,
+                    v,
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    r.timestamp,
+                    h if h.__class__ is tuple else tuple(h),
+                ),
+                ctx,
+            )
+
+        return process_step
+    raise TypeError(f"unknown step {step!r}")
+
+
+def compile_output(task: StageTask) -> Step:
+    out_append = task.out.append
+    output = task.stage.output
+    if isinstance(output, SinkSpec):
+        topic = output.topic
+        kser, vser = output.key_serde.serialize, output.value_serde.serialize
+        kfast, vfast = fast_serde_function(kser), fast_serde_function(vser)
+
+        # While the key is still the record's (``kb`` is not KEY_CHANGED), the sink writes
+        # the record's key bytes, if the sink's key serde is the source's.
+        reuse = output.key_serde == task.stage.source.key_serde
+
+        def sink(r: Any, kb: Any, k: Any, v: Any) -> None:
+            try:
+                vb = vfast(v)
+            except Exception:
+                if vfast is vser:
+                    raise
+                vb = vser(v)  # the serde's own function decides (and names the error)
+            if k is None:
+                kb = None
+            elif kb is KEY_CHANGED or not reuse:
+                try:
+                    kb = kfast(k)
+                except Exception:
+                    if kfast is kser:
+                        raise
+                    kb = kser(k)
+            out_append((topic, None, kb, vb, NO_HEADERS))
+
+        return sink
+    if isinstance(output, RepartitionSpec):
+        n = task.downstream_partitions
+        if not n:
+            raise ValueError(f"{task.stage.name} repartitions: downstream_partitions needed")
+        rtopic, key_fn = output.topic, output.key_fn
+        rkser, rvser = output.key_serde.serialize, output.value_serde.serialize
+        headers = channel_headers(task.partition)
+        crc32 = zlib.crc32
+
+        # Internal topics are partitioned with crc32 (C speed); only headrace reads them.
+        def repartition(r: Any, kb: Any, k: Any, v: Any) -> None:
+            kb = rkser(key_fn(v))
+            out_append((rtopic, crc32(kb) % n, kb, rvser(v), headers))
+
+        if not task.sequence_outputs:
+            return repartition
+        channel = headers[0]
+        topic_index = task.topic_index
+
+        def repartition_sequenced(r: Any, kb: Any, k: Any, v: Any) -> None:
+            seq = sequence(r.offset, task.out_index, topic_index[r.topic])
+            task.out_index += 1
+            kb = rkser(key_fn(v))
+            seq_header = (SEQUENCE_HEADER, b"%d" % seq)
+            out_append((rtopic, crc32(kb) % n, kb, rvser(v), [channel, seq_header]))
+
+        return repartition_sequenced
+
+    def discard(r: Any, kb: Any, k: Any, v: Any) -> None:
+        return None
+
+    return discard
+
+
+def compile_feed(task: StageTask, head: Step) -> Feed:
+    """The per-record loop over ``records[start:end]``: deserialize, scope the state stores,
+    run the chain; a failing record goes to the error policy and the loop goes on.
+
+    One closure per task with everything it touches in locals: per record it costs the
+    serde calls, one store attribute write per stateful operator and the chain's calls.
+    ``try`` is free on Python 3.11+ until something raises.
+    """
+    fused = compile_count_to_sink(task, [op for op, _ in task.compiled])
+    if fused is not None:
+        return fused
+    out = task.out
+    stores = tuple(task.stores.values())
+    single = stores[0] if len(stores) == 1 else None
+    kdes, vdes = task.key_deserialize, task.value_deserialize
+    kfast, vfast = fast_serde_function(kdes), fast_serde_function(vdes)
+    deserialize_failed = task.errors.deserialize_failed
+    on_error = task.errors.on_error
+    sequenced = task.sequence_outputs and isinstance(task.stage.output, RepartitionSpec)
+
+    def run(records: Sequence[RawRecord], start: int, end: int) -> None:
+        for i in range(start, end):
+            r = records[i]
+            kb = r.key
+            try:
+                key = None if kb is None else kfast(kb)
+            except Exception as exc:
+                key = deserialize_failed(r, exc, kfast, kdes, kb)
+                if key is FAILED:
+                    continue
+            v = r.value
+            try:
+                value = vfast(v)
+            except Exception as exc:
+                value = deserialize_failed(r, exc, vfast, vdes, v)
+                if value is FAILED:
+                    continue
+            sk = b"" if kb is None else kb
+            if single is not None:
+                single.current_key = sk
+            else:
+                for store in stores:
+                    store.current_key = sk
+            if sequenced:
+                task.out_index = 0
+            mark = len(out)
+            try:
+                head(r, kb, key, value)
+            except Exception as exc:
+                # Outputs of a half-processed record are discarded; its state writes cannot
+                # be taken back and stay (as in Flink/Kafka Streams with skip-style handlers).
+                del out[mark:]
+                on_error(r, "processing", exc)
+
+    return run
+
+
+def compile_count_to_sink(task: StageTask, operators: list[Operator]) -> Feed | None:
+    """The per-record loop of a stage that is only a built-in ``count()`` into a sink that
+    writes the record's key (S1, and the counting stage of a word count), with the step
+    and the sink inlined: the chain's records, calls and store scoping are skipped.
+
+    Same observable behaviour as the chain: key and value are deserialized (only to check
+    them: count uses neither, the sink writes the key bytes as they came, or no key if the
+    key deserialized to None); the state is read and written as ``Count.process`` does;
+    a failure after the state write (the output serde) keeps the write, like the chain.
+    """
+    steps, output = task.stage.steps, task.stage.output
+    if len(steps) != 1 or not isinstance(steps[0], ProcessStep):
+        return None
+    if not isinstance(output, SinkSpec) or output.key_serde != task.stage.source.key_serde:
+        return None
+    store = task.stores.get(steps[0].operator_id)
+    if store is None:
+        return None
+    found = builtin_handle(operators[0], store)
+    if found is None or found[0] != "count":
+        return None
+    port = found[1].cache_port()
+    cache, load, default = port.cache, port.load, port.default
+    get, dirty_add = cache.get, port.dirty_add
+    out_append = task.out.append
+    topic = output.topic
+    oser = output.value_serde.serialize
+    ofast = fast_serde_function(oser)
+    kdes, vdes = task.key_deserialize, task.value_deserialize
+    kfast, vfast = fast_serde_function(kdes), fast_serde_function(vdes)
+    key_may_be_none = not never_none(kdes)
+    deserialize_failed = task.errors.deserialize_failed
+    on_error = task.errors.on_error
+
+    def run_count(records: Sequence[RawRecord], start: int, end: int) -> None:
+        for i in range(start, end):
+            r = records[i]
+            kb = r.key
+            sk = b"" if kb is None else kb
+            if kb is not None:
+                try:
+                    key = kfast(kb)
+                except Exception as exc:
+                    key = deserialize_failed(r, exc, kfast, kdes, kb)
+                    if key is FAILED:
+                        continue
+                if key is None and key_may_be_none:
+                    kb = None  # the sink writes no key for a None key
+            v = r.value
+            try:
+                vfast(v)
+            except Exception as exc:
+                if deserialize_failed(r, exc, vfast, vdes, v) is FAILED:
+                    continue
+            try:
+                n = get(sk, MISS)
+                if n is MISS:
+                    n = load(sk)
+                if n is ABSENT:
+                    n = default()
+                n = n + 1
+                cache[sk] = ABSENT if n is None else n
+                dirty_add(sk)
+                try:
+                    vb = ofast(n)
+                except Exception:
+                    if ofast is oser:
+                        raise
+                    vb = oser(n)
+            except Exception as exc:
+                on_error(r, "processing", exc)
+                continue
+            out_append((topic, None, kb, vb, NO_HEADERS))
+        if end > start:
+            store.current_key = sk
+
+    return run_count

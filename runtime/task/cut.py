@@ -1,0 +1,191 @@
+"""The input cut of a task: where in its input a checkpoint falls. Two strategies.
+
+* :class:`ClockCut` for a **source** stage: barrier ids come from the clock
+  (:func:`~headrace.runtime.checkpoint.barrier.barrier_id`); the task cuts between two batches
+  when the clock crosses an interval boundary, so no coordinator is needed and idle
+  partitions checkpoint too. The cut is the position after the last record processed.
+* :class:`AlignedCut` for a stage fed by a **repartition** topic: barriers arrive in-band from
+  every upstream task (channel) and are aligned by a
+  :class:`~headrace.runtime.checkpoint.alignment.BarrierAligner`: records of a channel whose
+  barrier ``n`` has arrived are held until every channel's has (or the alignment times out and
+  the checkpoint is taken unaligned). Under at-least-once, records replayed by an upstream
+  that restarted are dropped by sequence number (``seen``).
+
+Both answer the same questions for :class:`~headrace.runtime.task.stage_task.StageTask`: how to
+feed a batch, what the clock asks for between batches, and what the cut is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from headrace.runtime.checkpoint.alignment import BarrierAligner
+from headrace.runtime.checkpoint.barrier import BARRIER_HEADER, barrier_id, dedupe_slot
+from headrace.runtime.task.records import RawRecord
+
+if TYPE_CHECKING:
+    from headrace.runtime.checkpoint.pending import PendingCheckpoint
+    from headrace.runtime.task.stage_task import StageTask
+
+log = logging.getLogger("headrace.runtime.task")
+
+
+@dataclass(slots=True)
+class Cut:
+    """Where a checkpoint falls: its id, the input offsets, the per-channel skip list."""
+
+    checkpoint_id: int
+    offsets: dict[tuple[str, int], int]
+    skip: dict[int, int]
+    aligned: bool
+    alignment_seconds: float
+
+
+class ClockCut:
+    """A source stage: clock barriers between batches."""
+
+    def __init__(self, task: StageTask) -> None:
+        self.task = task
+        self.positions: dict[tuple[str, int], int] = {}
+
+    def open(
+        self,
+        positions: dict[tuple[str, int], int],
+        skip: dict[int, int] | None,
+    ) -> None:
+        self.positions = dict(positions)
+
+    rewind = open
+
+    def position(self, topic: str) -> int:
+        return self.positions.get((topic, self.task.partition), 0)
+
+    def feed(self, records: Sequence[RawRecord], start: int) -> int:
+        n = len(records)
+        if n > start:
+            task = self.task
+            task.run(records, start, n)
+            last = records[-1]
+            self.positions[(last.topic, last.partition)] = last.offset + 1
+            task.counters.records_in += n - start
+        return n
+
+    def tick(self, now: float) -> None:
+        task = self.task
+        n = barrier_id(now, task.checkpoint_interval_ms)
+        if n > task.last_checkpoint:
+            task.prepare(force=False, final=False, checkpoint_id=n)
+
+    def final_id(self) -> int:
+        task = self.task
+        return max(task.last_checkpoint, barrier_id(task.clock(), task.checkpoint_interval_ms))
+
+    def take(self, force: bool, checkpoint_id: int | None) -> Cut:
+        assert checkpoint_id is not None
+        return Cut(checkpoint_id, dict(self.positions), {}, True, 0.0)
+
+    def committed(self, pending: PendingCheckpoint) -> None:
+        """Nothing is held back at a source."""
+
+
+class AlignedCut:
+    """A stage fed by a repartition topic: in-band barriers aligned across upstream tasks."""
+
+    def __init__(self, task: StageTask, upstream_partitions: int, timeout: float) -> None:
+        self.task = task
+        self.upstream_partitions = upstream_partitions
+        self.timeout = timeout
+        self.topic = task.stage.source.topics[0]
+        self.aligner = self._aligner(0, None)
+
+    def _aligner(self, position: int, skip: dict[int, int] | None) -> BarrierAligner:
+        return BarrierAligner(
+            self.upstream_partitions,
+            last_checkpoint=self.task.last_checkpoint,
+            position=position,
+            skip=skip,
+            timeout=self.timeout,
+            clock=self.task.clock,
+        )
+
+    def open(
+        self,
+        positions: dict[tuple[str, int], int],
+        skip: dict[int, int] | None,
+    ) -> None:
+        self.aligner = self._aligner(positions.get((self.topic, self.task.partition), 0), skip)
+
+    rewind = open
+
+    def position(self, topic: str) -> int:
+        return self.aligner.position
+
+    def feed(self, records: Sequence[RawRecord], start: int) -> int:
+        aligner = self.aligner
+        process = self.process_sequenced
+        n = len(records)
+        i = start
+        while i < n:
+            r = records[i]
+            i += 1
+            headers = r.headers
+            channel = int(headers[0][1])
+            if not aligner.admit(channel, r.offset):
+                continue
+            if len(headers) > 1 and headers[1][0] == BARRIER_HEADER:
+                aligner.on_barrier(channel, r.offset, int(headers[1][1]))
+                if aligner.ready:
+                    self.task.prepare(force=False, final=False)
+                    break
+            elif aligner.on_record(channel, r.offset, r):
+                process(r, channel)
+        return i
+
+    def process_sequenced(self, r: RawRecord, channel: int) -> None:
+        """A repartition record: drop it if an upstream replay already delivered it."""
+        task = self.task
+        task.counters.records_in += 1
+        headers = r.headers
+        if len(headers) > 1:
+            seq = int(headers[1][1])
+            slot = dedupe_slot(channel, seq)
+            if seq <= task.seen.get(slot, -1):
+                task.counters.deduplicated += 1
+                return
+            task.seen[slot] = seq
+        task.run((r,), 0, 1)
+
+    def tick(self, now: float) -> None:
+        if self.aligner.timed_out():
+            task = self.task
+            log.warning(
+                "task %s/%d: alignment timed out after %.1fs; checkpointing unaligned",
+                task.stage.name,
+                task.partition,
+                self.aligner.alignment_seconds(),
+            )
+            task.prepare(force=True, final=False)
+
+    def final_id(self) -> None:
+        return None  # the aligner's cut decides
+
+    def take(self, force: bool, checkpoint_id: int | None) -> Cut:
+        seconds = self.aligner.alignment_seconds()
+        cut = self.aligner.cut(force=force)
+        offsets = {(self.topic, self.task.partition): cut.offset}
+        return Cut(cut.checkpoint_id, offsets, cut.skip, cut.aligned, seconds)
+
+    def committed(self, pending: PendingCheckpoint) -> None:
+        """Release the records held for this checkpoint, and cut again if the next barrier
+        is already complete. After a final checkpoint the task stops (or is suspended and
+        later rewound to this cut): held records stay unprocessed so the state is exactly the
+        committed one."""
+        if pending.final:
+            return
+        for r in self.aligner.complete(pending.checkpoint_id):
+            self.process_sequenced(r, int(r.headers[0][1]))
+        if self.aligner.ready:
+            self.task.prepare(force=False, final=False)

@@ -1,0 +1,104 @@
+"""What a task reads and hands on: raw records, the context operators emit through, the
+compiled step signature, per-task counters, and the error a ``fail`` policy raises."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from headrace.operators.operator import SAME_KEY
+from headrace.operators.record import describe_key
+from headrace.runtime.kafka.producer import Headers
+
+#: A compiled step of a stage's chain: ``step(raw, key_bytes, key, value)``. ``raw`` is the
+#: input record being processed (operators' ``Record``s, error reports and sequence numbers
+#: come from it); ``key_bytes`` is the record's key bytes while ``key`` is still the record's
+#: key (so a sink with the source's key serde writes them as they came), else KEY_CHANGED.
+Step = Callable[[Any, Any, Any, Any], None]
+
+NO_HEADERS: Headers = []  # shared, never mutated
+
+
+class _Marker:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+KEY_CHANGED: Any = _Marker("<key changed>")
+FAILED: Any = _Marker("<failed>")
+
+
+class RawRecord(Protocol):
+    """What the task reads: aiokafka's ConsumerRecord has this shape, so does the test driver's."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
+
+
+class RecordError(Exception):
+    """A record failed under the ``fail`` policy; names where it is and what went wrong."""
+
+    def __init__(self, record: RawRecord, kind: str, cause: BaseException) -> None:
+        self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
+        self.kind = kind
+        super().__init__(
+            f"{kind} failed for the record at topic {record.topic!r} partition "
+            f"{record.partition} offset {record.offset} key {describe_key(record.key)}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+
+
+@dataclass(slots=True)
+class TaskCounters:
+    """Per-task counters, read by the worker's metrics at scrape time."""
+
+    records_in: int = 0
+    records_out: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    checkpoints: int = 0
+    unaligned_checkpoints: int = 0
+    #: at-least-once: repartition records dropped as replays of records seen before
+    deduplicated: int = 0
+
+
+class TaskContext:
+    """The :class:`headrace.operators.operator.Context` given to one operator of one task.
+
+    Besides the record key it carries the raw input record and the key's bytes (see
+    :data:`Step`), so that ``emit`` passes them on without the task keeping per-record state.
+    """
+
+    __slots__ = ("_kb", "_next", "_raw", "key", "operator_id", "partition")
+
+    def __init__(self, operator_id: str, partition: int, nxt: Step):
+        self.operator_id = operator_id
+        self.partition = partition
+        self.key: Any = None
+        self._kb: Any = None
+        self._raw: Any = None
+        self._next = nxt
+
+    def emit(self, value: Any, key: Any = SAME_KEY) -> None:
+        if key is SAME_KEY or key is self.key:
+            self._next(self._raw, self._kb, self.key, value)
+        else:
+            self._next(self._raw, KEY_CHANGED, key, value)

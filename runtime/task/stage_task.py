@@ -1,0 +1,195 @@
+"""StageTask: one stage instance for one input partition. No I/O.
+
+The task owns the operator instances of its stage, their bound state stores, its input cut and
+its output list. The drivers (the worker over Kafka, ``JobTester`` over an in-memory log, both
+through :mod:`headrace.runtime.host`) feed it records and carry out the checkpoints it
+prepares, so both run exactly this code. The parts live next to it: the compiled chain
+(:mod:`.chain`, :mod:`.fusion`), the input cut (:mod:`.cut`) and the error policy
+(:mod:`.errors`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from headrace.operators.job import ErrorPolicy, Job, RepartitionSpec, Stage
+from headrace.operators.operator import Operator
+from headrace.runtime.checkpoint.barrier import barrier_headers
+from headrace.runtime.checkpoint.pending import PendingCheckpoint
+from headrace.runtime.kafka.producer import OutRecord
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task.chain import compile_chain, compile_feed
+from headrace.runtime.task.cut import AlignedCut, ClockCut
+from headrace.runtime.task.errors import RecordErrors
+from headrace.runtime.task.records import RawRecord, TaskContext, TaskCounters
+
+
+class StageTask:
+    """One stage for one partition: operators, state stores and the input cut."""
+
+    def __init__(
+        self,
+        job: Job,
+        stage: Stage,
+        partition: int,
+        stores: dict[str, OperatorStateStore],
+        *,
+        upstream_partitions: int | None = None,
+        downstream_partitions: int | None = None,
+        checkpoint_interval_ms: int = 1000,
+        alignment_timeout: float = 60.0,
+        clock: Callable[[], float],
+        error_policy: ErrorPolicy | None = None,
+        sequence_outputs: bool = False,
+    ) -> None:
+        self.job = job
+        self.stage = stage
+        self.partition = partition
+        self.stores = stores
+        self.clock = clock
+        self.checkpoint_interval_ms = checkpoint_interval_ms
+        self.counters = TaskCounters()
+        self.out: list[OutRecord] = []
+        self.pending: PendingCheckpoint | None = None
+        self.last_checkpoint = 0
+        self.downstream_partitions = downstream_partitions
+        self.errors = RecordErrors(
+            error_policy or job.error_policy, job.dead_letter_topic, self.counters, self.out
+        )
+        # A tombstone (None value) reaches the serde and fails there: the error policy decides.
+        self.key_deserialize: Callable[[Any], Any] = stage.source.key_serde.deserialize
+        self.value_deserialize: Callable[[Any], Any] = stage.source.value_serde.deserialize
+        # at-least-once dedupe across the repartition hop (see headrace.runtime.checkpoint.barrier)
+        self.sequence_outputs = sequence_outputs and not stage.source.internal
+        self.out_index = 0
+        self.topic_index = {t: i for i, t in enumerate(stage.source.topics)}
+        #: at-least-once: highest sequence processed per upstream slot (part of the cut)
+        self.seen: dict[int, int] = {}
+        self.cut: ClockCut | AlignedCut
+        if stage.source.internal:
+            if not upstream_partitions:
+                raise ValueError(
+                    f"{stage.name} reads a repartition topic: upstream_partitions needed"
+                )
+            self.cut = AlignedCut(self, upstream_partitions, alignment_timeout)
+        else:
+            self.cut = ClockCut(self)
+        head, self.compiled = compile_chain(self)
+        self.operators: list[Operator] = [op for op, _ in self.compiled]
+        self._contexts: list[TaskContext] = [ctx for _, ctx in self.compiled]
+        #: the compiled per-record loop over ``records[start:end]``
+        self.run = compile_feed(self, head)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(
+        self,
+        *,
+        last_checkpoint: int = 0,
+        positions: dict[tuple[str, int], int] | None = None,
+        skip: dict[int, int] | None = None,
+        seen: dict[int, int] | None = None,
+    ) -> None:
+        """Start after restore: ``positions`` are the committed offsets per input partition."""
+        self.last_checkpoint = last_checkpoint
+        self.seen = dict(seen or {})
+        self.cut.open(dict(positions or {}), skip)
+        for op, ctx in zip(self.operators, self._contexts, strict=True):
+            op.open(ctx)
+
+    def position(self, topic: str) -> int:
+        """Next offset to read from this task's partition of ``topic``."""
+        return self.cut.position(topic)
+
+    def close(self) -> None:
+        for op in self.operators:
+            op.close()
+
+    def rewind(self, positions: dict[tuple[str, int], int], skip: dict[int, int]) -> None:
+        """Reset the input cut to the last committed checkpoint (a suspended task resumes).
+
+        The state is the committed state (a final checkpoint releases nothing), so reading again
+        from the committed offsets, skipping per channel what the cut already includes, is exact.
+        """
+        self.cut.rewind(dict(positions), skip)
+
+    # -- records -----------------------------------------------------------------------------
+    def feed(self, records: Sequence[RawRecord], start: int = 0) -> int:
+        """Process ``records[start:]``; stop early when a checkpoint becomes due.
+
+        Returns the index of the first record not consumed. The caller commits
+        :attr:`pending`, calls :meth:`checkpoint_committed`, and feeds the rest.
+        """
+        if self.pending is not None:
+            return start
+        if start < len(records):
+            start = self._skip_consumed(records, start)
+        return self.cut.feed(records, start)
+
+    def _skip_consumed(self, records: Sequence[RawRecord], start: int) -> int:
+        """Skip records below the task's position: a batch fetched before a seek.
+
+        aiokafka may hand out a batch fetched before a rebalance after the task was resumed or
+        restored and its input seeked back to the committed offset; those records come again
+        from the seek, so processing the early copy too would count them twice.
+        """
+        position = self.position(records[start].topic)
+        while start < len(records) and records[start].offset < position:
+            start += 1
+        return start
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Clock-driven work between batches: source barriers and alignment timeouts."""
+        if self.pending is None:
+            self.cut.tick(now)
+
+    def final_checkpoint(self) -> PendingCheckpoint:
+        """Checkpoint now (revocation or shutdown), aligned or not."""
+        if self.pending is None:
+            self.prepare(force=True, final=True, checkpoint_id=self.cut.final_id())
+        assert self.pending is not None
+        return self.pending
+
+    def prepare(self, *, force: bool, final: bool, checkpoint_id: int | None = None) -> None:
+        """Take the cut: snapshot the changes, outputs and barriers of this checkpoint."""
+        cut = self.cut.take(force, checkpoint_id)
+        for op in self.operators:
+            op.on_checkpoint(cut.checkpoint_id)
+        changes = {op_id: store.take_changes() for op_id, store in self.stores.items()}
+        outputs = self.out[:]
+        self.out.clear()
+        barriers: list[OutRecord] = []
+        output = self.stage.output
+        if isinstance(output, RepartitionSpec) and self.downstream_partitions:
+            headers = barrier_headers(self.partition, cut.checkpoint_id)
+            barriers = [
+                (output.topic, p, None, b"", headers) for p in range(self.downstream_partitions)
+            ]
+        self.pending = PendingCheckpoint(
+            cut.checkpoint_id,
+            cut.offsets,
+            cut.skip,
+            cut.aligned,
+            final,
+            changes,
+            dict(self.seen),
+            outputs,
+            barriers,
+            cut.alignment_seconds,
+        )
+
+    def checkpoint_committed(self, changelog_offsets: dict[str, int | None]) -> None:
+        """The pending checkpoint is durable: update local stores, release held records."""
+        pending = self.pending
+        assert pending is not None
+        for op_id, store in self.stores.items():
+            store.apply_changes(
+                pending.changes.get(op_id, []), changelog_offset=changelog_offsets.get(op_id)
+            )
+        self.pending = None
+        self.last_checkpoint = max(self.last_checkpoint, pending.checkpoint_id)
+        self.counters.checkpoints += 1
+        if not pending.aligned:
+            self.counters.unaligned_checkpoints += 1
+        self.cut.committed(pending)
