@@ -1,6 +1,6 @@
 """Operating a worker: Prometheus metrics, health endpoints and structured logs (ARCHITECTURE.md 8).
 
-Every :class:`~headrace.runtime.worker.Worker` owns one :class:`WorkerMetrics` with its *own*
+Every worker owns one :class:`WorkerMetrics` with its *own*
 ``CollectorRegistry`` (nothing is registered globally, so workers and tests never see each
 other's series). Two kinds of series:
 
@@ -35,9 +35,10 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from headrace.runtime.view import InputLag, WorkerView
+
 if TYPE_CHECKING:
     from headrace.runtime.checkpoint.pending import CommitResult
-    from headrace.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _BYTES_BUCKETS = (0, 1_024, 16_384, 131_072, 1_048_576, 8_388_608, 67_108_864, 5
 class WorkerMetrics:
     """All metrics of one worker, in a registry of its own."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: WorkerView) -> None:
         self.worker = worker
         self.registry = CollectorRegistry(auto_describe=True)
         job = worker.job.name
@@ -101,7 +102,7 @@ class WorkerMetrics:
         Gauge("headrace_worker_info", "This worker.", ["job", "worker"], registry=r).labels(
             job, worker.worker_id
         ).set(1)
-        self.lag: dict[tuple[str, str, int], int] = {}
+        self.lag: InputLag = {}
         r.register(_TaskCollector(self))
 
     # -- events ---------------------------------------------------------------------------------
@@ -121,28 +122,8 @@ class WorkerMetrics:
             self.record_delay.labels(self.job, stage).set(max(0.0, time.time() - newest / 1000))
 
     async def refresh_lag(self) -> None:
-        """Consumer lag per running task input: last stable offset (exactly-once) or high
-        watermark minus the consumer's position. Both come from the last fetch response, so this
-        costs no request; partitions not fetched yet are left out."""
-        lag: dict[tuple[str, str, int], int] = {}
-        exactly_once = self.worker.settings.exactly_once
-        for runner in list(self.worker.runners):
-            consumer = runner.consumer
-            for p in list(runner.tasks):
-                for tp in runner.input_tps(p):
-                    try:
-                        end = (
-                            consumer.last_stable_offset(tp)
-                            if exactly_once
-                            else consumer.highwater(tp)
-                        )
-                        if end is None or end < 0:
-                            continue
-                        position = await asyncio.wait_for(consumer.position(tp), 1.0)
-                    except Exception:  # revoked meanwhile, or no position yet
-                        continue
-                    lag[(runner.stage.name, tp.topic, tp.partition)] = max(0, end - position)
-        self.lag = lag
+        """Consumer lag per running task input (see :meth:`WorkerView.input_lag`)."""
+        self.lag = await self.worker.input_lag()
 
     async def exposition(self) -> bytes:
         await self.refresh_lag()
@@ -172,25 +153,22 @@ class _TaskCollector(Collector):
             "deduplicated": families[6],
         }
         tasks, restored, restore_total, lag, ready = families[7:12]
-        for runner in list(worker.runners):
-            stage = runner.stage.name
-            for state, ios in (
-                ("running", runner.tasks),
-                ("restoring", runner.restoring),
-                ("suspended", runner.suspended),
+        for snap in worker.stage_snapshots():
+            stage = snap.name
+            for state, count in (
+                ("running", len(snap.running)),
+                ("restoring", len(snap.restoring)),
+                ("suspended", len(snap.suspended)),
             ):
-                tasks.add_metric([job, stage, state], len(ios))
-            for p, io in list(runner.tasks.items()):
-                c = io.task.counters
+                tasks.add_metric([job, stage, state], count)
+            for p, c in snap.running.items():
                 labels = [job, stage, str(p)]
                 for name, family in counters.items():
                     family.add_metric(labels, getattr(c, name))
-            for t in list(runner.restore_targets):
-                if t.partition not in runner.restoring:
-                    continue
-                labels = [job, stage, str(t.partition), t.topic]
-                restored.add_metric(labels, t.applied)
-                restore_total.add_metric(labels, max(0, t.end - (t.start or 0)))
+            for t in snap.restores:
+                labels = [job, stage, str(t.partition), t.changelog]
+                restored.add_metric(labels, t.restored)
+                restore_total.add_metric(labels, t.total)
         for (stage, topic, partition), n in self.metrics.lag.items():
             lag.add_metric([job, stage, topic, str(partition)], n)
         ready.add_metric([job], 1 if worker.ready() else 0)
@@ -262,7 +240,9 @@ class _TaskCollector(Collector):
 class OpsServer:
     """``/metrics``, ``/health``, ``/ready`` on the worker's event loop (HTTP/1.0, GET only)."""
 
-    def __init__(self, worker: Worker, metrics: WorkerMetrics, port: int, host: str = "") -> None:
+    def __init__(
+        self, worker: WorkerView, metrics: WorkerMetrics, port: int, host: str = ""
+    ) -> None:
         self.worker = worker
         self.metrics = metrics
         self.port = port
@@ -320,7 +300,7 @@ class OpsServer:
         if path in ("/ready", "/readyz"):
             if worker.failure is None and not worker.stopping and worker.ready():
                 return "200 OK", "text/plain", b"ready\n"
-            restoring = sum(len(r.restoring) for r in worker.runners)
+            restoring = sum(len(snap.restoring) for snap in worker.stage_snapshots())
             return (
                 "503 Service Unavailable",
                 "text/plain",

@@ -41,37 +41,31 @@ from aiokafka.structs import TopicPartition
 from headrace.operators.job import Job
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka.topics import status_topic, topic_partitions
-from headrace.runtime.metrics import OpsServer
+from headrace.runtime.metrics import OpsServer, WorkerMetrics
+from headrace.runtime.view import InputLag, WorkerView
 
 if TYPE_CHECKING:
     from headrace.runtime.checkpoint.log import CheckpointSummary
-    from headrace.runtime.worker import Worker
 
 log = logging.getLogger(__name__)
-
-
-def status_interval() -> float:
-    return float(os.environ.get("HEADRACE_STATUS_INTERVAL_S", "5"))
 
 
 # -- the worker side ---------------------------------------------------------------------------
 
 
-def worker_snapshot(worker: Worker, lag: dict[tuple[str, str, int], int]) -> dict[str, Any]:
+def worker_snapshot(worker: WorkerView, lag: InputLag) -> dict[str, Any]:
     """What one worker tells ``headrace status`` about itself."""
     stages: dict[str, Any] = {}
-    for r in list(worker.runners):
-        restores: dict[str, dict[str, int]] = {}
-        for t in list(r.restore_targets):
-            if t.partition in r.restoring:
-                key = f"{t.partition}:{t.topic}"
-                restores[key] = {"restored": t.applied, "total": max(0, t.end - (t.start or 0))}
-        stages[r.stage.name] = {
-            "running": sorted(r.tasks),
-            "restoring": sorted(r.restoring),
-            "suspended": sorted(r.suspended),
-            "restores": restores,
-            "records_in": {str(p): io.task.counters.records_in for p, io in r.tasks.items()},
+    for snap in worker.stage_snapshots():
+        stages[snap.name] = {
+            "running": sorted(snap.running),
+            "restoring": sorted(snap.restoring),
+            "suspended": sorted(snap.suspended),
+            "restores": {
+                f"{t.partition}:{t.changelog}": {"restored": t.restored, "total": t.total}
+                for t in snap.restores
+            },
+            "records_in": {str(p): c.records_in for p, c in snap.running.items()},
         }
     return {
         "worker": worker.worker_id,
@@ -81,7 +75,7 @@ def worker_snapshot(worker: Worker, lag: dict[tuple[str, str, int], int]) -> dic
         "metrics_port": worker.ops_port,
         "ready": worker.ready(),
         "timestamp_ms": int(time.time() * 1000),
-        "interval_s": status_interval(),
+        "interval_s": worker.settings.status_interval_s,
         "stages": stages,
         "lag": {f"{stage}:{topic}/{p}": n for (stage, topic, p), n in lag.items()},
     }
@@ -90,10 +84,11 @@ def worker_snapshot(worker: Worker, lag: dict[tuple[str, str, int], int]) -> dic
 class StatusPublisher:
     """Publishes :func:`worker_snapshot` to ``<job>.status`` until stopped (see module doc)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: WorkerView, metrics: WorkerMetrics) -> None:
         self.worker = worker
+        self.metrics = metrics
         self.topic = status_topic(worker.job)
-        self.interval = status_interval()
+        self.interval = worker.settings.status_interval_s
         self.producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -124,7 +119,7 @@ class StatusPublisher:
 
     async def publish(self) -> None:
         assert self.producer is not None
-        metrics = self.worker.metrics
+        metrics = self.metrics
         await metrics.refresh_lag()
         value = orjson.dumps(worker_snapshot(self.worker, metrics.lag))
         await self.producer.send_and_wait(
@@ -338,16 +333,17 @@ def render(status: JobStatus) -> str:
 class Operations:
     """The worker's operational side: the ops HTTP server (if a port is set) and the publisher."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: WorkerView, metrics: WorkerMetrics) -> None:
         self.worker = worker
+        self.metrics = metrics
         self.server: OpsServer | None = None
-        self.publisher = StatusPublisher(worker)
+        self.publisher = StatusPublisher(worker, metrics)
 
     async def start(self) -> None:
         port = self.worker.settings.metrics_port
         if port is not None:
             self.server = OpsServer(
-                self.worker, self.worker.metrics, port, host=self.worker.settings.metrics_host
+                self.worker, self.metrics, port, host=self.worker.settings.metrics_host
             )
             await self.server.start()
             self.worker.ops_port = self.server.port

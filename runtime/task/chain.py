@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from headrace.operators.job import (
     FilterStep,
@@ -50,13 +50,35 @@ from headrace.runtime.task.records import (
 )
 
 if TYPE_CHECKING:
-    from headrace.runtime.task.stage_task import StageTask
+    from headrace.operators.job import Stage
+    from headrace.runtime.kafka.producer import OutRecord
+    from headrace.runtime.state.store import OperatorStateStore
+    from headrace.runtime.task.errors import RecordErrors
 
 #: the compiled loop over ``records[start:end]``
 Feed = Callable[[Sequence[RawRecord], int, int], None]
 
 
-def compile_chain(task: StageTask) -> tuple[Step, list[tuple[Operator, TaskContext]]]:
+class ChainOwner(Protocol):
+    """What the compiled chain reads of its task (a StageTask); a protocol, so that the chain
+    does not import the task that imports it."""
+
+    stage: Stage
+    partition: int
+    stores: dict[str, OperatorStateStore]
+    out: list[OutRecord]
+    downstream_partitions: int | None
+    errors: RecordErrors
+    key_deserialize: Callable[[Any], Any]
+    value_deserialize: Callable[[Any], Any]
+    sequence_outputs: bool
+    topic_index: dict[str, int]
+    #: index of the next output of the record being processed (at-least-once sequences)
+    out_index: int
+    compiled: list[tuple[Operator, TaskContext]]
+
+
+def compile_chain(task: ChainOwner) -> tuple[Step, list[tuple[Operator, TaskContext]]]:
     """The head step of the stage's chain and its operators with their contexts, in order."""
     nxt = compile_output(task)
     compiled: list[tuple[Operator, TaskContext]] = []
@@ -67,7 +89,7 @@ def compile_chain(task: StageTask) -> tuple[Step, list[tuple[Operator, TaskConte
 
 
 def compile_step(
-    task: StageTask,
+    task: ChainOwner,
     step: Any,
     nxt: Step,
     compiled: list[tuple[Operator, TaskContext]],
@@ -130,7 +152,7 @@ def compile_step(
     raise TypeError(f"unknown step {step!r}")
 
 
-def compile_output(task: StageTask) -> Step:
+def compile_output(task: ChainOwner) -> Step:
     out_append = task.out.append
     output = task.stage.output
     if isinstance(output, SinkSpec):
@@ -195,7 +217,7 @@ def compile_output(task: StageTask) -> Step:
     return discard
 
 
-def compile_feed(task: StageTask, head: Step) -> Feed:
+def compile_feed(task: ChainOwner, head: Step) -> Feed:
     """The per-record loop over ``records[start:end]``: deserialize, scope the state stores,
     run the chain; a failing record goes to the error policy and the loop goes on.
 
@@ -252,7 +274,7 @@ def compile_feed(task: StageTask, head: Step) -> Feed:
     return run
 
 
-def compile_count_to_sink(task: StageTask, operators: list[Operator]) -> Feed | None:
+def compile_count_to_sink(task: ChainOwner, operators: list[Operator]) -> Feed | None:
     """The per-record loop of a stage that is only a built-in ``count()`` into a sink that
     writes the record's key (S1, and the counting stage of a word count), with the step
     and the sink inlined: the chain's records, calls and store scoping are skipped.

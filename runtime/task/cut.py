@@ -18,19 +18,37 @@ feed a batch, what the clock asks for between batches, and what the cut is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from headrace.runtime.checkpoint.alignment import BarrierAligner
 from headrace.runtime.checkpoint.barrier import BARRIER_HEADER, barrier_id, dedupe_slot
 from headrace.runtime.task.records import RawRecord
 
 if TYPE_CHECKING:
+    from headrace.operators.job import Stage
     from headrace.runtime.checkpoint.pending import PendingCheckpoint
-    from headrace.runtime.task.stage_task import StageTask
+    from headrace.runtime.task.chain import Feed
+    from headrace.runtime.task.records import TaskCounters
 
 log = logging.getLogger("headrace.runtime.task")
+
+
+class CutOwner(Protocol):
+    """What a cut strategy reads and calls of its task (a StageTask); a protocol, so that the
+    strategies do not import the task that imports them."""
+
+    stage: Stage
+    partition: int
+    clock: Callable[[], float]
+    checkpoint_interval_ms: int
+    last_checkpoint: int
+    counters: TaskCounters
+    seen: dict[int, int]
+    run: Feed
+
+    def prepare(self, *, force: bool, final: bool, checkpoint_id: int | None = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -47,7 +65,7 @@ class Cut:
 class ClockCut:
     """A source stage: clock barriers between batches."""
 
-    def __init__(self, task: StageTask) -> None:
+    def __init__(self, task: CutOwner) -> None:
         self.task = task
         self.positions: dict[tuple[str, int], int] = {}
 
@@ -94,7 +112,7 @@ class ClockCut:
 class AlignedCut:
     """A stage fed by a repartition topic: in-band barriers aligned across upstream tasks."""
 
-    def __init__(self, task: StageTask, upstream_partitions: int, timeout: float) -> None:
+    def __init__(self, task: CutOwner, upstream_partitions: int, timeout: float) -> None:
         self.task = task
         self.upstream_partitions = upstream_partitions
         self.timeout = timeout

@@ -297,25 +297,22 @@ def test_status_render_shows_restore_progress_bars() -> None:
 
 
 def test_collector_reports_restore_progress_and_counters() -> None:
-    """The scrape-time collector reads runners' tasks, restore targets and counters."""
-    from headrace.runtime.checkpoint.restore import RestoreTarget
+    """The scrape-time collector reads the worker's view: tasks, restore progress, counters."""
     from headrace.runtime.metrics import WorkerMetrics
     from headrace.runtime.task import TaskCounters
+    from headrace.runtime.view import RestoreProgress, StageSnapshot
 
-    target = RestoreTarget(store=None, topic="wc.counts.changelog", partition=1, valid_until=None)  # type: ignore[arg-type]
-    target.start, target.end, target.applied = 100, 1100, 400
     counters = TaskCounters(records_in=12, records_out=3, skipped=2, dead_lettered=1)
-    runner = SimpleNamespace(
-        stage=SimpleNamespace(name="stage1"),
-        tasks={0: SimpleNamespace(task=SimpleNamespace(counters=counters))},
-        restoring={1: object()},
-        suspended={},
-        restore_targets=[target],
+    snapshot = StageSnapshot(
+        "stage1",
+        running={0: counters},
+        restoring=[1],
+        restores=[RestoreProgress(1, "wc.counts.changelog", 400, 1000)],
     )
     worker = SimpleNamespace(
         job=SimpleNamespace(name="wc"),
         worker_id="w-1",
-        runners=[runner],
+        stage_snapshots=lambda: [snapshot],
         ready=lambda: False,
     )
     metrics = WorkerMetrics(worker)  # type: ignore[arg-type]

@@ -1,0 +1,563 @@
+"""One stage of a worker: a consumer-group member whose assigned partitions become tasks.
+
+A :class:`StageRunner` is the member of ``<job>.<stage>``. It polls, feeds each task its
+records through the task host (:mod:`headrace.runtime.host`), and runs the task life cycle a
+rebalance asks for: suspend on revocation (after a final checkpoint), resume when the same
+partition comes straight back and nobody wrote meanwhile, otherwise restore from the changelog
+in the background while the task's inputs stay paused (ARCHITECTURE.md section 6).
+
+Partial failures. A member that was paused past its session timeout (see
+:mod:`headrace.runtime.kafka.lease`) or whose commit says it is no longer a member (a failed
+offset commit, a fenced producer) drops every task of that stage *without* a checkpoint and
+rejoins the group; it does not exit. Under at-least-once every new ownership of a task claims a
+writer epoch in the task's changelog partitions before it processes anything
+(:mod:`headrace.runtime.checkpoint.fencing`).
+
+Why this module must be one unit (it is over 500 lines): it is the per-stage state machine
+(running, suspended, restoring, abandoned) and the poll loop that drives it; every transition
+holds the runner's lock and moves a task between the runner's dicts, and a rebalance callback
+can run between any two awaits of the loop. Kept together, one can check each transition
+against the others; what is not the state machine already lives elsewhere (clients in
+``kafka/clients.py``, task assembly, restore, claim and commit in ``host.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalGenerationError,
+    InvalidProducerEpoch,
+    ProducerFenced,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
+from aiokafka.structs import TopicPartition
+
+from headrace.operators.job import ErrorPolicy, Job, Stage
+from headrace.runtime.checkpoint.commit import Committer
+from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
+from headrace.runtime.config import Settings
+from headrace.runtime.host import Gap, StageHost, StartPoint, TaskIO, commit_checkpoint
+from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
+from headrace.runtime.kafka.producer import BatchSender
+from headrace.runtime.kafka.topics import TopicLayout
+from headrace.runtime.metrics import WorkerMetrics
+from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.view import RestoreProgress, StageSnapshot
+
+log = logging.getLogger("headrace.runtime.worker")
+
+#: what a member that lost its place in the group meets when it writes: it drops its tasks
+#: (no checkpoint: it may not be their owner any more) and rejoins
+MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
+    LeaseExpired,
+    CommitFailedError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+    RebalanceInProgressError,
+    ProducerFenced,
+    InvalidProducerEpoch,
+)
+
+
+class RunnerOwner(Protocol):
+    """What a stage runner uses of its worker (the worker's shared clients and factories); a
+    protocol, so that this module does not import the worker that imports it."""
+
+    job: Job
+    settings: Settings
+    worker_id: str
+    clock: Callable[[], float]
+    error_policy: ErrorPolicy
+    layout: TopicLayout | None
+    admin: AIOKafkaAdminClient | None
+    metrics: WorkerMetrics
+    shared_producer: AIOKafkaProducer | None
+    producer_guard: ProducerGuard | None
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def partition_counts(self) -> dict[str, int]: ...
+
+    def open_store(self, operator_id: str, partition: int) -> OperatorStateStore: ...
+
+    async def replace_tripped_producer(self) -> None: ...
+
+
+class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One stage of the job in this worker: its group membership, tasks and loop."""
+
+    def __init__(self, worker: RunnerOwner, stage: Stage) -> None:
+        self.worker = worker
+        self.stage = stage
+        self.job = worker.job
+        s = worker.settings
+        self.group_id = self.job.group_id(stage)
+        self.consumer = clients.group_consumer(
+            s, self.group_id, client_id=f"{s.client_id}-{stage.name}"
+        )
+        self.lease = MembershipLease(
+            self.group_id,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+        )
+        self.restore_consumer = clients.reader(s, client_id=f"{s.client_id}-{stage.name}-restore")
+        self.committer = Committer(
+            self.job,
+            exactly_once=s.exactly_once,
+            consumer=self.consumer,
+            worker_id=worker.worker_id,
+            lease=self.lease,
+        )
+        self.observe_commit = worker.metrics.checkpoint_committed
+        self.tasks: dict[int, TaskIO] = {}
+        self.suspended: dict[int, TaskIO] = {}
+        self.restoring: dict[int, TaskIO] = {}
+        self.restore_targets: list[RestoreTarget] = []  #: of the restore under way (metrics)
+        self._restore_job: asyncio.Task[None] | None = None
+        self.restore_error: BaseException | None = None
+        self.lock = asyncio.Lock()
+        layout = worker.layout
+        assert layout is not None
+        #: assembly, restore, claim, open, feed: the code every driver shares
+        self.host = StageHost(
+            self.job,
+            stage,
+            layout,
+            exactly_once=s.exactly_once,
+            checkpoint_interval_ms=s.checkpoint_interval_ms,
+            alignment_timeout_s=s.alignment_timeout_s,
+            error_policy=worker.error_policy,
+            clock=worker.clock,
+            open_store=worker.open_store,
+        )
+        self.stateful = self.host.stateful
+
+    def ready(self) -> bool:
+        return not self.restoring
+
+    def snapshot(self) -> StageSnapshot:
+        """This stage's tasks by state, with restore progress (for metrics and status)."""
+        restoring = self.restoring
+        return StageSnapshot(
+            self.stage.name,
+            {p: io.task.counters for p, io in list(self.tasks.items())},
+            sorted(restoring),
+            sorted(self.suspended),
+            [
+                RestoreProgress(t.partition, t.topic, t.applied, max(0, t.end - (t.start or 0)))
+                for t in list(self.restore_targets)
+                if t.partition in restoring
+            ],
+        )
+
+    def input_tps(self, partition: int) -> list[TopicPartition]:
+        return [TopicPartition(t, partition) for t in self.stage.source.topics]
+
+    async def start(self) -> None:
+        await self.restore_consumer.start()
+        await self.consumer.start()
+        self.lease.attach(self.consumer)
+        self.consumer.subscribe(list(self.stage.source.topics), listener=self)
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def loop(self) -> None:
+        s = self.worker.settings
+        consumer = self.consumer
+        while not self.worker.stopping:
+            if self.restore_error is not None:
+                failed, self.restore_error = self.restore_error, None
+                if not isinstance(failed, MEMBERSHIP_LOST):
+                    raise failed
+                await self.abandon(failed)
+                continue
+            try:
+                batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
+                started = time.perf_counter()
+                async with self.lock:
+                    for tp, records in batches.items():
+                        io = self.tasks.get(tp.partition)
+                        if io is None:
+                            continue  # revoked meanwhile: the new owner reads them again
+                        await self.host.feed(io, records, self.committer, self.observe_commit)
+                    now = self.worker.clock()
+                    for io in list(self.tasks.values()):
+                        await self.host.settle(io, self.committer, now, self.observe_commit)
+                    await self._send_outputs()
+                    for io in list(self.tasks.values()):
+                        if io.foreign:
+                            await self._rewrite_foreign(io)
+            except MEMBERSHIP_LOST as exc:
+                await self.abandon(exc)
+                continue
+            if batches:
+                self.worker.metrics.batch_processed(self.stage.name, started, batches)
+
+    async def abandon(self, cause: BaseException) -> None:
+        """This member may have lost its tasks: drop them without a checkpoint, and rejoin.
+
+        Nothing of theirs past the last committed checkpoint is kept: whoever owns them next
+        (this worker again, after the rejoin, or another) restores them from the changelog.
+        """
+        log.warning(
+            "stage %s: %s: %s. Dropping task(s) %s without a checkpoint and rejoining the group",
+            self.stage.name,
+            type(cause).__name__,
+            cause,
+            sorted(self.tasks) or "none",
+        )
+        self.lease.expire()
+        with contextlib.suppress(Exception):
+            await self._cancel_restore()
+        async with self.lock:
+            for io in [*self.tasks.values(), *self.suspended.values()]:
+                await self._close(io, abort=True)
+            self.tasks.clear()
+            self.suspended.clear()
+        assigned = list(self.consumer.assignment())
+        if assigned:
+            self.consumer.pause(*assigned)
+        self.lease.request_rejoin()
+        guard = self.worker.producer_guard
+        if guard is not None and guard.tripped is not None:
+            await self.worker.replace_tripped_producer()
+
+    async def _rewrite_foreign(self, io: TaskIO) -> None:
+        """Another writer (a zombie) wrote into this task's changelog between two of its
+        checkpoints: rewrite those keys with this task's values at the next checkpoint, so that
+        compaction never keeps the zombie's record as the last of its key (see
+        :mod:`headrace.runtime.checkpoint.fencing`). Rare: it opens its own reader."""
+        ranges, io.foreign = io.foreign, []
+        s = self.worker.settings
+        reader = clients.reader(
+            s, client_id=f"{s.client_id}-{self.stage.name}-fence", committed_only=False
+        )
+        await reader.start()
+        try:
+            for op, start, end in ranges:
+                topic = io.changelog_topics[op]
+                keys = await read_keys(reader, TopicPartition(topic, io.task.partition), start, end)
+                log.warning(
+                    "%s[%d]: offsets %d..%d were written by another worker (a zombie whose "
+                    "session had expired); rewriting its %d key(s) with this task's values",
+                    topic,
+                    io.task.partition,
+                    start,
+                    end - 1,
+                    len(keys),
+                )
+                io.task.stores[op].force_dirty(keys)
+        finally:
+            await reader.stop()
+
+    async def _send_outputs(self) -> None:
+        for io in list(self.tasks.values()):
+            out = io.task.out
+            if out:
+                self.lease.check(f"outputs of task {io.name}")
+                records = out[:]
+                out.clear()
+                io.task.counters.records_out += len(records)
+                io.unacked += await io.sender.send(records)
+
+    # -- rebalance -------------------------------------------------------------------------------
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._cancel_restore()
+        async with self.lock:
+            for p in sorted({tp.partition for tp in revoked}):
+                io = self.tasks.pop(p, None)
+                if io is None:
+                    continue
+                try:
+                    final = io.task.final_checkpoint()
+                    await commit_checkpoint(io, self.committer, final, self.observe_commit)
+                except MEMBERSHIP_LOST as exc:
+                    log.warning(
+                        "no final checkpoint for task %s (%s: %s); dropping it",
+                        io.name,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    await self._close(io, abort=True)
+                    continue
+                except Exception:
+                    log.exception("final checkpoint of task %s failed; dropping it", io.name)
+                    await self._close(io, abort=True)
+                    continue
+                # The final checkpoint released nothing: the suspended state is exactly the
+                # committed one, and a resume rewinds the input cut to it (skip list included).
+                self.suspended[p] = io
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.lease.joined()
+        partitions = sorted({tp.partition for tp in assigned})
+        if assigned:
+            self.consumer.pause(*assigned)
+        # Exactly-once: initialise each task's transactional producer *before* reading the
+        # committed offsets. InitProducerId returns only once the previous owner's transaction
+        # is complete, and offsets committed in a transaction become visible only then (the
+        # offset fetch does not wait for pending transactional offsets).
+        producers: dict[int, AIOKafkaProducer] = {}
+        if self.worker.settings.exactly_once:
+            for p in partitions:
+                old = self.suspended.get(p)
+                if old is not None and old.producer is not None:
+                    with contextlib.suppress(Exception):
+                        await old.producer.stop()
+                    old.producer = None
+            started = await asyncio.gather(*(self._start_producer(p) for p in partitions))
+            producers = dict(zip(partitions, started, strict=True))
+        committed = await self._committed(partitions)
+        new: list[int] = []
+        for p in partitions:
+            io = self.suspended.pop(p, None)
+            if (
+                io is not None
+                and await self._reusable(io, committed)
+                and await self._claim_unchanged(io)
+            ):
+                await self._resume_suspended(io, producers.get(p))
+                continue
+            if io is not None:
+                await self._close(io)
+            new.append(p)
+        for io in self.suspended.values():
+            await self._close(io)
+        self.suspended.clear()
+        if new:
+            for p in new:
+                self.restoring[p] = self._make_task(p, producers.get(p))
+            self._restore_job = asyncio.create_task(self._restore(new, committed))
+            self._restore_job.add_done_callback(self._restore_done)
+
+    def _restore_done(self, job: asyncio.Task[None]) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            failed = job.exception()
+            if not isinstance(failed, MEMBERSHIP_LOST):
+                log.error("restore of stage %s failed: %s", self.stage.name, failed)
+            self.restore_error = failed
+
+    def _use_producer(self, io: TaskIO, producer: AIOKafkaProducer) -> None:
+        io.producer = producer
+        io.sender = BatchSender(producer, self.worker.partition_counts())
+
+    async def _committed(self, partitions: list[int]) -> dict[TopicPartition, Any]:
+        admin = self.worker.admin
+        assert admin is not None
+        tps = [tp for p in partitions for tp in self.input_tps(p)]
+        if not tps:
+            return {}
+        found = await admin.list_consumer_group_offsets(self.group_id, partitions=tps)
+        return {tp: om for tp, om in found.items() if om is not None and om.offset >= 0}
+
+    async def _reusable(self, io: TaskIO, committed: dict[TopicPartition, Any]) -> bool:
+        """Nobody changed the committed checkpoint since this task's final one."""
+        now = {
+            (tp.topic, tp.partition): om.offset
+            for tp, om in committed.items()
+            if tp.partition == io.task.partition
+        }
+        if now != io.committed:
+            return False
+        if self.worker.settings.exactly_once:
+            return True
+        # at-least-once: another owner may have written changelog records it never committed
+        tps = [TopicPartition(io.changelog_topics[op], io.task.partition) for op in self.stateful]
+        if not tps:
+            return True
+        ends = await self.restore_consumer.end_offsets(tps)
+        for op, tp in zip(self.stateful, tps, strict=True):
+            last = io.changelog_last.get(op)
+            if ends[tp] != (0 if last is None else last + 1):
+                return False
+        return True
+
+    async def _claim(self, io: TaskIO, read_until: dict[str, int] | None = None) -> list[Gap]:
+        return await self.host.claim(io, lease=self.lease, read_until=read_until)
+
+    async def _claim_unchanged(self, io: TaskIO) -> bool:
+        """Claim for a suspended task coming back; False if somebody wrote meanwhile."""
+        if await self._claim(io):
+            log.info("task %s: its changelog changed while it was suspended; restoring", io.name)
+            return False
+        return True
+
+    async def _resume_suspended(self, io: TaskIO, producer: AIOKafkaProducer | None) -> None:
+        p = io.task.partition
+        if producer is not None:
+            # A fresh producer: another member may have initialised our transactional id
+            # meanwhile (fencing the old one) without committing anything.
+            self._use_producer(io, producer)
+            await producer.begin_transaction()
+        io.task.rewind(io.committed, io.committed_skip)
+        for tp in self.input_tps(p):
+            off = io.committed.get((tp.topic, tp.partition))
+            if off is not None:
+                self.consumer.seek(tp, off)
+        self.tasks[p] = io
+        self.consumer.resume(*self.input_tps(p))
+        log.info("task %s resumed with its in-memory state", io.name)
+
+    def _make_task(self, partition: int, producer: AIOKafkaProducer | None) -> TaskIO:
+        """A task and its I/O; ``producer`` is its own transactional one, else the shared one."""
+        sending = producer or self.worker.shared_producer
+        assert sending is not None
+        return self.host.create(
+            partition, BatchSender(sending, self.worker.partition_counts()), producer
+        )
+
+    async def _start_producer(self, partition: int) -> AIOKafkaProducer:
+        s = self.worker.settings
+        producer = clients.producer(
+            s,
+            client_id=f"{s.client_id}-{self.stage.name}-{partition}",
+            transactional_id=self.job.transactional_id(self.stage, partition),
+        )
+        await producer.start()  # init_transactions: fences a zombie owner, aborts its txn
+        return producer
+
+    async def _restore(self, partitions: list[int], committed: dict[TopicPartition, Any]) -> None:
+        started = time.monotonic()
+        s = self.worker.settings
+        found = {(tp.topic, tp.partition): (om.offset, om.metadata) for tp, om in committed.items()}
+        starts = {p: self.host.start_point(p, found) for p in partitions}
+
+        def progress(t: RestoreTarget) -> None:
+            log.info(
+                "restoring %s[%d]: %d/%d records",
+                t.topic,
+                t.partition,
+                t.applied,
+                max(0, t.end - (t.start or 0)),
+            )
+
+        def exported(targets: list[RestoreTarget]) -> None:
+            self.restore_targets = targets
+
+        read_until = await self.host.restore(
+            self.restore_consumer,
+            [(self.restoring[p], starts[p]) for p in partitions],
+            batch_size=s.restore_batch_size,
+            progress=progress,
+            on_targets=exported,
+        )
+        for p in partitions:
+            io = self.restoring[p]
+            for op, start, end in await self._claim(io, read_until[p]):
+                # Written after our restore read the partition and before our claim: by an
+                # owner that has since lost the task (it cannot have committed offsets after
+                # this rebalance), so not state. Its keys get their restored values again.
+                tp = TopicPartition(io.changelog_topics[op], p)
+                keys = await read_keys(self.restore_consumer, tp, start, end)
+                log.warning(
+                    "%s[%d]: %d record(s) at offsets %d..%d landed during the restore from a "
+                    "worker that lost the task; rewriting their keys",
+                    tp.topic,
+                    p,
+                    end - start,
+                    start,
+                    end - 1,
+                )
+                io.task.stores[op].force_dirty(keys)
+        async with self.lock:
+            for p in partitions:
+                await self._install(p, starts[p])
+        log.info(
+            "stage %s: restored task(s) %s in %.2fs",
+            self.stage.name,
+            partitions,
+            time.monotonic() - started,
+        )
+
+    async def _install(self, p: int, start: StartPoint) -> None:
+        """A restored task starts: open its operators, seek its inputs, resume them."""
+        io = self.restoring.pop(p)
+        self.host.open(io, start)
+        if io.producer is not None:
+            await io.producer.begin_transaction()
+        for tp in self.input_tps(p):
+            offset = start.positions.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+            else:
+                await self.consumer.seek_to_beginning(tp)
+        self.tasks[p] = io
+        self.consumer.resume(*self.input_tps(p))
+
+    async def _cancel_restore(self) -> None:
+        """Stop a restore under way and close its tasks. A restore that already failed for a
+        reason other than lost membership re-raises here (the loop raises it too)."""
+        job, self._restore_job = self._restore_job, None
+        failed: BaseException | None = None
+        if job is not None and not job.done():
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+        elif job is not None and not job.cancelled():
+            failed = job.exception()
+        for io in self.restoring.values():
+            await self._close(io, abort=True)
+        self.restoring.clear()
+        if failed is not None and not isinstance(failed, MEMBERSHIP_LOST):
+            raise failed
+
+    async def _close(self, io: TaskIO, *, abort: bool = False) -> None:
+        for fut, _ in io.unacked:  # outputs never acknowledged: nobody waits for them now
+            fut.add_done_callback(_retrieve)
+        io.unacked = []
+        if abort and io.producer is not None:
+            with contextlib.suppress(Exception):
+                await io.producer.abort_transaction()
+        with contextlib.suppress(Exception):
+            io.task.close()
+        for store in io.task.stores.values():
+            store.backend.close()
+        if io.producer is not None:
+            with contextlib.suppress(Exception):
+                await io.producer.stop()
+
+    async def shutdown(self, *, final_checkpoint: bool) -> None:
+        await self._cancel_restore()
+        async with self.lock:
+            if final_checkpoint:
+                # Once, before any task closes: a final checkpoint can release held records
+                # whose outputs must not go through another task's closed producer.
+                try:
+                    await self._send_outputs()
+                except Exception:
+                    log.exception("sending outputs before the final checkpoints failed")
+            for io in list(self.tasks.values()):
+                if final_checkpoint:
+                    try:
+                        await commit_checkpoint(
+                            io, self.committer, io.task.final_checkpoint(), self.observe_commit
+                        )
+                    except Exception:
+                        log.exception("final checkpoint of %s failed", io.name)
+                elif io.producer is not None:
+                    with contextlib.suppress(Exception):
+                        await io.producer.abort_transaction()
+                await self._close(io)
+            self.tasks.clear()
+            for io in self.suspended.values():
+                await self._close(io)
+            self.suspended.clear()
+        await self.consumer.stop()
+        await self.restore_consumer.stop()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Consume a dropped delivery's outcome (no "exception was never retrieved" noise)."""
+    if not fut.cancelled():
+        fut.exception()
