@@ -284,6 +284,15 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
 @click.option("--key", "key", help="Only this key (as the stage's key serde renders it).")
 @click.option("--limit", default=50, show_default=True, help="Maximum entries to print.")
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: one escaped line per entry; json: one JSON object per line (JSON Lines), "
+    'bytes as {"base64": ...}.',
+)
+@click.option(
     "--guarantee",
     "processing_guarantee",
     type=click.Choice([g.value for g in Guarantee]),
@@ -295,21 +304,34 @@ def state(
     partition: int | None,
     key: str | None,
     limit: int,
+    fmt: str,
     **options: Any,
 ) -> None:
-    """Print an operator's state, read from its changelog topic (no worker needed)."""
-    from headrace.runtime.inspect import read_state
+    """Print an operator's state, read from its changelog topic (no worker needed).
+
+    Keys and values are printed escaped: a control character or an escape sequence in a key
+    shows as \\x1b and the like, never reaches the terminal as it is.
+    """
+    from headrace.runtime.inspect import (
+        check_stateful_operator,
+        read_state,
+        render_json,
+        render_text,
+    )
 
     job = load_job(job_spec)
-    settings = Settings.from_env(**options)
-    shown = 0
-    for entry in asyncio.run(read_state(job, operator_id, settings, partition=partition, key=key)):
-        click.echo(entry)
-        shown += 1
-        if shown >= limit:
-            click.echo(f"... (--limit {limit} reached)")
-            break
-    if shown == 0:
+    try:
+        check_stateful_operator(job, operator_id)
+    except JobDefinitionError as exc:
+        raise click.BadParameter(str(exc), param_hint="OPERATOR") from None
+    settings = _settings(options)
+    render = render_json if fmt == "json" else render_text
+    entries = asyncio.run(read_state(job, operator_id, settings, partition=partition, key=key))
+    for entry in entries[:limit]:
+        click.echo(render(entry))
+    if len(entries) > limit and fmt == "text":
+        click.echo(f"... ({len(entries) - limit} more; --limit {limit} reached)")
+    if not entries and fmt == "text":
         click.echo("no state found")
 
 
@@ -328,7 +350,7 @@ def status(job_spec: str, **options: Any) -> None:
     from headrace.runtime.status import read_status, render
 
     job = load_job(job_spec)
-    settings = Settings.from_env(**options)
+    settings = _settings(options)
     click.echo(render(asyncio.run(read_status(job, settings))))
 
 

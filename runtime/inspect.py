@@ -7,15 +7,17 @@ same restore code a worker uses, then decodes it with the operator's declared se
 
 from __future__ import annotations
 
+import base64
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from headrace.operators.job import Job
+from headrace.operators.job import Job, JobDefinitionError
 from headrace.runtime.checkpoint.log import CheckpointAck, CheckpointSummary, summarize
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.config import Settings
@@ -122,6 +124,33 @@ async def operator_states(
     return stores
 
 
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    """One stored entry of an operator's state, decoded with the operator's serdes."""
+
+    partition: int
+    state: str
+    #: the record key decoded with the stage's key serde (its raw bytes if that fails)
+    key: Any
+    map_key: Any
+    value: Any
+
+
+def stateful_operator_ids(job: Job) -> list[str]:
+    return [step.operator_id for _, step in job.stateful_operators()]
+
+
+def check_stateful_operator(job: Job, operator_id: str) -> None:
+    """Refuse an operator the job has no state for, listing the ones it has."""
+    known = stateful_operator_ids(job)
+    if operator_id not in known:
+        listed = ", ".join(repr(o) for o in known) or "none"
+        raise JobDefinitionError(
+            f"job {job.name!r} has no stateful operator {operator_id!r}; its stateful "
+            f"operators: {listed}"
+        )
+
+
 async def read_state(
     job: Job,
     operator_id: str,
@@ -129,9 +158,12 @@ async def read_state(
     *,
     partition: int | None = None,
     key: str | None = None,
-) -> Iterator[str]:
+) -> list[StateEntry]:
+    """Every entry of the operator's state (``key``: only the entries whose key, as the stage's
+    key serde decodes it and ``str`` shows it, equals this)."""
+    check_stateful_operator(job, operator_id)
     stage, _ = job.find_operator(operator_id)
-    lines: list[str] = []
+    entries: list[StateEntry] = []
     for p, store in await operator_states(
         job,
         operator_id,
@@ -140,16 +172,79 @@ async def read_state(
         committed=settings.exactly_once,
     ):
         for state_name, user_key, map_key, value in store.dump():
-            shown_key = _render_key(stage.source.key_serde, user_key)
-            if key is not None and shown_key != key:
+            decoded = _decode_key(stage.source.key_serde, user_key)
+            if key is not None and str(decoded) != key:
                 continue
-            where = f"[{map_key!r}]" if map_key is not None else ""
-            lines.append(f"partition={p} state={state_name} key={shown_key}{where} value={value!r}")
-    return iter(lines)
+            entries.append(StateEntry(p, state_name, decoded, map_key, value))
+    return entries
 
 
-def _render_key(serde: Any, raw: bytes) -> str:
+def _decode_key(serde: Any, raw: bytes) -> Any:
     try:
-        return str(serde.deserialize(raw))
+        return serde.deserialize(raw)
     except Exception:
-        return repr(raw)
+        return raw
+
+
+def visible(text: str) -> str:
+    """``text`` with every character a terminal would interpret or hide (control characters,
+    escape sequences, line and paragraph separators, bidi overrides) shown as an escape: what
+    reaches a terminal or a pipe is always what is stored, never an instruction to it."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def render_text(entry: StateEntry) -> str:
+    """One line: ``partition=0 state=count key=the value=3`` (keys shown with ``str``, values
+    and map keys with ``repr``; everything escaped, see :func:`visible`)."""
+    where = f"[{entry.map_key!r}]" if entry.map_key is not None else ""
+    key = repr(entry.key) if isinstance(entry.key, bytes) else str(entry.key)
+    return visible(
+        f"partition={entry.partition} state={entry.state} key={key}{where} value={entry.value!r}"
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"base64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    return repr(value)
+
+
+def render_json(entry: StateEntry) -> str:
+    """One JSON object per line (JSON Lines): partition, state, key, map_key, value. Values
+    that JSON cannot hold: bytes as ``{"base64": ...}``, other objects as their ``repr``.
+    Every character a terminal would act on is a JSON escape."""
+    doc = {
+        "partition": entry.partition,
+        "state": entry.state,
+        "key": entry.key,
+        "map_key": entry.map_key,
+        "value": entry.value,
+    }
+    text = orjson.dumps(doc, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
+    if text.isprintable():
+        return text
+    # orjson leaves DEL, C1 controls, separators and bidi overrides raw: valid JSON, but a
+    # terminal acts on them; JSON's own \\uXXXX escapes keep the document the same
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch.isprintable():
+            out.append(ch)
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+    return "".join(out)
