@@ -160,6 +160,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 for t in list(self.restore_targets)
                 if t.partition in restoring
             ],
+            self.lease.member_id,
         )
 
     def input_tps(self, partition: int) -> list[TopicPartition]:

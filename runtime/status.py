@@ -39,6 +39,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import Job
+from headrace.runtime.checkpoint.barrier import BARRIER_HEADER
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka.topics import status_topic, topic_partitions
 from headrace.runtime.metrics import OpsServer, WorkerMetrics
@@ -66,6 +67,7 @@ def worker_snapshot(worker: WorkerView, lag: InputLag) -> dict[str, Any]:
                 for t in snap.restores
             },
             "records_in": {str(p): c.records_in for p, c in snap.running.items()},
+            "member_id": snap.member_id,
         }
     return {
         "worker": worker.worker_id,
@@ -164,15 +166,38 @@ class GroupStatus:
     members: list[Member]
     #: (topic, partition) -> (committed offset or None, end offset)
     offsets: dict[tuple[str, int], tuple[int | None, int]] = field(default_factory=dict)
+    #: (topic, partition) -> (data records not yet consumed, exact?) (see :func:`data_lag`)
+    lag: dict[tuple[str, int], tuple[int, bool]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class JobStatus:
     job: str
     groups: list[GroupStatus]
+    #: workers that are members of the job's groups now (their last published snapshots)
     workers: list[dict[str, Any]]
     checkpoints: list[CheckpointSummary]
     now_ms: int
+    #: workers whose last snapshot is left but that are no member any more (left or died)
+    gone: list[dict[str, Any]] = field(default_factory=list)
+
+
+def live_workers(
+    workers: list[dict[str, Any]], groups: list[GroupStatus], now_ms: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(live, gone): a worker killed with -9 publishes no tombstone, so its last snapshot
+    stays in ``<job>.status``. It is shown only while one of the member ids it reported is a
+    member of a stage group now, or (a snapshot without member ids: before its first join)
+    while it is fresh (published within three intervals)."""
+    members = {m.member_id for g in groups for m in g.members}
+    live: list[dict[str, Any]] = []
+    gone: list[dict[str, Any]] = []
+    for w in workers:
+        ids = {st.get("member_id") for st in w.get("stages", {}).values()} - {None}
+        age_s = (now_ms - int(w.get("timestamp_ms", 0))) / 1000
+        fresh = age_s <= 3 * float(w.get("interval_s", 5))
+        (live if (ids & members if ids else fresh) else gone).append(w)
+    return live, gone
 
 
 async def read_status(job: Job, settings: Settings) -> JobStatus:
@@ -193,11 +218,16 @@ async def read_status(job: Job, settings: Settings) -> JobStatus:
             ]
             if tps:
                 committed = await admin.list_consumer_group_offsets(gid, partitions=tps)
+                found: dict[TopicPartition, tuple[int | None, int]] = {}
                 ends = await _end_offsets(settings, tps)
                 for tp in tps:
                     om = committed.get(tp)
                     off = om.offset if om is not None and om.offset >= 0 else None
-                    groups[-1].offsets[(tp.topic, tp.partition)] = (off, ends.get(tp, 0))
+                    found[tp] = (off, ends.get(tp, 0))
+                lags = await data_lag(settings, found)
+                for tp, (off, end) in found.items():
+                    groups[-1].offsets[(tp.topic, tp.partition)] = (off, end)
+                    groups[-1].lag[(tp.topic, tp.partition)] = lags[tp]
     finally:
         await admin.close()
     workers: dict[str, dict[str, Any]] = {}
@@ -210,13 +240,11 @@ async def read_status(job: Job, settings: Settings) -> JobStatus:
             else:
                 workers[key] = orjson.loads(r.value)
     checkpoints = await read_checkpoints(job, settings)
-    return JobStatus(
-        job.name,
-        groups,
-        sorted(workers.values(), key=lambda w: str(w["worker"])),
-        checkpoints,
-        int(time.time() * 1000),
+    now_ms = int(time.time() * 1000)
+    live, gone = live_workers(
+        sorted(workers.values(), key=lambda w: str(w["worker"])), groups, now_ms
     )
+    return JobStatus(job.name, groups, live, checkpoints, now_ms, gone)
 
 
 async def _describe_group(admin: AIOKafkaAdminClient, group_id: str, stage: str) -> GroupStatus:
@@ -249,6 +277,71 @@ async def _end_offsets(settings: Settings, tps: list[TopicPartition]) -> dict[To
     try:
         ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
         return ends
+    finally:
+        await consumer.stop()
+
+
+#: a tail longer than this is not read: its lag is shown as the offset difference, marked "~"
+EXACT_LAG_LIMIT = 10_000
+
+
+async def data_lag(
+    settings: Settings, offsets: dict[TopicPartition, tuple[int | None, int]]
+) -> dict[TopicPartition, tuple[int, bool]]:
+    """Data records between the committed offset and the end, per partition, and whether the
+    count is exact.
+
+    ``end - committed`` overstates it: a repartition topic carries checkpoint barriers after
+    the last data record (a caught-up downstream commits only at its next checkpoint), and
+    under exactly-once every transaction ends in a commit marker that takes an offset but is
+    never delivered. So the tail is read and only records without a barrier header count;
+    transaction markers are never returned by the consumer. A tail longer than
+    :data:`EXACT_LAG_LIMIT` is not read (it is a real backlog): its offset difference is
+    reported, marked approximate.
+    """
+    out: dict[TopicPartition, tuple[int, bool]] = {}
+    tails: dict[TopicPartition, tuple[int, int]] = {}
+    for tp, (committed, end) in offsets.items():
+        start = committed or 0
+        if end - start <= 0:
+            out[tp] = (0, True)
+        elif end - start > EXACT_LAG_LIMIT:
+            out[tp] = (end - start, False)
+        else:
+            tails[tp] = (start, end)
+    if not tails:
+        return out
+    consumer = AIOKafkaConsumer(
+        **settings.kafka_kwargs(),
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
+    )
+    await consumer.start()
+    try:
+        consumer.assign(list(tails))
+        for tp, (start, _) in tails.items():
+            consumer.seek(tp, start)
+            out[tp] = (0, True)
+        pending = set(tails)
+        deadline = time.monotonic() + 30
+        while pending and time.monotonic() < deadline:
+            batches = await consumer.getmany(*pending, timeout_ms=500)
+            for tp, records in batches.items():
+                end = tails[tp][1]
+                data = sum(
+                    1
+                    for r in records
+                    if r.offset < end and not any(h[0] == BARRIER_HEADER for h in r.headers)
+                )
+                out[tp] = (out[tp][0] + data, True)
+            for tp in list(pending):
+                if await consumer.position(tp) >= tails[tp][1]:
+                    pending.discard(tp)
+        for tp in pending:  # not read in time: fall back to the offset difference
+            start, end = tails[tp]
+            out[tp] = (end - start, False)
+        return out
     finally:
         await consumer.stop()
 
@@ -287,9 +380,10 @@ def render(status: JobStatus) -> str:
         if g.offsets:
             lines.append(f"  {'partition':<40} {'committed':>12} {'end':>12} {'lag':>10}")
             for (topic, p), (committed, end) in sorted(g.offsets.items()):
-                lag = end - (committed or 0)
+                lag, exact = g.lag.get((topic, p), (end - (committed or 0), False))
                 shown = "-" if committed is None else f"{committed:,}"
-                lines.append(f"  {f'{topic}/{p}':<40} {shown:>12} {end:>12,} {lag:>10,}")
+                lag_text = f"{lag:,}" if exact else f"~{lag:,}"
+                lines.append(f"  {f'{topic}/{p}':<40} {shown:>12} {end:>12,} {lag_text:>10}")
     lines.append("")
     if not status.workers:
         lines.append("workers: none reported (no worker running, or none published yet)")
@@ -303,8 +397,7 @@ def render(status: JobStatus) -> str:
         restores: list[str] = []
         for w in status.workers:
             age = (status.now_ms - int(w.get("timestamp_ms", 0))) / 1000
-            stale = age > 3 * float(w.get("interval_s", 5))
-            seen = f"{age:.0f}s ago" + (" (stale)" if stale else "")
+            seen = f"{age:.0f}s ago"
             cells = []
             for s in stage_names:
                 st = w.get("stages", {}).get(s, {})
@@ -327,6 +420,10 @@ def render(status: JobStatus) -> str:
             lines.extend(restores)
         else:
             lines.append("no restores under way")
+    if status.gone:
+        names = ", ".join(str(w["worker"]) for w in status.gone)
+        lines.append("")
+        lines.append(f"not shown: {len(status.gone)} worker(s) that left or died ({names})")
     return "\n".join(line.rstrip() for line in lines)
 
 

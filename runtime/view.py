@@ -37,6 +37,8 @@ class StageSnapshot:
     restoring: list[int] = field(default_factory=list)
     suspended: list[int] = field(default_factory=list)
     restores: list[RestoreProgress] = field(default_factory=list)
+    #: this worker's member id in the stage's consumer group (None before it joined)
+    member_id: str | None = None
 
 
 #: (stage, topic, partition) -> records between a running task's position and the input's end

@@ -85,6 +85,12 @@ class MembershipLease:
         generation = getattr(self._coordinator, "generation", None)
         self.generation = generation if isinstance(generation, int) and generation > 0 else None
 
+    @property
+    def member_id(self) -> str | None:
+        """This member's id in its group (None before the first join)."""
+        member = getattr(self._coordinator, "member_id", None)
+        return member if isinstance(member, str) and member else None
+
     def renew(self, sent_at: float) -> None:
         if self.confirmed_at is None or sent_at > self.confirmed_at:
             self.confirmed_at = sent_at

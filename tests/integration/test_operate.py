@@ -8,6 +8,7 @@ at the bottom need no broker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -201,6 +202,21 @@ async def test_metrics_health_status_of_a_running_word_count(
         assert "last complete checkpoint: " in out and "8/8 tasks" in out
         assert "no restores under way" in out
 
+        # caught up: the lag counts data records only (no barriers, no transaction markers)
+        last: list[str] = []
+
+        def no_lag() -> bool:
+            out = job.cli("status", "examples.wordcount:job").stdout
+            last[:] = [out]
+            rows = [line.split() for line in out.splitlines() if line.strip()]
+            rows = [r for r in rows if r[0].startswith((f"{source}/", f"{job.name}.stage1."))]
+            return len(rows) == 8 and all(r[-1] == "0" for r in rows)
+
+        try:
+            wait_for(no_lag, 30, "status to show lag 0 on every partition", proc)
+        except pytest.fail.Exception:
+            pytest.fail(f"status never showed lag 0 on every partition:\n{last[0]}")
+
     assert proc.returncode == 0, log.read_text()[-3000:]
     # JSON logs: one object per line; the secret from the environment never appears
     raw = log.read_text()
@@ -214,6 +230,43 @@ async def test_metrics_health_status_of_a_running_word_count(
     out = job.cli("status", "examples.wordcount:job").stdout
     assert "workers: none reported" in out
     assert f"group {job.name}.stage0 (Empty, 0 member(s))" in out
+
+
+@pytest.mark.kafka
+async def test_status_drops_a_worker_killed_with_sigkill(
+    kafka_bootstrap_servers: str, topic_factory: Any, tmp_path: Path
+) -> None:
+    """kill -9 leaves no tombstone in <job>.status: once the group has expelled the worker,
+    ``headrace status`` no longer shows it (nor its tasks) and says it left or died."""
+    source = await topic_factory("op-kill-lines", partitions=2)
+    sink = await topic_factory("op-kill-counts", partitions=2)
+    await produce_lines(kafka_bootstrap_servers, source, corpus(200))
+    job = WordCountJob(kafka_bootstrap_servers, source, sink, tmp_path)
+    job.env["HEADRACE_SESSION_TIMEOUT_MS"] = "6000"
+    job.env["HEADRACE_HEARTBEAT_INTERVAL_MS"] = "1000"
+    log = tmp_path / "worker.log"
+    with worker_process(job.env, ["run", "examples.wordcount:job"], log) as proc:
+
+        def reported() -> bool:
+            out = job.cli("status", "examples.wordcount:job").stdout
+            return f"-{proc.pid} " in out and "(Stable, 1 member(s))" in out
+
+        wait_for(reported, 60, "the worker in headrace status", proc)
+        proc.kill()
+        proc.wait()
+
+    def expelled() -> bool:
+        out = job.cli("status", "examples.wordcount:job").stdout
+        return "(Empty, 0 member(s))" in out or "(Dead, 0 member(s))" in out
+
+    deadline = time.monotonic() + 30
+    while not expelled():
+        assert time.monotonic() < deadline, "the group never expelled the killed worker"
+        await asyncio.sleep(1)
+    out = job.cli("status", "examples.wordcount:job").stdout
+    assert f"-{proc.pid} " not in out.split("not shown:")[0], out
+    assert "workers: none reported" in out, out
+    assert "not shown: 1 worker(s) that left or died" in out and str(proc.pid) in out, out
 
 
 @pytest.mark.kafka
@@ -282,18 +335,33 @@ def test_status_render_shows_restore_progress_bars() -> None:
         ],
         checkpoints=[CheckpointSummary(7, {"stage1/0"}, {"stage1/0", "stage1/1"}, True, 3.0)],
         now_ms=11_000,
+        gone=[{"worker": "pod-9-9"}],
     )
     out = render(status)
     assert "last complete checkpoint: none yet" in out
     assert "group wc.stage1 (Stable, 1 member(s))" in out
     assert "headrace-stage1-abc" in out and "10.0.0.7" in out and "0,1" in out
-    assert "r/0" in out and " 10" in out  # lag 100 - 90
+    assert "r/0" in out and " ~10" in out  # no data lag measured: the offset difference
+    assert "not shown: 1 worker(s) that left or died (pod-9-9)" in out
     assert "0 +restoring 1" in out
     assert "restores under way" in out
     bar = next(line for line in out.splitlines() if "wc.counts.changelog" in line)
     assert "stage1/1" in bar and "25.0%" in bar and "2,500/10,000" in bar
     assert progress_bar(5, 10, width=10) == "[#####.....]  50.0%  5/10"
     assert progress_bar(0, 0, width=4) == "[####] 100.0%  0/0"
+
+
+def test_live_workers_are_the_members_of_the_groups() -> None:
+    from headrace.runtime.status import live_workers
+
+    groups = [GroupStatus("wc.stage0", "stage0", "Stable", [Member("m-1", "c", "h", [])])]
+    alive = {"worker": "a", "timestamp_ms": 0, "stages": {"stage0": {"member_id": "m-1"}}}
+    killed = {"worker": "k", "timestamp_ms": 99_000, "stages": {"stage0": {"member_id": "m-0"}}}
+    joining = {"worker": "j", "timestamp_ms": 99_000, "interval_s": 5, "stages": {}}
+    silent = {"worker": "s", "timestamp_ms": 0, "interval_s": 5, "stages": {}}
+    live, gone = live_workers([alive, killed, joining, silent], groups, now_ms=100_000)
+    assert [w["worker"] for w in live] == ["a", "j"]
+    assert [w["worker"] for w in gone] == ["k", "s"]
 
 
 def test_collector_reports_restore_progress_and_counters() -> None:
