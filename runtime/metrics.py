@@ -15,7 +15,8 @@ other's series). Two kinds of series:
   committer), and processing time once per polled batch (:meth:`WorkerMetrics.batch_processed`).
 
 :class:`OpsServer` serves ``/metrics``, ``/health`` (live: the event loop answers and the worker
-has not failed) and ``/ready`` (every assigned task is restored: :meth:`Worker.ready`) on
+has not failed; a broker outage is named in the body) and ``/ready`` (every assigned task is
+restored and the broker reachable) on
 ``Settings.metrics_port``. It is a tiny HTTP/1.0 server on the worker's own asyncio loop, so the
 collectors read the worker's dicts from the thread that changes them: no locks, no races.
 
@@ -152,7 +153,7 @@ class _TaskCollector(Collector):
             "unaligned_checkpoints": families[5],
             "deduplicated": families[6],
         }
-        tasks, restored, restore_total, lag, ready = families[7:12]
+        tasks, restored, restore_total, lag, ready, broker = families[7:13]
         for snap in worker.stage_snapshots():
             stage = snap.name
             for state, count in (
@@ -172,6 +173,7 @@ class _TaskCollector(Collector):
         for (stage, topic, partition), n in self.metrics.lag.items():
             lag.add_metric([job, stage, topic, str(partition)], n)
         ready.add_metric([job], 1 if worker.ready() else 0)
+        broker.add_metric([job], 1 if worker.broker_connected() else 0)
         yield from families
 
     def _families(self) -> list[Any]:
@@ -230,6 +232,11 @@ class _TaskCollector(Collector):
             ),
             GaugeMetricFamily(
                 "headrace_ready", "1 when every assigned task is restored.", labels=["job"]
+            ),
+            GaugeMetricFamily(
+                "headrace_broker_connected",
+                "0 while the broker cannot be reached (connection errors in the last 5 s).",
+                labels=["job"],
             ),
         ]
 
@@ -294,18 +301,23 @@ class OpsServer:
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE, await self.metrics.exposition()
         if path in ("/health", "/healthz", "/live"):
+            # Liveness: the event loop answers and the worker has not failed. A broker outage
+            # does not fail it (restarting every pod would not bring the broker back, and the
+            # worker recovers by itself); the body says so, and /ready turns 503.
             if worker.failure is not None:
                 return "503 Service Unavailable", "text/plain", b"failed\n"
-            return "200 OK", "text/plain", b"ok\n"
+            problem = worker.broker_problem()
+            return "200 OK", "text/plain", (f"ok; {problem}\n" if problem else "ok\n").encode()
         if path in ("/ready", "/readyz"):
-            if worker.failure is None and not worker.stopping and worker.ready():
+            problem = worker.broker_problem()
+            if worker.failure is None and not worker.stopping and worker.ready() and not problem:
                 return "200 OK", "text/plain", b"ready\n"
-            restoring = sum(len(snap.restoring) for snap in worker.stage_snapshots())
-            return (
-                "503 Service Unavailable",
-                "text/plain",
-                f"not ready: {restoring} task(s) restoring\n".encode(),
-            )
+            if problem:
+                reason = problem
+            else:
+                restoring = sum(len(snap.restoring) for snap in worker.stage_snapshots())
+                reason = f"{restoring} task(s) restoring"
+            return "503 Service Unavailable", "text/plain", f"not ready: {reason}\n".encode()
         return "404 Not Found", "text/plain", b"/metrics /health /ready\n"
 
 

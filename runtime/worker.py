@@ -41,6 +41,7 @@ from aiokafka.errors import (
 from headrace.operators.job import ErrorPolicy, Job
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.health import BrokerHealth
 from headrace.runtime.kafka.lease import ProducerGuard
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
 from headrace.runtime.logs import register_secrets
@@ -78,8 +79,8 @@ class Worker:
         self.ops_port: int | None = None  #: where /metrics, /health, /ready are served
         #: ops HTTP server + status publisher (runtime/status.py), over this worker as a view
         self.ops = Operations(self, self.metrics)
-        #: False from a failed broker request until the next successful one (runtime/view.py)
-        self._broker_ok = True
+        #: broker reachability: aiokafka's connection errors counted and summarised
+        self.broker = BrokerHealth(settings.bootstrap_servers)
 
     def stop(self) -> None:
         self._stop.set()
@@ -94,7 +95,16 @@ class Worker:
 
     # -- the view operations read (headrace.runtime.view.WorkerView) ---------------------------
     def broker_connected(self) -> bool:
-        return self._broker_ok
+        return self.broker.connected()
+
+    def broker_problem(self) -> str:
+        return self.broker.describe()
+
+    async def _watch_broker(self) -> None:
+        """About once a second: the outage summary or the recovery line (kafka/health.py)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.broker.report()
 
     def stage_snapshots(self) -> list[StageSnapshot]:
         return [r.snapshot() for r in list(self.runners)]
@@ -127,6 +137,19 @@ class Worker:
         s = self.settings
         log.info("worker %s starting job %r with %r", self.worker_id, self.job.name, s)
         self.admin = clients.admin_client(s, client_id=f"{s.client_id}-admin")
+        self.broker.install()
+        watch = asyncio.create_task(self._watch_broker(), name="broker-health")
+        try:
+            await self._run()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            self.broker.uninstall()
+
+    async def _run(self) -> None:
+        s = self.settings
+        assert self.admin is not None
         try:
             await self.admin.start()
         except KafkaConnectionError:

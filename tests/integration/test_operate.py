@@ -29,6 +29,7 @@ import pytest
 
 from examples.demo import produce_lines, wait_for_counts
 from headrace.runtime.checkpoint.log import CheckpointSummary
+from headrace.runtime.localkafka import LocalBroker
 from headrace.runtime.logs import JsonFormatter, RedactingFilter
 from headrace.runtime.metrics import parse_exposition
 from headrace.runtime.status import GroupStatus, JobStatus, Member, progress_bar, render
@@ -270,6 +271,59 @@ async def test_status_drops_a_worker_killed_with_sigkill(
 
 
 @pytest.mark.kafka
+async def test_a_broker_outage_is_one_warning_per_interval_a_gauge_and_not_ready(
+    kafka_bootstrap_servers: str, topic_factory: Any, tmp_path: Path, local_broker: LocalBroker
+) -> None:
+    """While the broker is down (12 s): a handful of log lines instead of ~250 a second,
+    headrace_broker_connected 0, /health 200 naming the outage, /ready 503. Afterwards the
+    worker is ready again, says so, and the counts are exact."""
+    source = await topic_factory("op-out-lines", partitions=2)
+    sink = await topic_factory("op-out-counts", partitions=2)
+    first = corpus(300)
+    await produce_lines(kafka_bootstrap_servers, source, first)
+    job = WordCountJob(kafka_bootstrap_servers, source, sink, tmp_path)
+    port = free_port()
+    log = tmp_path / "worker.log"
+    args = ["run", "examples.wordcount:job", "--metrics-port", str(port)]
+    with worker_process(job.env, args, log) as proc:
+        wait_for(lambda: http_get(port, "/ready")[0] == 200, 90, "/ready", proc)
+        expected = dict(Counter(w for line in first for w in line.split()))
+        assert await wait_for_counts(kafka_bootstrap_servers, sink, expected, 60) == expected
+        before = len(log.read_text().splitlines())
+        await asyncio.to_thread(local_broker.stop)
+        try:
+            await asyncio.sleep(3)
+            metrics = http_get(port, "/metrics")[1]
+            assert total(metrics, "headrace_broker_connected") == 0
+            health, ready = http_get(port, "/health"), http_get(port, "/ready")
+            assert health[0] == 200 and "broker unreachable since" in health[1], health
+            assert ready[0] == 503 and "broker unreachable since" in ready[1], ready
+            await asyncio.sleep(9)
+            during = log.read_text().splitlines()[before:]
+        finally:
+            await asyncio.to_thread(local_broker.start)
+        # one line when it starts, one summary per 10 s, and whatever else is new (a lease
+        # expiring, a rejoin): nowhere near the ~3,000 lines aiokafka writes in 12 s
+        assert len(during) <= 12, "\n".join(during)
+        assert sum("broker unreachable" in line for line in during) == 1, "\n".join(during)
+        assert sum("broker still unreachable" in line for line in during) >= 1
+
+        def recovered() -> bool:
+            text = http_get(port, "/metrics")[1]
+            return total(text, "headrace_broker_connected") == 1 and (
+                http_get(port, "/ready")[0] == 200
+            )
+
+        wait_for(recovered, 90, "the broker gauge and /ready after the outage", proc)
+        assert "broker reachable again" in log.read_text()
+        more = corpus(100)
+        await produce_lines(kafka_bootstrap_servers, source, more)
+        expected = dict(Counter(w for line in first + more for w in line.split()))
+        assert await wait_for_counts(kafka_bootstrap_servers, sink, expected, 90) == expected
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.kafka
 async def test_ready_after_restore_on_restart(
     kafka_bootstrap_servers: str, topic_factory: Any, tmp_path: Path
 ) -> None:
@@ -382,6 +436,7 @@ def test_collector_reports_restore_progress_and_counters() -> None:
         worker_id="w-1",
         stage_snapshots=lambda: [snapshot],
         ready=lambda: False,
+        broker_connected=lambda: False,
     )
     metrics = WorkerMetrics(worker)  # type: ignore[arg-type]
     from prometheus_client import generate_latest
@@ -394,6 +449,7 @@ def test_collector_reports_restore_progress_and_counters() -> None:
     assert total(text, "headrace_records_dead_lettered_total") == 1
     assert total(text, "headrace_tasks", state="restoring") == 1
     assert total(text, "headrace_ready") == 0
+    assert total(text, "headrace_broker_connected") == 0
     # registries are per worker: a second one starts empty and does not clash
     other = WorkerMetrics(worker)  # type: ignore[arg-type]
     assert other.registry is not metrics.registry
