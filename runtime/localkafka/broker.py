@@ -41,10 +41,15 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from headrace.runtime.localkafka.config import SERVER_PROPERTIES_TEMPLATE, logging_config
+from headrace.runtime.localkafka.config import (
+    SERVER_PROPERTIES_TEMPLATE,
+    logging_config,
+    sasl_listener,
+)
 from headrace.runtime.localkafka.jars import (
     VERSION_ENV,
     LocalBrokerError,
@@ -111,6 +116,8 @@ class _State:
     controller_port: int
     cluster_id: str
     kafka_version: str
+    #: a second client listener with SASL/PLAIN (None: none), see ``sasl_users``
+    sasl_port: int | None = None
 
 
 class LocalBroker:
@@ -131,6 +138,7 @@ class LocalBroker:
         version: str | None = None,
         jvm_opts: tuple[str, ...] | None = None,
         auto_create_topics: bool = True,
+        sasl_users: Mapping[str, str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
         self._version = version
@@ -140,6 +148,9 @@ class LocalBroker:
         extra = tuple(os.environ.get(JVM_OPTS_ENV, "").split())
         self.jvm_opts: tuple[str, ...] = (jvm_opts or DEFAULT_JVM_OPTS) + extra
         self.auto_create_topics = auto_create_topics
+        #: user -> password of a SASL_PLAINTEXT (mechanism PLAIN) listener on a second port,
+        #: for tests of authentication failures; the PLAINTEXT listener stays
+        self.sasl_users = dict(sasl_users or {})
         #: Seconds the last ``start()`` took from spawning the JVM to a good Metadata reply.
         self.last_startup_seconds: float | None = None
         self._state: _State | None = self._load_state()
@@ -220,7 +231,19 @@ class LocalBroker:
                 f"start asks for Kafka {version}: delete the run dir (its data goes) or start "
                 "with another --run-dir"
             )
-        return _State(self.host, port, cport, cluster_id, version)
+        sasl_port = None
+        if self.sasl_users:
+            sasl_port = (old.sasl_port if old else None) or free_port(self.host)
+            while sasl_port in (port, cport):
+                sasl_port = free_port(self.host)
+        return _State(self.host, port, cport, cluster_id, version, sasl_port)
+
+    @property
+    def sasl_bootstrap_servers(self) -> str | None:
+        """``host:port`` of the SASL_PLAINTEXT/PLAIN listener (None without ``sasl_users``)."""
+        if self._state is None or self._state.sasl_port is None:
+            return None
+        return f"{self.host}:{self._state.sasl_port}"
 
     @property
     def port(self) -> int | None:
@@ -291,16 +314,17 @@ class LocalBroker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(
-            SERVER_PROPERTIES_TEMPLATE.format(
-                node_id=_NODE_ID,
-                host=state.host,
-                port=state.port,
-                controller_port=state.controller_port,
-                data_dir=self.data_dir,
-                auto_create="true" if self.auto_create_topics else "false",
-            )
+        config = SERVER_PROPERTIES_TEMPLATE.format(
+            node_id=_NODE_ID,
+            host=state.host,
+            port=state.port,
+            controller_port=state.controller_port,
+            data_dir=self.data_dir,
+            auto_create="true" if self.auto_create_topics else "false",
         )
+        if state.sasl_port is not None and self.sasl_users:
+            config = sasl_listener(config, state.host, state.sasl_port, self.sasl_users)
+        self.config_file.write_text(config)
         name, text, _ = logging_config(state.kafka_version, self.log_file)
         (self.run_dir / name).write_text(text)
 

@@ -9,6 +9,7 @@ depends on the Kafka major version (log4j 1 syntax for 3.x, log4j2 for 4.x); bot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from headrace.runtime.localkafka.jars import major
@@ -114,3 +115,22 @@ def logging_config(version: str, log_file: Path) -> tuple[str, str, str]:
         LOG4J2_TEMPLATE.format(log_file=log_file),
         "-Dlog4j2.configurationFile=",
     )
+
+
+def sasl_listener(config: str, host: str, port: int, users: Mapping[str, str]) -> str:
+    """``config`` with a second client listener, SASL_PLAINTEXT with mechanism PLAIN for
+    ``users`` (user -> password); the PLAINTEXT listener stays for the broker itself."""
+    lines = []
+    for line in config.splitlines():
+        if line.startswith("listeners=") or line.startswith("advertised.listeners="):
+            line += f",SASL_PLAINTEXT://{host}:{port}"
+        elif line.startswith("listener.security.protocol.map="):
+            line += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        lines.append(line)
+    entries = " ".join(f'user_{user}="{password}"' for user, password in users.items())
+    lines += [
+        "sasl.enabled.mechanisms=PLAIN",
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+        f"org.apache.kafka.common.security.plain.PlainLoginModule required {entries};",
+    ]
+    return "\n".join(lines) + "\n"

@@ -5,7 +5,8 @@
 * Secrets: a secret that holds a quote, a backslash and a newline, quoted by the user's error
   message, appears nowhere in the process output (message, traceback, JSON fields) nor in the
   ``hr.error.message`` header of a dead-lettered record.
-* A client that speaks SASL to a plain listener is told so, naming the settings to check; a
+* A wrong SASL password (on a broker with a SASL listener) is named as an authentication
+  failure, never echoed. A client that speaks SASL to a plain listener is told so; a
   session timeout the broker refuses is named, and the worker closes its clients.
 """
 
@@ -19,11 +20,13 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from headrace.runtime.localkafka import LocalBroker
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.recovery import read_topic
 
@@ -214,3 +217,58 @@ async def test_a_session_timeout_the_broker_refuses_is_named_and_nothing_is_left
     assert "the broker rejected the session timeout of 5000 ms" in output, output
     assert "--session-timeout-ms / HEADRACE_SESSION_TIMEOUT_MS" in output
     assert "Traceback" not in output and "Unclosed" not in output, output
+
+
+@pytest.fixture(scope="module")
+def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """A broker of its own with a SASL_PLAINTEXT/PLAIN listener (user bob)."""
+    broker = LocalBroker(tmp_path_factory.mktemp("sasl-kafka"), sasl_users={"bob": "right-1"})
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("password", ["wrong-2", SECRET])
+def test_a_wrong_sasl_password_is_named_as_such_and_never_shown(
+    tmp_path: Path, sasl_broker: LocalBroker, password: str
+) -> None:
+    (tmp_path / "userjob.py").write_text(
+        "from headrace import Job\njob = Job('x')\njob.source('in').sink('out')\n"
+    )
+    assert sasl_broker.sasl_bootstrap_servers is not None
+    env = dict(
+        os.environ,
+        HEADRACE_BOOTSTRAP_SERVERS=sasl_broker.sasl_bootstrap_servers,
+        HEADRACE_SECURITY_PROTOCOL="SASL_PLAINTEXT",
+        HEADRACE_SASL_MECHANISM="PLAIN",
+        HEADRACE_SASL_USERNAME="bob",
+        HEADRACE_SASL_PASSWORD=password,
+    )
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    for log_format in ("text", "json"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "headrace.runtime.cli",
+                "--log-format",
+                log_format,
+                "run",
+                "userjob:job",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 1, output
+        assert "SASL authentication failed for user 'bob' with mechanism PLAIN" in output, output
+        assert "HEADRACE_SASL_PASSWORD" in output and "Traceback" not in output
+        assert password not in output and repr(password)[1:-1] not in output
+        if password == SECRET:
+            assert_no_secret(output)
