@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
@@ -21,6 +20,7 @@ from headrace.operators.job import Job, JobDefinitionError
 from headrace.runtime.checkpoint.log import CheckpointAck, CheckpointSummary, summarize
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.config import Settings
+from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.topics import plan_layout, topic_partitions
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
@@ -37,15 +37,9 @@ async def _layout_tasks(job: Job, admin: AIOKafkaAdminClient) -> dict[str, int]:
 
 async def read_all(settings: Settings, tps: list[TopicPartition], *, committed: bool) -> list[Any]:
     """Every record of ``tps`` up to their current end."""
-    # auto_offset_reset must be "earliest": aiokafka resolves seek_to_beginning() with the
+    # the reader resets to "earliest": aiokafka resolves seek_to_beginning() with the
     # consumer's reset policy, so with the default "latest" it would start at the end.
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed" if committed else "read_uncommitted",
-    )
+    consumer = clients.reader(settings, client_id="headrace-inspect", committed_only=committed)
     await consumer.start()
     try:
         consumer.assign(tps)
@@ -66,7 +60,7 @@ async def read_all(settings: Settings, tps: list[TopicPartition], *, committed: 
 
 
 async def read_checkpoints(job: Job, settings: Settings) -> list[CheckpointSummary]:
-    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+    admin = clients.admin_client(settings, client_id="headrace-inspect")
     await admin.start()
     try:
         stage_partitions = await _layout_tasks(job, admin)
@@ -83,7 +77,7 @@ async def read_checkpoints(job: Job, settings: Settings) -> list[CheckpointSumma
 
 async def partition_count(settings: Settings, topic: str) -> int:
     """Partitions of ``topic`` (0 if it does not exist)."""
-    admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
+    admin = clients.admin_client(settings, client_id="headrace-inspect")
     await admin.start()
     try:
         return (await topic_partitions(admin, [topic])).get(topic, 0)
@@ -104,13 +98,7 @@ async def operator_states(
     topic = job.changelog_topic(operator_id)
     if partitions is None:
         partitions = list(range(await partition_count(settings, topic)))
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed" if committed else "read_uncommitted",
-    )
+    consumer = clients.reader(settings, client_id="headrace-inspect", committed_only=committed)
     await consumer.start()
     stores = []
     try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import TopicPartition
@@ -41,6 +41,7 @@ from aiokafka.structs import TopicPartition
 from headrace.operators.job import Job
 from headrace.runtime.checkpoint.barrier import BARRIER_HEADER
 from headrace.runtime.config import Settings
+from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.topics import status_topic, topic_partitions
 from headrace.runtime.metrics import OpsServer, WorkerMetrics
 from headrace.runtime.view import InputLag, WorkerView
@@ -97,9 +98,7 @@ class StatusPublisher:
 
     async def start(self) -> None:
         s = self.worker.settings
-        self.producer = AIOKafkaProducer(
-            **s.kafka_kwargs(), client_id=f"{s.client_id}-status", acks=1, linger_ms=0
-        )
+        self.producer = clients.status_producer(s, client_id=f"{s.client_id}-status")
         await self.producer.start()
         self._task = asyncio.create_task(self._loop(), name="status-publisher")
 
@@ -203,7 +202,7 @@ def live_workers(
 async def read_status(job: Job, settings: Settings) -> JobStatus:
     from headrace.runtime.inspect import read_all, read_checkpoints
 
-    admin = AIOKafkaAdminClient(**settings.kafka_kwargs(), client_id="headrace-status")
+    admin = clients.admin_client(settings, client_id="headrace-status")
     await admin.start()
     groups: list[GroupStatus] = []
     try:
@@ -267,12 +266,7 @@ async def _describe_group(admin: AIOKafkaAdminClient, group_id: str, stage: str)
 
 
 async def _end_offsets(settings: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
-    )
+    consumer = clients.reader(settings, client_id="headrace-status")
     await consumer.start()
     try:
         ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
@@ -311,12 +305,7 @@ async def data_lag(
             tails[tp] = (start, end)
     if not tails:
         return out
-    consumer = AIOKafkaConsumer(
-        **settings.kafka_kwargs(),
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed" if settings.exactly_once else "read_uncommitted",
-    )
+    consumer = clients.reader(settings, client_id="headrace-status")
     await consumer.start()
     try:
         consumer.assign(list(tails))

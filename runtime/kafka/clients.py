@@ -18,7 +18,14 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from headrace.runtime.config import Settings
 
-__all__ = ["PRODUCER_SETTINGS", "admin_client", "group_consumer", "producer", "reader"]
+__all__ = [
+    "PRODUCER_SETTINGS",
+    "admin_client",
+    "group_consumer",
+    "producer",
+    "reader",
+    "status_producer",
+]
 
 #: durable writes: every in-sync replica acknowledges, idempotent retries, batched sends
 PRODUCER_SETTINGS: dict[str, Any] = {
@@ -86,6 +93,12 @@ def producer(
     return AIOKafkaProducer(
         **settings.kafka_kwargs(), client_id=client_id, **PRODUCER_SETTINGS, **extra
     )
+
+
+def status_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
+    """A producer for best-effort operational records (worker status): one ack, no batching
+    delay; never used for anything a checkpoint depends on."""
+    return AIOKafkaProducer(**settings.kafka_kwargs(), client_id=client_id, acks=1, linger_ms=0)
 
 
 def admin_client(settings: Settings, *, client_id: str) -> AIOKafkaAdminClient:

@@ -121,6 +121,20 @@ async def run_user_job(
     return proc, name, sink
 
 
+def start_worker(project: Path, env: dict[str, str], *options: str) -> tuple[int, str]:
+    """``headrace [options] run userjob:job`` in the user's project: (exit code, output)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "headrace.runtime.cli", *options, "run", "userjob:job"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def assert_no_secret(text: str) -> None:
     for spelling in secret_spellings():
         assert spelling not in text, f"secret spelling {spelling!r} leaked:\n{text}"
@@ -184,17 +198,8 @@ def test_speaking_sasl_to_a_plain_listener_names_the_settings_to_check(
         HEADRACE_SASL_USERNAME="bob",
         HEADRACE_SASL_PASSWORD=SECRET,
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "headrace.runtime.cli", "run", "userjob:job"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output
+    code, output = start_worker(tmp_path, env)
+    assert code == 1, output
     assert "worker cannot start: cannot use Kafka at" in output, output
     assert "security protocol SASL_PLAINTEXT" in output and "--security-protocol" in output
     assert "Traceback" not in output
@@ -248,25 +253,8 @@ def test_a_wrong_sasl_password_is_named_as_such_and_never_shown(
     )
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     for log_format in ("text", "json"):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "headrace.runtime.cli",
-                "--log-format",
-                log_format,
-                "run",
-                "userjob:job",
-            ],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 1, output
+        code, output = start_worker(tmp_path, env, "--log-format", log_format)
+        assert code == 1, output
         assert "SASL authentication failed for user 'bob' with mechanism PLAIN" in output, output
         assert "HEADRACE_SASL_PASSWORD" in output and "Traceback" not in output
         assert password not in output and repr(password)[1:-1] not in output
