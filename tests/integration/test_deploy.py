@@ -97,6 +97,7 @@ def test_dockerfile_essentials() -> None:
     assert json.loads(dict(stage)["VOLUME"]) == [env["HEADRACE_STATE_DIR"]]
     assert env["HEADRACE_STATE_BACKEND"] == "rocksdb"
     assert dict(stage)["EXPOSE"] == env["HEADRACE_METRICS_PORT"]
+    assert env["HEADRACE_METRICS_HOST"] == "0.0.0.0"  # a worker binds loopback unless told
     assert "/health" in dict(stage)["HEALTHCHECK"]
     assert dict(stage)["STOPSIGNAL"] == "SIGTERM"
     # no secret is baked into the image
@@ -152,6 +153,7 @@ def test_compose_essentials() -> None:
 
     wenv = worker["environment"]
     assert wenv["HEADRACE_BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert wenv["HEADRACE_METRICS_HOST"] == "0.0.0.0"
     assert wenv["HEADRACE_STATE_DIR"] == image_env()["HEADRACE_STATE_DIR"]
     assert worker["command"] == image_command()[2:]
     build = worker["build"]
@@ -233,6 +235,7 @@ def test_k8s_statefulset_essentials() -> None:
     assert config["HEADRACE_SECURITY_PROTOCOL"].startswith("SASL_")
     # probes: liveness /health, readiness /ready, on the metrics port the worker serves
     port = int(config["HEADRACE_METRICS_PORT"])
+    assert config["HEADRACE_METRICS_HOST"] == "0.0.0.0"  # probes come from the kubelet
     (named,) = container["ports"]
     assert named["containerPort"] == port
     assert container["livenessProbe"]["httpGet"] == {"path": "/health", "port": named["name"]}

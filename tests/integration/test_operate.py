@@ -466,3 +466,19 @@ def test_json_logs_mask_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     obj = json.loads(line)
     assert obj["message"] == "pw=***" and obj["task"] == "stage0/1" and obj["level"] == "INFO"
     assert SECRET not in line
+
+
+async def test_the_ops_server_binds_loopback_unless_told_otherwise() -> None:
+    from headrace.runtime.config import Settings
+    from headrace.runtime.metrics import OpsServer
+
+    worker = SimpleNamespace(job=SimpleNamespace(name="wc"), worker_id="w-1")
+    for host, expected in ((Settings().metrics_host, {"127.0.0.1"}), ("0.0.0.0", {"0.0.0.0"})):
+        server = OpsServer(worker, SimpleNamespace(), 0, host=host)  # type: ignore[arg-type]
+        await server.start()
+        try:
+            assert server._server is not None
+            bound = {sock.getsockname()[0] for sock in server._server.sockets}
+            assert bound == expected, bound
+        finally:
+            await server.stop()
