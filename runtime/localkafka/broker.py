@@ -7,21 +7,9 @@ instead of a container we fetch the broker jars from Maven Central
 (:mod:`headrace.runtime.localkafka.jars`) and run ``java -cp 'lib/*' kafka.Kafka
 server.properties`` ourselves.
 
-Everything about one broker lives in its *run directory* (default: ``deploy/kafka/run`` in a
-headrace checkout, else ``.headrace/kafka`` in the working directory)::
-
-    run_dir/
-      broker.json        ports + cluster id: lets another process (the CLI, a pytest
-                         session, .ci/run) wrap the same broker and restart it on the
-                         same address
-      server.properties  rendered on every start from broker.json
-      log4j.properties   (Kafka 3.x) or log4j2.properties (4.x)
-      broker.pid         only while the broker runs
-      data/              Kafka log dirs (formatted once, kept across restarts)
-      logs/server.log    the broker's own log (tailed into our error messages)
-      logs/stdout.log    JVM stdout/stderr (JVM crashes, bad flags)
-
-So ``start()`` on an existing run dir restarts the *same* broker (same ports, same data, same
+Everything about one broker lives in its *run directory*
+(:mod:`~headrace.runtime.localkafka.rundir`: config, data, logs, PID, ``broker.json``).
+``start()`` on an existing run dir restarts the *same* broker (same ports, same data, same
 cluster id) and never reformats: recovery tests stop/kill and restart it while data flows.
 
 Topic auto-creation is left at Kafka's default (enabled) so the local broker behaves like
@@ -34,41 +22,31 @@ topic explicitly (with the partition count they need) through the pytest plugin'
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
-import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from headrace.runtime.localkafka.config import (
     SERVER_PROPERTIES_TEMPLATE,
     logging_config,
     sasl_listener,
 )
-from headrace.runtime.localkafka.jars import (
-    VERSION_ENV,
-    LocalBrokerError,
-    ensure_jars,
-    kafka_version,
-    tail,
-)
+from headrace.runtime.localkafka.errors import BrokerStartError, LocalBrokerError
+from headrace.runtime.localkafka.jars import ensure_jars, tail
 from headrace.runtime.localkafka.process import (
     cmdline,
-    free_port,
     java,
     metadata_ok,
     pid_alive,
     port_open,
-    random_cluster_id,
     run_coroutine_sync,
 )
-
-_T = TypeVar("_T")
+from headrace.runtime.localkafka.rundir import BrokerState, RunDir
 
 #: Extra JVM flags appended to the defaults (e.g. a bigger heap for benchmarks).
 JVM_OPTS_ENV = "HEADRACE_KAFKA_JVM_OPTS"
@@ -76,11 +54,6 @@ JVM_OPTS_ENV = "HEADRACE_KAFKA_JVM_OPTS"
 _BROKER_MAIN = "kafka.Kafka"
 _STORAGE_TOOL_MAIN = "kafka.tools.StorageTool"
 _NODE_ID = 1
-_STATE_FILE = "broker.json"
-_PID_FILE = "broker.pid"
-#: the checkout this module lives in, if it is one (deploy/kafka is where its broker runs)
-_CHECKOUT_KAFKA = Path(__file__).resolve().parents[2] / "deploy" / "kafka"
-
 DEFAULT_JVM_OPTS: tuple[str, ...] = (
     "-Xms128m",
     "-Xmx512m",
@@ -90,37 +63,7 @@ DEFAULT_JVM_OPTS: tuple[str, ...] = (
 )
 
 
-class BrokerStartError(LocalBrokerError):
-    """The broker process did not come up; the message includes the tail of its log."""
-
-
-def default_run_dir() -> Path:
-    """``deploy/kafka/run`` of a headrace checkout (git-ignored), else ``.headrace/kafka`` in
-    the working directory: next to the project's other local state, never in site-packages."""
-    if _CHECKOUT_KAFKA.is_dir():
-        return _CHECKOUT_KAFKA / "run"
-    return Path.cwd() / ".headrace" / "kafka"
-
-
-# --------------------------------------------------------------------------------------
-# The broker
-# --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _State:
-    """What must survive between processes to restart the same broker on the same address."""
-
-    host: str
-    port: int
-    controller_port: int
-    cluster_id: str
-    kafka_version: str
-    #: a second client listener with SASL/PLAIN (None: none), see ``sasl_users``
-    sasl_port: int | None = None
-
-
-class LocalBroker:
+class LocalBroker(RunDir):
     """One single-node KRaft Kafka broker living in ``run_dir``.
 
     The object holds no process handle: the PID file and ``broker.json`` in the run dir are
@@ -140,129 +83,21 @@ class LocalBroker:
         auto_create_topics: bool = True,
         sasl_users: Mapping[str, str] | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir).expanduser().resolve() if run_dir else default_run_dir()
-        self._version = version
-        self._requested_port = port
-        self._requested_controller_port = controller_port
-        self.host = host
+        super().__init__(
+            run_dir,
+            port=port,
+            controller_port=controller_port,
+            host=host,
+            version=version,
+            sasl_users=sasl_users,
+        )
         extra = tuple(os.environ.get(JVM_OPTS_ENV, "").split())
         self.jvm_opts: tuple[str, ...] = (jvm_opts or DEFAULT_JVM_OPTS) + extra
         self.auto_create_topics = auto_create_topics
-        #: user -> password of a SASL_PLAINTEXT (mechanism PLAIN) listener on a second port,
-        #: for tests of authentication failures; the PLAINTEXT listener stays
-        self.sasl_users = dict(sasl_users or {})
         #: Seconds the last ``start()`` took from spawning the JVM to a good Metadata reply.
         self.last_startup_seconds: float | None = None
-        self._state: _State | None = self._load_state()
 
-    # -- paths ---------------------------------------------------------------------------
-
-    @property
-    def version(self) -> str:
-        """The Kafka version asked for, else the one this run dir was formatted with, else the
-        default."""
-        if self._version is None and self._state is not None:
-            return self._state.kafka_version
-        return kafka_version(self._version)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.run_dir / "data"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.run_dir / "logs"
-
-    @property
-    def log_file(self) -> Path:
-        """The broker's server.log: the first place to look when something is off."""
-        return self.logs_dir / "server.log"
-
-    @property
-    def stdout_file(self) -> Path:
-        return self.logs_dir / "stdout.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.run_dir / _PID_FILE
-
-    @property
-    def config_file(self) -> Path:
-        return self.run_dir / "server.properties"
-
-    # -- state ---------------------------------------------------------------------------
-
-    def _load_state(self) -> _State | None:
-        path = self.run_dir / _STATE_FILE
-        try:
-            raw = json.loads(path.read_text())
-            return _State(**raw)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError) as exc:
-            raise LocalBrokerError(f"corrupt {path}: {exc}; delete the run dir") from exc
-
-    def _save_state(self, state: _State) -> None:
-        path = self.run_dir / _STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
-        tmp.replace(path)
-        self._state = state
-
-    def _resolve_state(self) -> _State:
-        """Ports and cluster id for this start: keep the old ones unless told otherwise."""
-        old = self._state
-        port = self._requested_port or (old.port if old else None) or free_port(self.host)
-        cport = self._requested_controller_port or (old.controller_port if old else None)
-        if cport is None or cport == port:
-            cport = free_port(self.host)
-            while cport == port:
-                cport = free_port(self.host)
-        formatted = (self.data_dir / "meta.properties").is_file()
-        cluster_id = old.cluster_id if (old and formatted) else random_cluster_id()
-        # a run dir keeps its Kafka version unless another one is asked for explicitly
-        asked = self._version or os.environ.get(VERSION_ENV)
-        if asked is None and old is not None and formatted:
-            asked = old.kafka_version
-        version = kafka_version(asked)
-        if old and formatted and old.kafka_version != version:
-            raise BrokerStartError(
-                f"the run dir {self.run_dir} holds a Kafka {old.kafka_version} cluster; this "
-                f"start asks for Kafka {version}: delete the run dir (its data goes) or start "
-                "with another --run-dir"
-            )
-        sasl_port = None
-        if self.sasl_users:
-            sasl_port = (old.sasl_port if old else None) or free_port(self.host)
-            while sasl_port in (port, cport):
-                sasl_port = free_port(self.host)
-        return _State(self.host, port, cport, cluster_id, version, sasl_port)
-
-    @property
-    def sasl_bootstrap_servers(self) -> str | None:
-        """``host:port`` of the SASL_PLAINTEXT/PLAIN listener (None without ``sasl_users``)."""
-        if self._state is None or self._state.sasl_port is None:
-            return None
-        return f"{self.host}:{self._state.sasl_port}"
-
-    @property
-    def port(self) -> int | None:
-        return self._state.port if self._state else self._requested_port
-
-    @property
-    def controller_port(self) -> int | None:
-        return self._state.controller_port if self._state else self._requested_controller_port
-
-    @property
-    def cluster_id(self) -> str | None:
-        return self._state.cluster_id if self._state else None
-
-    @property
-    def bootstrap_servers(self) -> str:
-        """``host:port`` for clients; known once the broker has been started (or configured)."""
-        if self.port is None:
-            raise LocalBrokerError(f"broker in {self.run_dir} has never been started: no port")
-        return f"{self.host}:{self.port}"
+    # -- the process -----------------------------------------------------------------------
 
     @property
     def pid(self) -> int | None:
@@ -302,7 +137,7 @@ class LocalBroker:
             "bootstrap_servers": f"{self.host}:{self.port}" if self.port else None,
             "controller_port": self.controller_port,
             "accepting_connections": bool(pid and self.port and port_open(self.host, self.port)),
-            "formatted": (self.data_dir / "meta.properties").is_file(),
+            "formatted": self.formatted,
             "cluster_id": self.cluster_id,
             "kafka_version": self._state.kafka_version if self._state else None,
             "log_file": str(self.log_file),
@@ -310,7 +145,7 @@ class LocalBroker:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def _write_configs(self, state: _State) -> None:
+    def _write_configs(self, state: BrokerState) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -341,9 +176,9 @@ class LocalBroker:
             *args,
         ]
 
-    def _format_storage(self, lib: Path, state: _State) -> None:
+    def _format_storage(self, lib: Path, state: BrokerState) -> None:
         """Format the log dir once. Never on restart: that would wipe the cluster's data."""
-        if (self.data_dir / "meta.properties").is_file():
+        if self.formatted:
             return
         cmd = self._java_cmd(
             lib,

@@ -28,6 +28,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from headrace.runtime.localkafka.errors import JarsUnavailableError, LocalBrokerError
+from headrace.runtime.localkafka.process import java
+
+__all__ = [
+    "DEFAULT_VERSION",
+    "KAFKA_HOME_ENV",
+    "VERSION_ENV",
+    "JarsUnavailableError",
+    "LocalBrokerError",
+    "ensure_jars",
+    "jars_home",
+    "jars_present",
+    "kafka_version",
+    "render_pom",
+]
+
 #: The Kafka version the local broker runs unless told otherwise: the one knob to turn.
 DEFAULT_VERSION = "3.9.2"
 VERSION_ENV = "HEADRACE_KAFKA_VERSION"
@@ -37,14 +53,6 @@ KAFKA_HOME_ENV = "HEADRACE_KAFKA_HOME"
 _SLF4J_RELOAD4J = ("org.slf4j", "slf4j-reload4j", "1.7.36")
 _LOG4J2_SLF4J = ("org.apache.logging.log4j", "log4j-slf4j-impl", "2.24.3")
 _DEPENDENCY_PLUGIN = "3.8.1"
-
-
-class LocalBrokerError(RuntimeError):
-    """Anything that stops the local broker from being fetched, started or stopped."""
-
-
-class JarsUnavailableError(LocalBrokerError):
-    """The broker jars are missing and could not be fetched (no Maven, no network...)."""
 
 
 def kafka_version(version: str | None = None) -> str:
@@ -134,6 +142,12 @@ def _jars_present(lib: Path, version: str) -> bool:
     return (lib / f"kafka_2.13-{version}.jar").is_file()
 
 
+def jars_present(version: str | None = None) -> bool:
+    """Whether :func:`ensure_jars` would return at once (no Maven run) for ``version``."""
+    version = kafka_version(version)
+    return _jars_present(jars_home(version) / "lib", version)
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Serialise Maven runs: `make`, CI and parallel pytest sessions may all ask at once."""
@@ -167,6 +181,13 @@ def ensure_jars(version: str | None = None, *, offline: bool = False) -> Path:
                 "install Maven 3.8+ and a JDK 17, or copy a lib/ directory fetched elsewhere "
                 f"there ({KAFKA_HOME_ENV} moves the cache)"
             )
+        try:
+            java()  # Maven runs on the JDK too; say so before it fails with its own words
+        except LocalBrokerError as exc:
+            raise JarsUnavailableError(
+                f"Kafka {version} jars are missing from {lib} and Maven cannot fetch them "
+                f"without a JDK: {exc}"
+            ) from exc
         if lib.exists():
             shutil.rmtree(lib)
         pom = home / "pom.xml"

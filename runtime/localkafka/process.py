@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from headrace.runtime.localkafka.jars import LocalBrokerError
+from headrace.runtime.localkafka.errors import LocalBrokerError
 
 _T = TypeVar("_T")
 
@@ -120,6 +120,3 @@ def cmdline(pid: int) -> str | None:
     except OSError:
         return None
     return raw.replace(b"\0", b" ").decode("utf-8", "replace")
-
-
-# --------------------------------------------------------------------------------------
