@@ -75,9 +75,14 @@ num.recovery.threads.per.data.dir=2
 """
 
 
-#: Kafka 4.x: log4j2 properties syntax (-Dlog4j2.configurationFile); the same file and levels
+#: Kafka 4.x: log4j2 properties syntax (-Dlog4j2.configurationFile); the same file and levels.
+#: ``shutdownHook = disable``: log4j2's own JVM shutdown hook runs concurrently with Kafka's and
+#: stops the appenders while the broker is still shutting down, so a 4.x server.log would end a
+#: few lines after SIGTERM (3.x logs the whole controlled shutdown). The appender flushes every
+#: line (immediateFlush), so nothing is lost when the JVM exits without stopping log4j2.
 LOG4J2_TEMPLATE = """\
 status = warn
+shutdownHook = disable
 appender.file.type = RollingFile
 appender.file.name = file
 appender.file.fileName = {log_file}
