@@ -32,7 +32,8 @@ from headrace.runtime.localkafka import (
     jars_home,
     kafka_version,
 )
-from headrace.runtime.localkafka.jars import KAFKA_HOME_ENV, VERSION_ENV
+from headrace.runtime.localkafka.broker import JVM_OPTS_ENV
+from headrace.runtime.localkafka.jars import KAFKA_HOME_ENV, VERSION_ENV, jars_present
 
 #: Env var telling the pytest plugin where an already-running local broker lives, so tests
 #: that stop/restart the broker can control the one CI started.
@@ -42,8 +43,9 @@ _run_dir_option = click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Broker state directory (config, data, logs, PID). Default: deploy/kafka/run in a "
-    "headrace checkout, else .headrace/kafka in the working directory.",
+    help="The broker's directory: config, data, logs/server.log, PID, broker.json (its ports, "
+    "cluster id and Kafka version). Default: .headrace/kafka in the working directory "
+    "(deploy/kafka/run in a headrace checkout); never inside the installed package.",
 )
 _version_option = click.option(
     "--kafka-version",
@@ -51,7 +53,8 @@ _version_option = click.option(
     envvar=VERSION_ENV,
     show_envvar=True,
     default=None,
-    help=f"Kafka release to run (default {DEFAULT_VERSION}; the 3.9 and 4.x lines work).",
+    help=f"Kafka release (default {DEFAULT_VERSION}; the 3.9 and 4.x lines work, e.g. 4.1.1). "
+    "A run dir keeps the version it was created with unless asked for another.",
 )
 
 
@@ -59,44 +62,85 @@ def _info(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-@click.group(name="kafka")
+_KAFKA_HELP = f"""Run a real single-node Apache Kafka broker (KRaft) locally, without Docker.
+
+For development and tests; production runs against your own cluster. Needs a JDK 17 and
+Maven 3.8+. The first start of a Kafka version renders a Maven project for it and fetches the
+broker's jars from Maven Central (a minute or two; seconds when ~/.m2 has them) into
+CACHE/VERSION, where CACHE is ${KAFKA_HOME_ENV}, else $XDG_CACHE_HOME/headrace/kafka, else
+~/.cache/headrace/kafka (`headrace kafka home` prints it).
+
+The broker lives in a run dir (--run-dir): .headrace/kafka in the working directory by default
+(deploy/kafka/run in a headrace checkout). It runs Kafka {DEFAULT_VERSION} unless --kafka-version
+or ${VERSION_ENV} asks for another (the 4.x line works too). Extra JVM flags: ${JVM_OPTS_ENV}.
+
+\b
+  eval "$(headrace kafka start)"    # start, and export KAFKA_BOOTSTRAP_SERVERS
+  headrace kafka status             # where it runs; exit 3 when it does not
+  headrace kafka stop               # data is kept: start brings the same cluster back
+"""
+
+
+@click.group(
+    name="kafka", help=_KAFKA_HELP, short_help="A local Kafka broker for development and tests."
+)
 def kafka_cli() -> None:
-    """Run a real single-node Apache Kafka broker (KRaft) locally, without Docker.
-
-    Needs a JDK 17 and Maven: the broker's jars come from Maven Central into a per-version
-    cache (HEADRACE_KAFKA_HOME, default ~/.cache/headrace/kafka) the first time. For
-    development and tests; production runs against your own cluster.
-
-    \b
-      eval "$(headrace kafka start)"    # start, and export KAFKA_BOOTSTRAP_SERVERS
-      headrace kafka status
-      headrace kafka stop
-    """
+    """``headrace kafka``: the help text is :data:`_KAFKA_HELP` (it names the defaults)."""
 
 
-@kafka_cli.command()
+@kafka_cli.command(short_help="Fetch a Kafka version's jars with Maven.")
 @_version_option
-@click.option("--offline", is_flag=True, help="Run Maven offline (-o).")
+@click.option(
+    "--offline", is_flag=True, help="Run Maven offline (-o): only what ~/.m2 already holds."
+)
 def jars(version: str | None, offline: bool) -> None:
-    """Fetch the broker jars with Maven (no-op when present) and print their directory."""
-    started = time.monotonic()
+    """Fetch a Kafka version's broker jars with Maven and print their directory.
+
+    A no-op when they are there already. `start` does this itself; run it ahead to fetch
+    while online, or to warm a CI cache. Maven's output goes to maven.log next to the jars and
+    is shown only when the fetch fails.
+    """
     try:
-        lib = ensure_jars(version, offline=offline)
         version = kafka_version(version)
+        _fetch_jars(version, offline=offline)
     except LocalBrokerError as exc:
         raise click.ClickException(str(exc)) from exc
-    took = time.monotonic() - started
-    if took > 1.0:  # only worth saying when Maven actually ran
-        _info(f"fetched Kafka {version} jars with Maven in {took:.1f}s")
-    click.echo(str(lib))
+    click.echo(str(jars_home(version) / "lib"))
 
 
-@kafka_cli.command()
+def _fetch_jars(version: str, *, offline: bool = False) -> None:
+    """``ensure_jars`` with a word on stderr before and after a Maven run (it takes a while)."""
+    if jars_present(version):
+        return
+    _info(f"fetching the Kafka {version} jars with Maven into {jars_home(version)} ...")
+    started = time.monotonic()
+    ensure_jars(version, offline=offline)
+    _info(f"fetched Kafka {version} jars with Maven in {time.monotonic() - started:.1f}s")
+
+
+@kafka_cli.command(short_help="Start the broker; print export lines for it.")
 @_run_dir_option
 @_version_option
-@click.option("--port", type=int, default=None, help="Client port (default: previous or free).")
-@click.option("--controller-port", type=int, default=None, help="KRaft controller port.")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
+@click.option(
+    "--port",
+    type=int,
+    default=None,
+    help="Client (PLAINTEXT) port on 127.0.0.1. Default: the run dir's previous port, else a "
+    "free one.",
+)
+@click.option(
+    "--controller-port",
+    type=int,
+    default=None,
+    help="KRaft controller port. Default: the previous one, else a free one.",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the broker to answer a Metadata request (jar fetch not counted).",
+)
 @click.option(
     "--foreground",
     is_flag=True,
@@ -115,20 +159,17 @@ def start(
     Progress goes to stderr, only `export` lines to stdout, so `eval "$(headrace kafka
     start)"` sets KAFKA_BOOTSTRAP_SERVERS (and HEADRACE_LOCAL_BROKER_DIR, which lets the test
     plugin stop and restart this broker). Starting an existing run dir restarts the same
-    cluster: same ports, same data.
+    cluster: same ports, same data. When the broker does not come up, the error quotes the
+    end of its logs/server.log.
     """
     try:
         broker = LocalBroker(run_dir, port=port, controller_port=controller_port, version=version)
         was_running = broker.is_running()
-        jar_started = time.monotonic()
         if not was_running:
-            ensure_jars(broker.version)
-        jar_seconds = time.monotonic() - jar_started
+            _fetch_jars(broker.version)
         startup = broker.start(timeout=timeout)
     except LocalBrokerError as exc:
         raise click.ClickException(str(exc)) from exc
-    if jar_seconds > 1.0:
-        _info(f"fetched Kafka jars with Maven in {jar_seconds:.1f}s")
     verb = "already running" if was_running else f"started in {startup:.1f}s"
     _info(
         f"Kafka {broker.version} broker {verb}: {broker.bootstrap_servers} "
@@ -154,12 +195,15 @@ def _wait_for_signal() -> None:
         pass
 
 
-@kafka_cli.command()
+@kafka_cli.command(short_help="Stop the broker (SIGTERM; data is kept).")
 @_run_dir_option
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Before SIGKILL.")
+@click.option(
+    "--timeout", type=float, default=30.0, show_default=True, help="Seconds before SIGKILL."
+)
 @click.option("--kill", "hard", is_flag=True, help="SIGKILL at once (simulate a crash).")
 def stop(run_dir: Path | None, timeout: float, hard: bool) -> None:
-    """Stop the broker started from this run dir (data is kept)."""
+    """Stop the broker of this run dir: SIGTERM (a controlled shutdown), SIGKILL after
+    --timeout. Its data is kept: `start` brings the same cluster back on the same port."""
     broker = LocalBroker(run_dir)
     try:
         stopped = broker.kill() if hard else broker.stop(timeout=timeout)
@@ -168,11 +212,12 @@ def stop(run_dir: Path | None, timeout: float, hard: bool) -> None:
     _info(f"broker {'stopped' if stopped else 'was not running'} ({broker.run_dir})")
 
 
-@kafka_cli.command()
+@kafka_cli.command(short_help="Whether the broker runs, where, which Kafka, its log file.")
 @_run_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(run_dir: Path | None, as_json: bool) -> None:
-    """Show whether the broker runs; exit 3 when it does not (like LSB init scripts)."""
+    """Show whether the broker of this run dir runs, its address, Kafka version and log
+    file; exit 3 when it does not run (like LSB init scripts)."""
     broker = LocalBroker(run_dir)
     info = broker.status()
     if as_json:
@@ -188,11 +233,12 @@ def status(run_dir: Path | None, as_json: bool) -> None:
         sys.exit(3)
 
 
-@kafka_cli.command()
+@kafka_cli.command(short_help="Print where a Kafka version's jars are cached.")
 @_version_option
 def home(version: str | None) -> None:
-    """Print the directory of a version's jars (pom.xml, lib/, maven.log) and the default
-    run dir."""
+    """Print the directory of a Kafka version's jars (pom.xml, lib/, maven.log) on stdout,
+    and the default run dir on stderr. Delete that directory to make the next start fetch
+    again."""
     try:
         click.echo(str(jars_home(version)))
     except LocalBrokerError as exc:
