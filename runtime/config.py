@@ -144,7 +144,7 @@ SETTING_BY_FIELD: dict[str, SettingInfo] = {s.field: s for s in SETTINGS}
 OTHER_ENV: dict[str, str] = {
     "HEADRACE_LOG_LEVEL": "log level (--log-level)",
     "HEADRACE_LOG_FORMAT": "log format (--log-format)",
-    "HEADRACE_KAFKA_HOME": "local broker: directory of the Maven project and jars",
+    "HEADRACE_KAFKA_HOME": "local broker: jars cache (a Maven project per Kafka version)",
     "HEADRACE_KAFKA_VERSION": "local broker: Kafka version",
     "HEADRACE_KAFKA_JVM_OPTS": "local broker: extra JVM flags",
     "HEADRACE_KAFKA_IMAGE": "test broker: testcontainers image",

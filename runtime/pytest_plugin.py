@@ -8,9 +8,10 @@ Where the broker comes from (first match wins):
 1. ``KAFKA_BOOTSTRAP_SERVERS`` is set: use it. If ``HEADRACE_LOCAL_BROKER_DIR`` is set too
    (``.ci/run`` and ``headrace kafka start`` export both) the broker in that run dir is
    wrapped as a :class:`LocalBroker`, so restart/crash tests can control it.
-2. A Docker daemon answers a ping: testcontainers' Kafka (KRaft) container.
+2. testcontainers is installed (headrace's ``test`` extra, not a dependency of the wheel) and
+   a Docker daemon answers a ping: testcontainers' Kafka (KRaft) container.
 3. Otherwise: a :class:`LocalBroker` from the Maven jars in a temporary run dir, stopped and
-   removed at session end.
+   removed at session end. An installed wheel fetches them itself (``headrace kafka``).
 
 ``HEADRACE_KAFKA=local|docker`` forces 2 or 3 (e.g. ``local`` to run restart tests on a
 machine that has Docker). When no broker can be had, tests skip with the reason, except
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import importlib.util
 import os
 import shutil
 import socket
@@ -192,7 +194,13 @@ def kafka_endpoint() -> Iterator[KafkaEndpoint]:
     backend = os.environ.get(BACKEND_ENV, "").strip().lower()
     if backend not in {"", "local", "docker"}:
         pytest.fail(f"{BACKEND_ENV}={backend!r}: expected 'local' or 'docker'", pytrace=False)
-    use_docker = backend == "docker" or (backend == "" and _docker_available())
+    # without testcontainers a Docker daemon is no use: a user who installed only headrace
+    # gets the local broker, not an ImportError
+    use_docker = backend == "docker" or (
+        backend == ""
+        and importlib.util.find_spec("testcontainers") is not None
+        and _docker_available()
+    )
 
     try:
         endpoint, teardown = _start_docker() if use_docker else _start_local()
