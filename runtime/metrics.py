@@ -14,11 +14,21 @@ other's series). Two kinds of series:
   time once per committed checkpoint (:meth:`WorkerMetrics.checkpoint_committed`, called by the
   committer), and processing time once per polled batch (:meth:`WorkerMetrics.batch_processed`).
 
-:class:`OpsServer` serves ``/metrics``, ``/health`` (live: the event loop answers and the worker
-has not failed; a broker outage is named in the body) and ``/ready`` (every assigned task is
-restored and the broker reachable) on
-``Settings.metrics_port``. It is a tiny HTTP/1.0 server on the worker's own asyncio loop, so the
-collectors read the worker's dicts from the thread that changes them: no locks, no races.
+:class:`OpsServer` serves ``/metrics``, ``/health`` and ``/ready`` on ``Settings.metrics_port``:
+
+* ``/health`` is liveness: 200 while the event loop answers and the worker has not failed, 503
+  once it has. A broker outage keeps it 200 and its body says ``broker unreachable since ...``:
+  a liveness failure makes Kubernetes restart the pod, and restarting every worker of a job
+  does not bring a broker back: the restarted workers would lose their in-memory state and
+  could not even start until the broker is back (start-up checks the connection and exits),
+  so the pods would crash-loop, while a worker left running recovers by itself when the
+  broker returns (ARCHITECTURE.md section 7.2).
+* ``/ready`` is 200 only while the tasks can make progress: not while the broker is
+  unreachable, a stage is (re)joining its group or restoring tasks, or the worker is stopping.
+  The 503 body names the reason.
+
+It is a tiny HTTP/1.0 server on the worker's own asyncio loop, so the collectors read the
+worker's dicts from the thread that changes them: no locks, no races.
 
 Logging set-up and secret masking live in :mod:`headrace.runtime.logs`.
 """
@@ -231,11 +241,15 @@ class _TaskCollector(Collector):
                 labels=["job", "stage", "topic", "partition"],
             ),
             GaugeMetricFamily(
-                "headrace_ready", "1 when every assigned task is restored.", labels=["job"]
+                "headrace_ready",
+                "1 when every stage is a member of its consumer group and every assigned task "
+                "is restored.",
+                labels=["job"],
             ),
             GaugeMetricFamily(
                 "headrace_broker_connected",
-                "0 while the broker cannot be reached (connection errors in the last 5 s).",
+                "0 while the broker cannot be reached: connection errors for 1 s or more, "
+                "until 5 s pass without one.",
                 labels=["job"],
             ),
         ]
@@ -309,16 +323,27 @@ class OpsServer:
             problem = worker.broker_problem()
             return "200 OK", "text/plain", (f"ok; {problem}\n" if problem else "ok\n").encode()
         if path in ("/ready", "/readyz"):
-            problem = worker.broker_problem()
-            if worker.failure is None and not worker.stopping and worker.ready() and not problem:
+            reason = unready_reason(worker)
+            if not reason:
                 return "200 OK", "text/plain", b"ready\n"
-            if problem:
-                reason = problem
-            else:
-                restoring = sum(len(snap.restoring) for snap in worker.stage_snapshots())
-                reason = f"{restoring} task(s) restoring"
             return "503 Service Unavailable", "text/plain", f"not ready: {reason}\n".encode()
         return "404 Not Found", "text/plain", b"/metrics /health /ready\n"
+
+
+def unready_reason(worker: WorkerView) -> str:
+    """Why the worker's tasks cannot make progress now ("" if they can): it failed or is
+    stopping, the broker is unreachable, a stage is not a member of its group (joining, or
+    rejoining after its membership was lost) or is restoring tasks."""
+    if worker.failure is not None:
+        return f"the worker failed ({type(worker.failure).__name__})"
+    if worker.stopping:
+        return "stopping"
+    problem = worker.broker_problem()
+    if problem:
+        return problem
+    if not worker.ready():
+        return worker.not_ready_reason() or "tasks not ready"
+    return ""
 
 
 def parse_exposition(text: str) -> Iterator[tuple[str, dict[str, str], float]]:

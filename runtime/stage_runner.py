@@ -48,6 +48,7 @@ from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
 from headrace.runtime.config import Settings
 from headrace.runtime.host import Gap, StageHost, StartPoint, TaskIO, commit_checkpoint
 from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.health import BROKER_AWAY
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
 from headrace.runtime.kafka.producer import BatchSender
 from headrace.runtime.kafka.topics import TopicLayout
@@ -58,7 +59,9 @@ from headrace.runtime.view import RestoreProgress, StageSnapshot
 log = logging.getLogger("headrace.runtime.worker")
 
 #: what a member that lost its place in the group meets when it writes: it drops its tasks
-#: (no checkpoint: it may not be their owner any more) and rejoins
+#: (no checkpoint: it may not be their owner any more) and rejoins. The same recovery applies
+#: to what a checkpoint or a restore meets when the broker was away (kafka/health.py
+#: BROKER_AWAY): the writes of the checkpoint under way are lost, the committed one is intact.
 MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
     LeaseExpired,
     CommitFailedError,
@@ -67,6 +70,7 @@ MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
     RebalanceInProgressError,
     ProducerFenced,
     InvalidProducerEpoch,
+    *BROKER_AWAY,
 )
 
 

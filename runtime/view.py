@@ -60,7 +60,11 @@ class WorkerView(Protocol):
     def stopping(self) -> bool: ...
 
     def ready(self) -> bool:
-        """Every assigned task is restored (readiness)."""
+        """Every stage is a group member and every assigned task is restored (readiness)."""
+        ...
+
+    def not_ready_reason(self) -> str:
+        """Why :meth:`ready` is False, for /ready ("" when it is True)."""
         ...
 
     def broker_connected(self) -> bool:

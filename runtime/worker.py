@@ -90,8 +90,33 @@ class Worker:
         return self._stop.is_set()
 
     def ready(self) -> bool:
-        """All assigned tasks restored (the health endpoint's readiness)."""
-        return bool(self.runners) and all(r.ready() for r in self.runners)
+        """Every stage is a confirmed member of its group (its write lease holds) and none of
+        its assigned tasks is restoring: the worker does its share (the /ready endpoint, the
+        headrace_ready gauge, the status snapshot). Not before a stage's first assignment, not
+        once its heartbeats have failed for a session (the group has expelled it), and not
+        after it dropped its tasks, until it has rejoined. A worker with no partitions assigned
+        (more workers than partitions) is ready."""
+        return bool(self.runners) and all(
+            r.ready() and r.lease.remaining() > 0 for r in self.runners
+        )
+
+    def not_ready_reason(self) -> str:
+        """Why :meth:`ready` is False, naming the stages ("" when it is True)."""
+        if not self.runners:
+            return "starting: no stage has joined its group yet"
+        reasons = []
+        for r in self.runners:
+            if r.lease.confirmed_at is None:
+                reasons.append(f"stage {r.stage.name} is joining group {r.group_id}")
+            elif r.lease.remaining() <= 0:
+                unconfirmed = r.lease.clock() - r.lease.confirmed_at
+                reasons.append(
+                    f"stage {r.stage.name}: membership of group {r.group_id} not confirmed for "
+                    f"{unconfirmed:.0f}s (session timeout {r.lease.session:.0f}s)"
+                )
+            elif not r.ready():
+                reasons.append(f"stage {r.stage.name} is restoring task(s) {sorted(r.restoring)}")
+        return "; ".join(reasons)
 
     # -- the view operations read (headrace.runtime.view.WorkerView) ---------------------------
     def broker_connected(self) -> bool:

@@ -112,8 +112,8 @@ class MembershipLease:
             since = "never" if self.confirmed_at is None else f"{-left + self.session:.1f}s ago"
             raise LeaseExpired(
                 f"group {self.group_id}: membership last confirmed {since} (session timeout "
-                f"{self.session:.1f}s); not writing {what}. The worker was probably paused past "
-                "its session timeout: it drops its tasks and rejoins"
+                f"{self.session:.1f}s); not writing {what}. The worker was paused, or cut off "
+                "from the broker, past its session timeout: it drops its tasks and rejoins"
             )
 
     def request_rejoin(self) -> None:
