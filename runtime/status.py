@@ -1,9 +1,10 @@
 """``headrace status MODULE:JOB``: the job as an operator sees it, and where that comes from.
 
 What lives in Kafka is read directly: consumer-group members and their partitions (describe
-group), lag per partition (end offset minus committed offset) and the last complete checkpoint
-(``<job>.checkpoints``). What only a worker knows — which tasks it runs, which it is restoring
-and how far each restore has got — each worker publishes itself:
+group), lag per partition (the data records past the committed offset: barriers and
+transaction markers do not count, see :mod:`headrace.runtime.checkpoint.lag`) and the last
+complete checkpoint (``<job>.checkpoints``). What only a worker knows — which tasks it runs,
+which it is restoring and how far each restore has got — each worker publishes itself:
 
 **Mechanism: a compacted status topic.** Every worker writes a small JSON record to
 ``<job>.status`` (1 partition, ``cleanup.policy=compact``, created with the job's other internal
@@ -17,8 +18,10 @@ unreachable from where an operator runs the CLI, and the endpoint is off unless
 ``--metrics-port`` is set. Everyone who can run the job can read its topics, so the status topic
 works wherever the CLI can reach Kafka (laptop, CI, a bastion), needs no extra port or service
 discovery, and costs one small record per worker per interval. A worker killed without a clean
-stop leaves its last record behind; ``status`` marks records older than three intervals as
-stale, and the group's member list (from the broker) is always current.
+stop leaves its last record behind, so the records are checked against the groups' membership,
+which the broker keeps current (:func:`live_workers`): a worker that is no member of any stage
+group is not shown with tasks, only named as gone, and a member whose record is older than
+three intervals (hung, or killed and not yet expelled) is shown as stale.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import Job
-from headrace.runtime.checkpoint.barrier import BARRIER_HEADER
+from headrace.runtime.checkpoint.lag import Tail, data_lag, log_bounds
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.topics import status_topic, topic_partitions
@@ -103,19 +107,43 @@ class StatusPublisher:
         self._task = asyncio.create_task(self._loop(), name="status-publisher")
 
     def poke(self) -> None:
-        """Publish soon (e.g. a rebalance changed the tasks)."""
+        """Publish soon."""
         self._wake.set()
 
+    def _shape(self) -> tuple[Any, ...]:
+        """What ``headrace status`` matches against the groups: member ids, tasks, readiness.
+        A change (a rebalance, a rejoin, a restore done) is published within a second, so a
+        member id is known before the next interval."""
+        return (
+            self.worker.ready(),
+            *(
+                (s.name, s.member_id, tuple(s.running), tuple(s.restoring))
+                for s in self.worker.stage_snapshots()
+            ),
+        )
+
     async def _loop(self) -> None:
+        published_at, shape = float("-inf"), None
         while True:
-            try:
-                await self.publish()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # status is best effort: never stop the worker for it
-                log.warning("could not publish worker status: %s", exc)
+            now = time.monotonic()
+            due = now - published_at >= self.interval or self._shape() != shape
+            # while the broker is unreachable a send would only queue behind the outage (and
+            # fail after the request timeout): the worker's outage summary says so already
+            if due and self.worker.broker_connected():
+                published_at, shape = now, self._shape()
+                try:
+                    await self.publish()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # status is best effort: never stop the worker for it
+                    if self.worker.broker_connected():
+                        log.warning("could not publish worker status: %s", exc)
+                    else:
+                        log.debug("could not publish worker status (broker unreachable): %s", exc)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), min(1.0, self.interval))
+            if self._wake.is_set():
+                published_at = float("-inf")
             self._wake.clear()
 
     async def publish(self) -> None:
@@ -165,7 +193,7 @@ class GroupStatus:
     members: list[Member]
     #: (topic, partition) -> (committed offset or None, end offset)
     offsets: dict[tuple[str, int], tuple[int | None, int]] = field(default_factory=dict)
-    #: (topic, partition) -> (data records not yet consumed, exact?) (see :func:`data_lag`)
+    #: (topic, partition) -> (data records not yet processed, exact?) (checkpoint/lag.py)
     lag: dict[tuple[str, int], tuple[int, bool]] = field(default_factory=dict)
 
 
@@ -181,21 +209,48 @@ class JobStatus:
     gone: list[dict[str, Any]] = field(default_factory=list)
 
 
+#: a snapshot older than this many status intervals is stale: its worker may be hung or dead
+STALE_INTERVALS = 3
+
+
+def _stale(w: dict[str, Any], now_ms: int) -> bool:
+    age_s = (now_ms - int(w.get("timestamp_ms", 0))) / 1000
+    return age_s > STALE_INTERVALS * float(w.get("interval_s", 5))
+
+
 def live_workers(
     workers: list[dict[str, Any]], groups: list[GroupStatus], now_ms: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(live, gone): a worker killed with -9 publishes no tombstone, so its last snapshot
-    stays in ``<job>.status``. It is shown only while one of the member ids it reported is a
-    member of a stage group now, or (a snapshot without member ids: before its first join)
-    while it is fresh (published within three intervals)."""
-    members = {m.member_id for g in groups for m in g.members}
+    """(live, gone), judged by the groups' membership as the broker reports it now.
+
+    A worker killed with -9 publishes no tombstone, so its last snapshot stays in
+    ``<job>.status``. It is live only while one of the member ids it reported is a member of
+    its stage's group now, or (a snapshot without member ids: before its first join) while its
+    snapshot is fresh (within :data:`STALE_INTERVALS` intervals). Of a live worker, a stage
+    whose member id is not in that stage's group (expelled and not yet rejoined, or rejoined
+    under an id it has not published yet) is shown owning no tasks: it has none now.
+    """
+    by_stage = {g.stage: {m.member_id for m in g.members} for g in groups}
     live: list[dict[str, Any]] = []
     gone: list[dict[str, Any]] = []
     for w in workers:
-        ids = {st.get("member_id") for st in w.get("stages", {}).values()} - {None}
-        age_s = (now_ms - int(w.get("timestamp_ms", 0))) / 1000
-        fresh = age_s <= 3 * float(w.get("interval_s", 5))
-        (live if (ids & members if ids else fresh) else gone).append(w)
+        stages: dict[str, Any] = w.get("stages", {})
+        member_of = {
+            name: st.get("member_id") in by_stage.get(name, set())
+            for name, st in stages.items()
+            if st.get("member_id") is not None
+        }
+        if not (any(member_of.values()) if member_of else not _stale(w, now_ms)):
+            gone.append(w)
+            continue
+        shown = dict(w)
+        shown["stages"] = {
+            name: st
+            if member_of.get(name, True)
+            else {"member_id": st.get("member_id"), "not_member": True}
+            for name, st in stages.items()
+        }
+        live.append(shown)
     return live, gone
 
 
@@ -217,15 +272,16 @@ async def read_status(job: Job, settings: Settings) -> JobStatus:
             ]
             if tps:
                 committed = await admin.list_consumer_group_offsets(gid, partitions=tps)
-                found: dict[TopicPartition, tuple[int | None, int]] = {}
-                ends = await _end_offsets(settings, tps)
+                found: dict[TopicPartition, Tail] = {}
+                beginnings, ends = await log_bounds(settings, tps)
                 for tp in tps:
                     om = committed.get(tp)
                     off = om.offset if om is not None and om.offset >= 0 else None
-                    found[tp] = (off, ends.get(tp, 0))
+                    meta = CheckpointMetadata.decode(om.metadata) if off is not None else None
+                    found[tp] = Tail(off, ends.get(tp, 0), beginnings.get(tp, 0), meta)
                 lags = await data_lag(settings, found)
-                for tp, (off, end) in found.items():
-                    groups[-1].offsets[(tp.topic, tp.partition)] = (off, end)
+                for tp, tail in found.items():
+                    groups[-1].offsets[(tp.topic, tp.partition)] = (tail.committed, tail.end)
                     groups[-1].lag[(tp.topic, tp.partition)] = lags[tp]
     finally:
         await admin.close()
@@ -263,76 +319,6 @@ async def _describe_group(admin: AIOKafkaAdminClient, group_id: str, stage: str)
                 out.append(Member(member_id, client_id, host.lstrip("/"), parts))
             return GroupStatus(group_id, stage, state or "Dead", out)
     return GroupStatus(group_id, stage, "Dead", [])
-
-
-async def _end_offsets(settings: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-    consumer = clients.reader(settings, client_id="headrace-status")
-    await consumer.start()
-    try:
-        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-        return ends
-    finally:
-        await consumer.stop()
-
-
-#: a tail longer than this is not read: its lag is shown as the offset difference, marked "~"
-EXACT_LAG_LIMIT = 10_000
-
-
-async def data_lag(
-    settings: Settings, offsets: dict[TopicPartition, tuple[int | None, int]]
-) -> dict[TopicPartition, tuple[int, bool]]:
-    """Data records between the committed offset and the end, per partition, and whether the
-    count is exact.
-
-    ``end - committed`` overstates it: a repartition topic carries checkpoint barriers after
-    the last data record (a caught-up downstream commits only at its next checkpoint), and
-    under exactly-once every transaction ends in a commit marker that takes an offset but is
-    never delivered. So the tail is read and only records without a barrier header count;
-    transaction markers are never returned by the consumer. A tail longer than
-    :data:`EXACT_LAG_LIMIT` is not read (it is a real backlog): its offset difference is
-    reported, marked approximate.
-    """
-    out: dict[TopicPartition, tuple[int, bool]] = {}
-    tails: dict[TopicPartition, tuple[int, int]] = {}
-    for tp, (committed, end) in offsets.items():
-        start = committed or 0
-        if end - start <= 0:
-            out[tp] = (0, True)
-        elif end - start > EXACT_LAG_LIMIT:
-            out[tp] = (end - start, False)
-        else:
-            tails[tp] = (start, end)
-    if not tails:
-        return out
-    consumer = clients.reader(settings, client_id="headrace-status")
-    await consumer.start()
-    try:
-        consumer.assign(list(tails))
-        for tp, (start, _) in tails.items():
-            consumer.seek(tp, start)
-            out[tp] = (0, True)
-        pending = set(tails)
-        deadline = time.monotonic() + 30
-        while pending and time.monotonic() < deadline:
-            batches = await consumer.getmany(*pending, timeout_ms=500)
-            for tp, records in batches.items():
-                end = tails[tp][1]
-                data = sum(
-                    1
-                    for r in records
-                    if r.offset < end and not any(h[0] == BARRIER_HEADER for h in r.headers)
-                )
-                out[tp] = (out[tp][0] + data, True)
-            for tp in list(pending):
-                if await consumer.position(tp) >= tails[tp][1]:
-                    pending.discard(tp)
-        for tp in pending:  # not read in time: fall back to the offset difference
-            start, end = tails[tp]
-            out[tp] = (end - start, False)
-        return out
-    finally:
-        await consumer.stop()
 
 
 def progress_bar(done: int, total: int, width: int = 24) -> str:
@@ -393,8 +379,11 @@ def render(status: JobStatus) -> str:
                 text = _ranges(st.get("running", []))
                 if st.get("restoring"):
                     text += f" +restoring {_ranges(st['restoring'])}"
+                if st.get("not_member"):
+                    text = "not a member"
                 cells.append(f"{text:<16}")
-            ready = "yes" if w.get("ready") else "no"
+            # a stale snapshot's "ready" is no longer known: the worker stopped publishing
+            ready = "stale" if _stale(w, status.now_ms) else "yes" if w.get("ready") else "no"
             lines.append(f"  {w['worker']:<28} {ready:<6} {seen:>8}  " + "  ".join(cells))
             for s, st in w.get("stages", {}).items():
                 for key, prog in sorted(st.get("restores", {}).items()):
