@@ -289,8 +289,10 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
-    help="text: one escaped line per entry; json: one JSON object per line (JSON Lines), "
-    'bytes as {"base64": ...}.',
+    help="text: one escaped line per entry. json: JSON Lines, one object per entry with "
+    "partition, state, key, map_key and value; bytes (a key the key serde cannot decode, "
+    'a bytes value) always as {"base64": ...}, objects JSON cannot hold as their repr. '
+    "Notes (no state, --limit reached) go to stderr in json.",
 )
 @click.option(
     "--guarantee",
@@ -309,10 +311,13 @@ def state(
 ) -> None:
     """Print an operator's state, read from its changelog topic (no worker needed).
 
-    Keys and values are printed escaped: a control character or an escape sequence in a key
-    shows as \\x1b and the like, never reaches the terminal as it is.
+    Keys and values are printed escaped: a control character or an escape sequence shows as
+    \\x1b and the like and never reaches the terminal as it is; a key that needed escaping
+    (or holds a backslash) is shown as its quoted Python repr, any other key as it is.
+    OPERATOR is a stateful operator's name; an unknown one is refused with the list.
     """
     from headrace.runtime.inspect import (
+        InspectError,
         check_stateful_operator,
         read_state,
         render_json,
@@ -326,13 +331,17 @@ def state(
         raise click.BadParameter(str(exc), param_hint="OPERATOR") from None
     settings = _settings(options)
     render = render_json if fmt == "json" else render_text
-    entries = asyncio.run(read_state(job, operator_id, settings, partition=partition, key=key))
+    try:
+        entries = asyncio.run(read_state(job, operator_id, settings, partition=partition, key=key))
+    except InspectError as exc:
+        raise click.ClickException(str(exc)) from None
     for entry in entries[:limit]:
         click.echo(render(entry))
-    if len(entries) > limit and fmt == "text":
-        click.echo(f"... ({len(entries) - limit} more; --limit {limit} reached)")
-    if not entries and fmt == "text":
-        click.echo("no state found")
+    # in json, stdout holds only the documents
+    if len(entries) > limit:
+        click.echo(f"... ({len(entries) - limit} more; --limit {limit} reached)", err=fmt == "json")
+    if not entries:
+        click.echo("no state found", err=fmt == "json")
 
 
 @cli.command()

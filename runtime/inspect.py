@@ -8,11 +8,12 @@ same restore code a worker uses, then decodes it with the operator's declared se
 from __future__ import annotations
 
 import base64
+import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
@@ -85,6 +86,10 @@ async def partition_count(settings: Settings, topic: str) -> int:
         await admin.close()
 
 
+class InspectError(ValueError):
+    """What was asked for cannot be read (no changelog topic, no such partition)."""
+
+
 async def operator_states(
     job: Job,
     operator_id: str,
@@ -96,8 +101,20 @@ async def operator_states(
     """An operator's state per task, rebuilt in memory from its changelog (restore code)."""
     _, step = job.find_operator(operator_id)
     topic = job.changelog_topic(operator_id)
+    count = await partition_count(settings, topic)
+    if count == 0:
+        raise InspectError(
+            f"changelog topic {topic!r} of operator {operator_id!r} does not exist on "
+            f"{settings.bootstrap_servers}: the job has not run against this broker yet"
+        )
     if partitions is None:
-        partitions = list(range(await partition_count(settings, topic)))
+        partitions = list(range(count))
+    outside = [p for p in partitions if not 0 <= p < count]
+    if outside:
+        raise InspectError(
+            f"changelog topic {topic!r} has partitions 0..{count - 1}; there is no partition "
+            f"{', '.join(map(str, outside))}"
+        )
     consumer = clients.reader(settings, client_id="headrace-inspect", committed_only=committed)
     await consumer.start()
     stores = []
@@ -191,39 +208,59 @@ def visible(text: str) -> str:
     return "".join(out)
 
 
+def shown_key(key: Any) -> str:
+    """A key as text: as it is when that is unambiguous (printable, no backslash), else its
+    ``repr``. So a key shown with a backslash is always a quoted ``repr`` (``'a\\x1b'`` is an
+    ESC, ``'a\\\\x1b'`` four literal characters), and one shown without is the key itself."""
+    text = key if isinstance(key, str) else str(key)
+    if isinstance(key, bytes) or "\\" in text or not text.isprintable():
+        return repr(key)
+    return text
+
+
 def render_text(entry: StateEntry) -> str:
-    """One line: ``partition=0 state=count key=the value=3`` (keys shown with ``str``, values
-    and map keys with ``repr``; everything escaped, see :func:`visible`)."""
+    """One line: ``partition=0 state=count key=the value=3``: keys as :func:`shown_key` shows
+    them, values and map keys as their ``repr``; whatever an object's ``repr`` returns is
+    escaped too (:func:`visible`), so nothing reaches a terminal raw."""
     where = f"[{entry.map_key!r}]" if entry.map_key is not None else ""
-    key = repr(entry.key) if isinstance(entry.key, bytes) else str(entry.key)
     return visible(
-        f"partition={entry.partition} state={entry.state} key={key}{where} value={entry.value!r}"
+        f"partition={entry.partition} state={entry.state} key={shown_key(entry.key)}{where} "
+        f"value={entry.value!r}"
     )
 
 
-def _json_default(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON can hold it: bytes as ``{"base64": ...}`` (whether UTF-8 or not, so a
+    reader never guesses), tuples and sets as lists, non-string dict keys as their ``repr``,
+    integers of any size, NaN and infinities as null, anything else as its ``repr``."""
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, bytes | bytearray | memoryview):
         return {"base64": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else repr(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
     return repr(value)
 
 
 def render_json(entry: StateEntry) -> str:
-    """One JSON object per line (JSON Lines): partition, state, key, map_key, value. Values
-    that JSON cannot hold: bytes as ``{"base64": ...}``, other objects as their ``repr``.
-    Every character a terminal would act on is a JSON escape."""
+    """One JSON object per line (JSON Lines): ``partition``, ``state``, ``key``, ``map_key``
+    (null unless a map state), ``value``, each as :func:`jsonable` makes it. Every character
+    a terminal would act on is a JSON ``\\uXXXX`` escape; the document is unchanged by that."""
     doc = {
         "partition": entry.partition,
         "state": entry.state,
-        "key": entry.key,
-        "map_key": entry.map_key,
-        "value": entry.value,
+        "key": jsonable(entry.key),
+        "map_key": jsonable(entry.map_key),
+        "value": jsonable(entry.value),
     }
-    text = orjson.dumps(doc, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode()
+    text = json.dumps(doc, ensure_ascii=False, allow_nan=False)
     if text.isprintable():
         return text
-    # orjson leaves DEL, C1 controls, separators and bidi overrides raw: valid JSON, but a
+    # json leaves DEL, C1 controls, separators and bidi overrides raw: valid JSON, but a
     # terminal acts on them; JSON's own \\uXXXX escapes keep the document the same
     out = []
     for ch in text:

@@ -28,6 +28,12 @@ LINES = [f"plain {EVIL} plain", f"{EVIL} again"]
 
 
 async def cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Exit code and stdout + stderr."""
+    code, out, err = await cli_streams(env, *args)
+    return code, out + err
+
+
+async def cli_streams(env: dict[str, str], *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -38,10 +44,10 @@ async def cli(env: dict[str, str], *args: str) -> tuple[int, str]:
         cwd=REPO,
         env=env,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_state_prints_hostile_keys_escaped_and_as_json_lines(
@@ -95,13 +101,32 @@ async def test_state_prints_hostile_keys_escaped_and_as_json_lines(
     code, text = await cli(env, "state", "examples.wordcount:job", "counts", "--key", EVIL.lower())
     assert code == 0, text
     assert "\x1b" not in text and "\u202e" not in text, ascii(text)
-    assert "key=\\x1b[31mred\\u202eevil value=2" in text, text
+    assert "key='\\x1b[31mred\\u202eevil' value=2" in text, text
+    code, text = await cli(env, "state", "examples.wordcount:job", "counts", "--key", "plain")
+    assert code == 0 and "state=count key=plain value=2" in text, text
 
-    code, text = await cli(env, "state", "examples.wordcount:job", "counts", "--format", "json")
-    assert code == 0, text
-    assert text.isascii() or "\u202e" not in text
-    docs = [json.loads(line) for line in text.splitlines()]
+    code, out, err = await cli_streams(
+        env, "state", "examples.wordcount:job", "counts", "--format", "json"
+    )
+    assert code == 0, out + err
+    assert "\x1b" not in out and "\u202e" not in out, ascii(out)
+    docs = [json.loads(line) for line in out.splitlines()]
     assert {d["key"]: d["value"] for d in docs} == {"plain": 2, EVIL.lower(): 2, "again": 1}
+    assert {d["state"] for d in docs} == {"count"} and all(d["map_key"] is None for d in docs)
+    # notes go to stderr, so stdout stays JSON Lines
+    code, out, err = await cli_streams(
+        env, "state", "examples.wordcount:job", "counts", "--format", "json", "--limit", "1"
+    )
+    assert code == 0 and len(out.splitlines()) == 1 and json.loads(out)["value"] in (1, 2)
+    assert "(2 more; --limit 1 reached)" in err, err
+
+    code, text = await cli(env, "state", "examples.wordcount:job", "counts", "--partition", "7")
+    assert code == 1 and "has partitions 0..1; there is no partition 7" in text, text
+    assert "Traceback" not in text
+    never_ran = dict(env, WORDCOUNT_JOB=f"{name}-never-ran")
+    code, text = await cli(never_ran, "state", "examples.wordcount:job", "counts")
+    assert code == 1 and f"changelog topic '{name}-never-ran.counts.changelog'" in text, text
+    assert "does not exist" in text and "Traceback" not in text
 
     code, text = await cli(env, "state", "examples.wordcount:job", "count")
     assert (
