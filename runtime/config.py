@@ -151,6 +151,7 @@ OTHER_ENV: dict[str, str] = {
     "HEADRACE_LOCAL_BROKER_DIR": "test broker: run dir of a running local broker",
     "HEADRACE_FAULT_PHASE": "recovery tests: crash at this checkpoint phase",
     "HEADRACE_FAULT_AFTER": "recovery tests: crash at this occurrence of the phase",
+    "HEADRACE_FAULT_ACTION": "recovery tests: kill (default) or stop (SIGSTOP once) at the phase",
     "HEADRACE_SOAK_SEED": "soak tests: seed",
     "HEADRACE_SOAK_SCALE": "soak tests: length factor",
 }

@@ -39,6 +39,7 @@ from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, nex
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka.lease import MembershipLease
 from headrace.runtime.kafka.producer import BatchSender, Delivery, first_gap, last_offset
 from headrace.runtime.kafka.topics import TopicLayout
@@ -264,6 +265,7 @@ class StageHost:
         """
         if self.exactly_once or not self.stateful:
             return []
+        maybe_crash("before-claim")
         if lease is not None:
             lease.check(f"the writer-epoch claim of task {io.name}")
         stores = io.task.stores

@@ -50,7 +50,7 @@ from headrace.runtime.host import Gap, StageHost, StartPoint, TaskIO, commit_che
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.health import BROKER_AWAY
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
-from headrace.runtime.kafka.producer import BatchSender
+from headrace.runtime.kafka.producer import BatchSender, abandon
 from headrace.runtime.kafka.topics import TopicLayout
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.store import OperatorStateStore
@@ -305,10 +305,27 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.suspended[p] = io
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        # aiokafka logs and swallows what a rebalance listener raises, and keeps the
+        # assignment: the partitions would stay assigned, paused and without a task, and the
+        # stage would stall without a word (a claim that meets an expired lease did exactly
+        # that). So nothing escapes this callback: the loop gets the failure, drops what was
+        # half taken over and rejoins (membership lost, broker away), or fails the worker.
         self.lease.joined()
-        partitions = sorted({tp.partition for tp in assigned})
         if assigned:
             self.consumer.pause(*assigned)
+        try:
+            await self._take_over(sorted({tp.partition for tp in assigned}))
+        except Exception as exc:  # handed to the loop, see above
+            if not isinstance(exc, MEMBERSHIP_LOST):
+                log.error("stage %s: taking over partitions failed: %s", self.stage.name, exc)
+            self.restore_error = exc
+
+    async def _take_over(self, partitions: list[int]) -> None:
+        """Resume or restore the tasks of newly assigned partitions.
+
+        A suspended task stays in ``self.suspended`` until it is resumed or closed, so that a
+        failure half-way leaves nothing open that :meth:`abandon` does not close.
+        """
         # Exactly-once: initialise each task's transactional producer *before* reading the
         # committed offsets. InitProducerId returns only once the previous owner's transaction
         # is complete, and offsets committed in a transaction become visible only then (the
@@ -321,20 +338,48 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     with contextlib.suppress(Exception):
                         await old.producer.stop()
                     old.producer = None
-            started = await asyncio.gather(*(self._start_producer(p) for p in partitions))
-            producers = dict(zip(partitions, started, strict=True))
+            started = await asyncio.gather(
+                *(self._start_producer(p) for p in partitions), return_exceptions=True
+            )
+            failed = next((r for r in started if isinstance(r, BaseException)), None)
+            if failed is not None:
+                for r in started:
+                    if isinstance(r, AIOKafkaProducer):
+                        with contextlib.suppress(Exception):
+                            await r.stop()
+                raise failed
+            producers = {
+                p: r
+                for p, r in zip(partitions, started, strict=True)
+                if isinstance(r, AIOKafkaProducer)
+            }
+        try:
+            await self._resume_or_restore(partitions, producers)
+        except BaseException:
+            owned = [*self.tasks.values(), *self.restoring.values()]
+            for producer in producers.values():  # closing a task stops its producer
+                if not any(io.producer is producer for io in owned):
+                    with contextlib.suppress(Exception):
+                        await producer.stop()
+            raise
+
+    async def _resume_or_restore(
+        self, partitions: list[int], producers: dict[int, AIOKafkaProducer]
+    ) -> None:
         committed = await self._committed(partitions)
         new: list[int] = []
         for p in partitions:
-            io = self.suspended.pop(p, None)
+            io = self.suspended.get(p)
             if (
                 io is not None
                 and await self._reusable(io, committed)
                 and await self._claim_unchanged(io)
             ):
+                del self.suspended[p]
                 await self._resume_suspended(io, producers.get(p))
                 continue
             if io is not None:
+                del self.suspended[p]
                 await self._close(io)
             new.append(p)
         for io in self.suspended.values():
@@ -518,8 +563,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             raise failed
 
     async def _close(self, io: TaskIO, *, abort: bool = False) -> None:
-        for fut, _ in io.unacked:  # outputs never acknowledged: nobody waits for them now
-            fut.add_done_callback(_retrieve)
+        abandon(io.unacked)  # outputs never acknowledged: nobody waits for them now
         io.unacked = []
         if abort and io.producer is not None:
             with contextlib.suppress(Exception):
@@ -560,9 +604,3 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             self.suspended.clear()
         await self.consumer.stop()
         await self.restore_consumer.stop()
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    """Consume a dropped delivery's outcome (no "exception was never retrieved" noise)."""
-    if not fut.cancelled():
-        fut.exception()

@@ -8,9 +8,10 @@ cost to once per batch, which is most of the gap to a hand-written loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -271,9 +272,10 @@ Delivery = tuple["asyncio.Future[Any]", int]
 async def last_offset(deliveries: list[Delivery]) -> int | None:
     """Offset of the last record of these batches (all to one partition), once delivered."""
     last: int | None = None
-    for fut, count in deliveries:
-        meta = await fut
-        last = meta.offset + count - 1
+    with _abandoned_on_failure(deliveries):
+        for fut, count in deliveries:
+            meta = await fut
+            last = meta.offset + count - 1
     return last
 
 
@@ -284,15 +286,42 @@ async def first_gap(deliveries: list[Delivery], expected: int) -> tuple[int, int
     A partition has one legitimate writer (the task's owner), whose batches get consecutive
     offsets; a gap means another producer, a zombie, wrote in between.
     """
-    for fut, count in deliveries:
-        meta = await fut
-        if meta.offset > expected:
-            return expected, meta.offset
-        expected = meta.offset + count
+    with _abandoned_on_failure(deliveries):
+        for fut, count in deliveries:
+            meta = await fut
+            if meta.offset > expected:
+                return expected, meta.offset
+            expected = meta.offset + count
     return None
 
 
 async def wait_delivered(deliveries: list[Delivery]) -> None:
     """Raise the first delivery error, if any (at-least-once acknowledgement)."""
+    with _abandoned_on_failure(deliveries):
+        for fut, _ in deliveries:
+            await fut
+
+
+def abandon(deliveries: list[Delivery]) -> None:
+    """Nobody will wait for these deliveries any more: consume their outcomes when they come.
+
+    When one batch fails (an expired lease, a fenced producer), the batches after it usually
+    fail with the same error; without this, asyncio prints "Future exception was never
+    retrieved" and a traceback for every one of them, burying the one warning that matters.
+    """
     for fut, _ in deliveries:
-        await fut
+        fut.add_done_callback(_consume_outcome)
+
+
+@contextlib.contextmanager
+def _abandoned_on_failure(deliveries: list[Delivery]) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        abandon(deliveries)
+        raise
+
+
+def _consume_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

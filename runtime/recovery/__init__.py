@@ -4,13 +4,8 @@ Used by headrace's own ``tests/recovery`` and, through the pytest plugin (``faul
 ``recovery_verifier``/``wordcount_verifier`` fixtures), by users testing their jobs.
 """
 
-from headrace.runtime.recovery.driver import (
-    FaultDriver,
-    FaultEvent,
-    WorkerProcess,
-    produce_paced,
-    skewed_partitioner,
-)
+from headrace.runtime.recovery.driver import FaultDriver, FaultEvent, WorkerProcess
+from headrace.runtime.recovery.produce import produce_paced, skewed_partitioner
 from headrace.runtime.recovery.verify import (
     Report,
     VerificationError,

@@ -35,12 +35,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-from aiokafka import AIOKafkaProducer
+from typing import IO
 
 from headrace.runtime.localkafka import LocalBroker
 
@@ -48,8 +46,6 @@ __all__ = [
     "FaultDriver",
     "FaultEvent",
     "WorkerProcess",
-    "produce_paced",
-    "skewed_partitioner",
 ]
 
 FAULT_LINE = "fault injection: SIGKILL at phase"
@@ -302,6 +298,35 @@ class FaultDriver:
             self._event("resume", w.name)
         return w
 
+    async def resume_when_stopped(
+        self,
+        worker: WorkerProcess,
+        *,
+        pause_s: float | tuple[float, float] = (9.0, 13.0),
+        wait_s: float = 180.0,
+    ) -> None:
+        """Wait until ``worker`` stopped itself at its fault phase (``HEADRACE_FAULT_ACTION=stop``,
+        see :mod:`headrace.runtime.faults`), keep it stopped ``pause_s`` seconds, then SIGCONT.
+
+        A pause at an exact point of the protocol rather than at a random moment. Raises if
+        the worker did not stop within ``wait_s`` (the scenario would not test what it claims).
+        """
+        deadline = time.monotonic() + wait_s
+        while not _stopped(worker.pid):
+            if not worker.alive():
+                raise AssertionError(f"{worker.name} exited ({worker.returncode}) before stopping")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{worker.name} did not reach its fault phase in {wait_s}s")
+            await asyncio.sleep(0.05)
+        seconds = pause_s if isinstance(pause_s, int | float) else self.rng.uniform(*pause_s)
+        self._paused.append(worker)
+        self._event("pause", f"{worker.name} for {seconds:.1f}s (at its fault phase)")
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            worker.signal(signal.SIGCONT)
+            self._event("resume", worker.name)
+
     async def random_pauses(
         self,
         n: int,
@@ -419,71 +444,10 @@ class FaultDriver:
             w.reap()
 
 
-# --------------------------------------------------------------------------------------
-# input
-# --------------------------------------------------------------------------------------
-
-
-def skewed_partitioner(
-    partitions: int,
-    *,
-    seed: int = 0,
-    hot: int = 0,
-    hot_share: float = 0.8,
-    idle: Sequence[int] = (),
-) -> Callable[[int], int]:
-    """``index -> partition``: ``hot_share`` of the records go to ``hot``, none to ``idle``."""
-    rng = random.Random(seed)
-    others = [p for p in range(partitions) if p != hot and p not in idle]
-
-    def choose(_index: int) -> int:
-        if not others or rng.random() < hot_share:
-            return hot
-        return rng.choice(others)
-
-    return choose
-
-
-async def produce_paced(
-    bootstrap_servers: str,
-    topic: str,
-    values: Sequence[bytes],
-    *,
-    rate: float,
-    partition_of: Callable[[int], int] | None = None,
-    chunk_s: float = 0.05,
-    key_of: Callable[[int], bytes | None] | None = None,
-) -> int:
-    """Produce ``values`` at about ``rate`` records/s (idempotent, acks=all); returns the count.
-
-    Survives a broker restart: sends wait in the producer's buffer and are retried.
-    """
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        request_timeout_ms=120_000,
-        retry_backoff_ms=200,
-    )
-    await producer.start()
+def _stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state ``T`` in ``/proc/<pid>/stat``; Linux)."""
     try:
-        per_chunk = max(1, int(rate * chunk_s))
-        started = time.monotonic()
-        futures: list[Any] = []
-        for i, value in enumerate(values):
-            p = partition_of(i) if partition_of is not None else None
-            k = key_of(i) if key_of is not None else None
-            futures.append(await producer.send(topic, value, key=k, partition=p))
-            if (i + 1) % per_chunk == 0:
-                due = started + (i + 1) / rate
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if len(futures) > 5000:
-                    await asyncio.gather(*futures)
-                    futures = []
-        await asyncio.gather(*futures)
-        return len(values)
-    finally:
-        await producer.stop()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from scenario import MakeRun, WordcountRun
+from scenario import PARTITIONS, MakeRun, WordcountRun
+
+from headrace.runtime.recovery.driver import WorkerProcess
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -82,3 +84,55 @@ async def test_paused_workers_come_back_as_zombies_and_state_stays_exact(
     if guarantee == "at_least_once":
         assert "claimed writer epoch" in logs, run.diagnostics()
     assert "rejoining the group" in logs, run.diagnostics()
+
+
+async def wait_for_lines(
+    worker: WorkerProcess, text: str, count: int, wait_s: float = 90.0
+) -> None:
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while worker.log().count(text) < count:
+        assert worker.alive(), f"{worker.name} exited:\n{worker.log()[-3000:]}"
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"{worker.name} did not log {text!r} {count}x in {wait_s}s:\n{worker.log()[-3000:]}"
+        )
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("backend", ["memory", "rocksdb"])
+async def test_a_worker_stopped_while_it_takes_back_its_tasks_drops_them_and_rejoins(
+    wordcount_run: MakeRun, backend: str
+) -> None:
+    """At-least-once. A join makes the group revoke every task and hand some straight back:
+    the first worker suspends its tasks and, taking one back, is stopped (SIGSTOP, at the fault
+    phase ``before-claim``) for longer than its session timeout. When it continues, its claim
+    meets the expired lease inside the rebalance callback. aiokafka logs and swallows what a
+    rebalance listener raises and keeps the assignment, so that failure used to leave the
+    worker holding paused partitions with half-taken-over tasks (an open RocksDB store that the
+    next restore of the task cannot open). It must drop them and rejoin, and state stays exact.
+    """
+    run = await wordcount_run("at_least_once", backend, seed=43, env=ZOMBIE_ENV)
+    d = run.driver
+    producer = run.produce(4500, rate=150)  # ~30 s: input flows on after the worker continues
+    # Alone, the first worker claims all PARTITIONS stage-1 tasks; its next claim is for a
+    # task it takes back when the second worker joins.
+    first = d.start_worker(
+        fault_phase="before-claim",
+        fault_after=PARTITIONS + 1,
+        env={"HEADRACE_FAULT_ACTION": "stop"},
+    )
+    await wait_for_lines(first, "claimed writer epoch", PARTITIONS)
+    d.start_worker()
+    await d.resume_when_stopped(first, pause_s=PAUSE_S)
+    await producer
+    await asyncio.sleep(2.0)  # let the resumed worker notice and rejoin
+    log = first.log()
+    assert "LeaseExpired" in log and "the writer-epoch claim of task" in log, (
+        f"the resumed worker never met its expired lease at the claim:\n{log[-4000:]}"
+    )
+    # aiokafka's words for a listener that raised: the failure escaped to where nobody acts
+    assert "failed on partition assignment" not in log, log[-6000:]
+    assert "exception was never retrieved" not in log, log[-6000:]
+    zombies_died = d.zombies_that_died()
+    report = await run.finish_and_verify(workers=2)
+    run.assert_ok(report)
+    assert not zombies_died, f"the resumed worker exited: {zombies_died}\n{run.diagnostics()}"
