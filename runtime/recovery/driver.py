@@ -287,15 +287,8 @@ class FaultDriver:
         """
         w = worker or self.pick()
         await w.wait_started()
-        seconds = pause_s if isinstance(pause_s, int | float) else self.rng.uniform(*pause_s)
         w.signal(signal.SIGSTOP)
-        self._paused.append(w)
-        self._event("pause", f"{w.name} for {seconds:.1f}s")
-        try:
-            await asyncio.sleep(seconds)
-        finally:
-            w.signal(signal.SIGCONT)
-            self._event("resume", w.name)
+        await self._hold_stopped(w, pause_s)
         return w
 
     async def resume_when_stopped(
@@ -318,9 +311,15 @@ class FaultDriver:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{worker.name} did not reach its fault phase in {wait_s}s")
             await asyncio.sleep(0.05)
+        await self._hold_stopped(worker, pause_s, note=" (at its fault phase)")
+
+    async def _hold_stopped(
+        self, worker: WorkerProcess, pause_s: float | tuple[float, float], note: str = ""
+    ) -> None:
+        """``worker`` is stopped: keep it so for ``pause_s`` seconds, then SIGCONT."""
         seconds = pause_s if isinstance(pause_s, int | float) else self.rng.uniform(*pause_s)
         self._paused.append(worker)
-        self._event("pause", f"{worker.name} for {seconds:.1f}s (at its fault phase)")
+        self._event("pause", f"{worker.name} for {seconds:.1f}s{note}")
         try:
             await asyncio.sleep(seconds)
         finally:
