@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,31 @@ SYSTEMS = [
     "faust",
     "quix",
 ]
-SCENARIOS = ["s1", "s2", "s3", "s4"]
+SCENARIOS = ["s1", "s2", "s3", "s4", "s5", "s6"]
+#: the script of the floor (system "plain") per throughput scenario
+FLOORS = {"s1": "plain.py", "s2": "plain.py", "s5": "plain_twohop.py", "s6": "plain_user.py"}
+#: headrace_count.py --mode per throughput scenario
+HEADRACE_MODES = {"s1": "keyed", "s2": "keyed", "s5": "lines", "s6": "user"}
+#: scenarios each peer has a program for (the others are skipped for it, and said so)
+PEER_SCENARIOS = {"faust": {"s1", "s2"}, "quix": {"s1", "s2"}}
 LOGS = h.RUN_DIR / "logs"
 STATE = h.RUN_DIR / "state"
 
 
+class Unsupported(Exception):
+    """This system has no program for this scenario."""
+
+
 def system_cmd(
-    system: str, bootstrap: str, inp: str, out: str, tag: str
+    system: str, bootstrap: str, inp: str, out: str, tag: str, scenario: str = "s1"
 ) -> tuple[list[str], str, str]:
     """(command, output value format, isolation level the verifier reads with)."""
     io = {"bootstrap": bootstrap, "input": inp, "output": out}
     if system == "plain":
-        return h.system_argv(h.PROJECT_PY, "plain.py", **io, group=tag), "int64", "read_uncommitted"
+        argv = h.system_argv(h.PROJECT_PY, FLOORS[scenario], **io, group=tag)
+        return argv, "int64", "read_uncommitted"
+    if scenario not in PEER_SCENARIOS.get(system, set(HEADRACE_MODES)):
+        raise Unsupported(f"{system} has no program for {scenario}")
     state_dir = STATE / tag
     if system.startswith("headrace-"):
         _, g, b = system.split("-")
@@ -61,6 +75,7 @@ def system_cmd(
             guarantee=guarantee,
             backend=backend,
             state_dir=state_dir,
+            mode=HEADRACE_MODES[scenario],
         )
         return argv, "int64", ("read_committed" if g == "eos" else "read_uncommitted")
     if system == "faust":
@@ -91,29 +106,78 @@ async def changelog_stats(broker: h.Broker, tag: str) -> tuple[list[str], int, i
     return topics, records, None if any(s is None for s in sizes) else sum(s or 0 for s in sizes)
 
 
-# -- S1 / S2 (and S3 after S2) -------------------------------------------------------------------
+# -- workloads -------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """Input records of a throughput scenario and the final count per output key they imply
+    (one output record per unit of work: per input record, or per word in S5)."""
+
+    records: list[tuple[bytes | None, bytes]]
+    expected: Counter[str]
+
+
+def keyed_workload(keys: list[str]) -> Workload:
+    """S1 / S2: one record per key occurrence, ~100-byte values; output: the count per key."""
+    records = [(k.encode(), h.pad_value(k, i)) for i, k in enumerate(keys)]
+    return Workload(records, Counter(keys))
+
+
+def lines_workload(words: int) -> Workload:
+    """S5: unkeyed lines of 4..14 words (real English frequencies) adding up to ~``words``."""
+    from examples.corpus import count_words, generate_lines
+
+    lines = generate_lines(max(1, words // 9))
+    return Workload([(None, line.encode()) for line in lines], count_words(lines))
+
+
+def user_workload(n: int, *, categories: int = 20, seed: int = 7) -> Workload:
+    """S6: ``n`` records of ``n // 10`` users (100k for 1M), value ``b"<category>|<padding>"``;
+    output key ``"<user>:<category>"``, its count."""
+    rng = random.Random(seed)
+    users = [f"u{i:06d}" for i in range(max(1000, n // 10))]
+    cats = [f"cat{i:02d}" for i in range(categories)]
+    records: list[tuple[bytes | None, bytes]] = []
+    expected: Counter[str] = Counter()
+    for i in range(n):
+        user, cat = rng.choice(users), rng.choice(cats)
+        head = f"{cat}|{i} ".encode()
+        records.append((user.encode(), head + b"x" * max(0, h.VALUE_BYTES - len(head))))
+        expected[f"{user}:{cat}"] += 1
+    return Workload(records, expected)
+
+
+# -- S1 / S2 / S5 / S6 (and S3 after S2) -----------------------------------------------------------
 async def throughput_scenario(
     broker: h.Broker,
     args: argparse.Namespace,
     scenario: str,
-    keys: list[str],
+    workload: Workload,
     results: dict[str, Any],
 ) -> None:
     bootstrap = broker.bootstrap
     nonce = secrets.token_hex(3)
     inp = f"bench.{scenario}.input.{nonce}"
     await h.create_topics(bootstrap, [inp])
-    print(f"[{scenario}] producing {len(keys):,} records to {inp}", flush=True)
-    await h.produce(bootstrap, inp, [(k.encode(), h.pad_value(k, i)) for i, k in enumerate(keys)])
-    expected = Counter(keys)
-    runs: dict[str, list[h.RunResult]] = {s: [] for s in args.systems}
+    print(f"[{scenario}] producing {len(workload.records):,} records to {inp}", flush=True)
+    await h.produce(bootstrap, inp, workload.records)
+    expected = workload.expected
+    outputs = sum(expected.values())
+    systems = []
+    for system in args.systems:
+        try:
+            system_cmd(system, bootstrap, inp, "-", "-", scenario)
+        except Unsupported as exc:
+            print(f"[{scenario}] skipped: {exc}", flush=True)
+            continue
+        systems.append(system)
+    runs: dict[str, list[h.RunResult]] = {s: [] for s in systems}
     restores: list[dict[str, Any]] = []
     for run in range(args.runs):
-        for system in args.systems:
+        for system in systems:
             tag = f"{scenario}-{system}-r{run}-{nonce}"
             out = f"{tag}.out"
             await h.create_topics(bootstrap, [out])
-            cmd, fmt, isolation = system_cmd(system, bootstrap, inp, out, tag)
+            cmd, fmt, isolation = system_cmd(system, bootstrap, inp, out, tag, scenario)
             profile = None
             if args.profile and system.startswith("headrace"):
                 profile = h.RUN_DIR / "profiles" / f"{tag}.collapsed.txt"
@@ -121,7 +185,7 @@ async def throughput_scenario(
                 cmd,
                 bootstrap=bootstrap,
                 output=out,
-                expected_outputs=len(keys),
+                expected_outputs=outputs,
                 limit_s=args.timeout,
                 log_path=LOGS / f"{tag}.log",
                 profile=profile,
@@ -459,7 +523,11 @@ async def amain(args: argparse.Namespace) -> Path:
                 (
                     "s1",
                     lambda: throughput_scenario(
-                        broker, args, "s1", h.keys_low_cardinality(args.records), results
+                        broker,
+                        args,
+                        "s1",
+                        keyed_workload(h.keys_low_cardinality(args.records)),
+                        results,
                     ),
                 )
             )
@@ -468,7 +536,29 @@ async def amain(args: argparse.Namespace) -> Path:
                 (
                     "s2",
                     lambda: throughput_scenario(
-                        broker, args, "s2", h.keys_high_cardinality(args.records), results
+                        broker,
+                        args,
+                        "s2",
+                        keyed_workload(h.keys_high_cardinality(args.records)),
+                        results,
+                    ),
+                )
+            )
+        if "s5" in args.scenarios:
+            steps.append(
+                (
+                    "s5",
+                    lambda: throughput_scenario(
+                        broker, args, "s5", lines_workload(args.records), results
+                    ),
+                )
+            )
+        if "s6" in args.scenarios:
+            steps.append(
+                (
+                    "s6",
+                    lambda: throughput_scenario(
+                        broker, args, "s6", user_workload(args.records), results
                     ),
                 )
             )

@@ -1,7 +1,9 @@
 """headrace under the benchmark (project venv). Runs until SIGTERM (final checkpoint, exit 0).
 
 ``--mode keyed`` (S1/S2/S4): one stage, source keyed by word -> count -> sink; no key_by.
-``--mode lines`` (issue 4): the examples.wordcount job shape (flat_map split, key_by, count).
+``--mode lines`` (issue 4, S5): the examples.wordcount job shape (flat_map split, key_by, count).
+``--mode user`` (S6): a user operator with a ValueState (the user's record count) and a MapState
+(category -> count), keyed by user; emits ``("<user>:<category>", count)`` per record.
 ``--restore-only``: join the group, restore, print ``RESTORED <seconds>`` once ready, exit.
 """
 
@@ -15,10 +17,14 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from examples.wordcount import build as build_wordcount
 from headrace.operators.job import Job
+from headrace.operators.operator import Context, Operator
+from headrace.operators.record import Record
 from headrace.operators.serde import BYTES, INT, STR
+from headrace.operators.state import MapStateDescriptor, ValueStateDescriptor
 from headrace.runtime.config import Guarantee, Settings
 from headrace.runtime.worker import Worker
 
@@ -28,6 +34,30 @@ def keyed_job(name: str, source: str, sink: str) -> Job:
     (
         job.source(source, key_serde=STR, value_serde=BYTES)
         .count(name="counts")
+        .sink(sink, key_serde=STR, value_serde=INT)
+    )
+    return job
+
+
+class UserStats(Operator):
+    """S6: per user, the record count and the count per category (the text before ``|``)."""
+
+    total = ValueStateDescriptor[int](type=int, default=0)
+    per_category = MapStateDescriptor[str, int](key_type=str, type=int)
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        category = record.value.split(b"|", 1)[0].decode()
+        self.total.update(self.total.value() + 1)
+        n = (self.per_category.get(category) or 0) + 1
+        self.per_category.put(category, n)
+        ctx.emit(n, key=f"{record.key}:{category}")
+
+
+def user_job(name: str, source: str, sink: str) -> Job:
+    job = Job(name)
+    (
+        job.source(source, key_serde=STR, value_serde=BYTES)
+        .process(UserStats(), name="user-stats")
         .sink(sink, key_serde=STR, value_serde=INT)
     )
     return job
@@ -52,7 +82,7 @@ async def main() -> None:
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--job", required=True)
-    ap.add_argument("--mode", choices=["keyed", "lines"], default="keyed")
+    ap.add_argument("--mode", choices=["keyed", "lines", "user"], default="keyed")
     ap.add_argument("--guarantee", default="at_least_once")
     ap.add_argument("--backend", default="memory")
     ap.add_argument("--state-dir", default=".headrace/bench-state")
@@ -65,6 +95,8 @@ async def main() -> None:
     logging.getLogger("headrace.runtime.worker").addHandler(times)
     if a.mode == "keyed":
         job = keyed_job(a.job, a.input, a.output)
+    elif a.mode == "user":
+        job = user_job(a.job, a.input, a.output)
     else:
         job = build_wordcount(a.job, a.input, a.output)
     settings = Settings(
