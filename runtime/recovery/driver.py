@@ -165,7 +165,7 @@ class FaultDriver:
             "HEADRACE_BOOTSTRAP_SERVERS": bootstrap_servers,
             **dict(env or {}),
         }
-        for var in ("HEADRACE_FAULT_PHASE", "HEADRACE_FAULT_AFTER"):
+        for var in ("HEADRACE_FAULT_PHASE", "HEADRACE_FAULT_AFTER", "HEADRACE_FAULT_ACTION"):
             if var not in (env or {}):
                 self.base_env.pop(var, None)
         self.workers: list[WorkerProcess] = []
