@@ -6,11 +6,16 @@ coordinator, and idle partitions still produce them (ARCHITECTURE.md section 5.1
 
 On a repartition topic every record carries the ``hr.ch`` header (the upstream partition that
 wrote it: the *channel*), and a barrier is a record with an empty value and a second header
-``hr.barrier``. Header order is fixed by the writer so the reader can index instead of search:
-the per-record cost downstream is one ``int()`` of a short byte string.
+``hr.barrier``. Readers recognise these headers by *name*, never by position (issue 15 item 5):
+a foreign header (tracing, a producer interceptor, a tool that copies records) may appear in any
+position and is ignored. The writer still puts ``hr.ch`` first and the barrier or sequence second,
+so the reader's fast path is a check of that exact shape (two string compares) before one
+``int()``; any other shape takes ``read_internal``, which searches by name.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 CHANNEL_HEADER = "hr.ch"
 BARRIER_HEADER = "hr.barrier"
@@ -50,6 +55,33 @@ def sequence(offset: int, index: int, topic_index: int) -> int:
 def dedupe_slot(channel: int, seq: int) -> int:
     """The (channel, input topic) pair a sequence number is ordered within."""
     return (channel << SEQ_TOPIC_BITS) | (seq & ((1 << SEQ_TOPIC_BITS) - 1))
+
+
+def read_internal(
+    headers: Sequence[tuple[str, bytes]], topic: str, partition: int, offset: int
+) -> tuple[int, bytes | None, bytes | None]:
+    """``(channel, barrier, sequence)`` of an internal record, found by header name.
+
+    Headers with other names are ignored wherever they are. A record without ``hr.ch`` was not
+    written by headrace: it is refused loudly (it cannot be assigned to a channel, so it cannot
+    be aligned or deduplicated), naming where it is."""
+    channel: bytes | None = None
+    barrier: bytes | None = None
+    seq: bytes | None = None
+    for name, value in headers:
+        if name == CHANNEL_HEADER:
+            channel = value
+        elif name == BARRIER_HEADER:
+            barrier = value
+        elif name == SEQUENCE_HEADER:
+            seq = value
+    if channel is None:
+        raise ValueError(
+            f"record at {topic}/{partition}@{offset} on an internal topic has no "
+            f"{CHANNEL_HEADER!r} header (headers: {[n for n, _ in headers]}): it was not "
+            "written by headrace; internal topics must only be written by the job's own stages"
+        )
+    return int(channel), barrier, seq
 
 
 def barrier_headers(channel: int, checkpoint_id: int) -> list[tuple[str, bytes]]:

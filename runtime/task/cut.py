@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from headrace.runtime.checkpoint.alignment import BarrierAligner
-from headrace.runtime.checkpoint.barrier import BARRIER_HEADER, barrier_id, dedupe_slot
+from headrace.runtime.checkpoint.barrier import (
+    BARRIER_HEADER,
+    CHANNEL_HEADER,
+    SEQUENCE_HEADER,
+    barrier_id,
+    dedupe_slot,
+    read_internal,
+)
 from headrace.runtime.task.records import RawRecord
 
 if TYPE_CHECKING:
@@ -159,31 +166,45 @@ class AlignedCut:
         while i < n:
             r = records[i]
             i += 1
+            # Headers by name (barrier.py): the writer's own shape is checked first (fast);
+            # anything else (a foreign header anywhere) is searched by name.
             headers = r.headers
-            channel = int(headers[0][1])
+            barrier = seq = None
+            nh = len(headers)
+            h0 = headers[0] if nh else None
+            if nh == 1 and h0[0] == CHANNEL_HEADER:  # type: ignore[index]
+                channel = int(h0[1])  # type: ignore[index]
+            elif nh == 2 and h0[0] == CHANNEL_HEADER:  # type: ignore[index]
+                channel = int(h0[1])  # type: ignore[index]
+                name, value = headers[1]
+                if name == BARRIER_HEADER:
+                    barrier = value
+                elif name == SEQUENCE_HEADER:
+                    seq = value
+            else:
+                channel, barrier, seq = read_internal(headers, r.topic, r.partition, r.offset)
             if not aligner.admit(channel, r.offset):
                 continue
-            if len(headers) > 1 and headers[1][0] == BARRIER_HEADER:
+            if barrier is not None:
                 if batch:
                     self.task.run(batch, 0, len(batch))
                     batch = []
-                aligner.on_barrier(channel, r.offset, int(headers[1][1]))
+                aligner.on_barrier(channel, r.offset, int(barrier))
                 if aligner.ready:
                     self.task.prepare(force=False, final=False)
                     break
-            elif aligner.on_record(channel, r.offset, r) and fresh(r, channel):
+            elif aligner.on_record(channel, r.offset, r) and fresh(r, channel, seq):
                 batch.append(r)
         if batch:
             self.task.run(batch, 0, len(batch))
         return i
 
-    def _fresh(self, r: RawRecord, channel: int) -> bool:
+    def _fresh(self, r: RawRecord, channel: int, seq_header: bytes | None) -> bool:
         """Count a repartition record; False if an upstream replay already delivered it."""
         task = self.task
         task.counters.records_in += 1
-        headers = r.headers
-        if len(headers) > 1:
-            seq = int(headers[1][1])
+        if seq_header is not None:
+            seq = int(seq_header)
             slot = dedupe_slot(channel, seq)
             if seq <= task.seen.get(slot, -1):
                 task.counters.deduplicated += 1
@@ -219,7 +240,11 @@ class AlignedCut:
         if pending.final:
             return
         released = self.aligner.complete(pending.checkpoint_id)
-        batch = [r for r in released if self._fresh(r, int(r.headers[0][1]))]
+        batch = []
+        for r in released:
+            channel, _, seq = read_internal(r.headers, r.topic, r.partition, r.offset)
+            if self._fresh(r, channel, seq):
+                batch.append(r)
         if batch:
             self.task.run(batch, 0, len(batch))
         if self.aligner.ready:
