@@ -1,0 +1,135 @@
+"""Internal headers are read by name (issue 15 item 5).
+
+Records written to a real repartition-shaped topic (channel, sequence and barrier headers as
+headrace writes them), once as written and once with a foreign header (tracing, an interceptor)
+in every position: read back from the broker and fed through a repartition-fed task's aligned
+cut, both give the same processed records, the same dedupe and the same checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from headrace.runtime.checkpoint.barrier import (
+    SEQUENCE_HEADER,
+    barrier_headers,
+    channel_headers,
+    sequence,
+)
+from headrace.runtime.task.cut import AlignedCut
+from headrace.runtime.task.records import TaskCounters
+
+pytestmark = pytest.mark.kafka
+
+FOREIGN = ("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+
+
+@dataclass
+class _Source:
+    topics: list[str]
+
+
+@dataclass
+class _Stage:
+    source: _Source
+    name: str = "counts"
+
+
+@dataclass
+class _Owner:
+    """The parts of a StageTask an aligned cut reads: records it runs, checkpoints it takes."""
+
+    stage: Any
+    partition: int = 0
+    checkpoint_interval_ms: int = 1000
+    last_checkpoint: int = -1
+    counters: TaskCounters = field(default_factory=TaskCounters)
+    seen: dict[int, int] = field(default_factory=dict)
+    processed: list[tuple[bytes | None, bytes | None]] = field(default_factory=list)
+    checkpoints: int = 0
+    cut: Any = None
+
+    def clock(self) -> float:
+        return 0.0
+
+    def run(self, records: Any, start: int, end: int) -> None:
+        self.processed.extend((r.key, r.value) for r in records[start:end])
+
+    def prepare(self, *, force: bool, final: bool, checkpoint_id: int | None = None) -> None:
+        """Take the cut and commit it at once: the records held behind the barrier are
+        released (read again, by name, in ``committed``)."""
+        self.checkpoints += 1
+        taken = self.cut.take(force, checkpoint_id)
+        self.cut.committed(SimpleNamespace(checkpoint_id=taken.checkpoint_id, final=False))
+
+
+def _written() -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]:
+    """Two channels: sequenced data, a replay of channel 0's first records, then a barrier."""
+    out: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]] = []
+    for ch in (0, 1):
+        for i in range(5):
+            seq = (SEQUENCE_HEADER, b"%d" % sequence(i, 0, 0))
+            out.append((b"k%d" % i, b"v%d-%d" % (ch, i), [*channel_headers(ch), seq]))
+    for i in range(3):  # an upstream replay: dropped by the dedupe
+        seq = (SEQUENCE_HEADER, b"%d" % sequence(i, 0, 0))
+        out.append((b"k%d" % i, b"v0-%d" % i, [*channel_headers(0), seq]))
+    for ch in (0, 1):
+        out.append((None, b"", barrier_headers(ch, 7)))
+    for ch in (0, 1):  # after the barrier, unsequenced (a later hop)
+        out.append((b"late", b"late-%d" % ch, channel_headers(ch)))
+    return out
+
+
+def _with_foreign(headers: list[tuple[str, bytes]], i: int) -> list[tuple[str, bytes]]:
+    pos = i % (len(headers) + 1)  # first, between, last: every position in turn
+    return [*headers[:pos], FOREIGN, *headers[pos:]]
+
+
+async def _round_trip(servers: str, topic: str, foreign: bool) -> _Owner:
+    producer = AIOKafkaProducer(bootstrap_servers=servers)
+    await producer.start()
+    try:
+        for i, (k, v, h) in enumerate(_written()):
+            await producer.send_and_wait(
+                topic, v, key=k, partition=0, headers=_with_foreign(h, i) if foreign else h
+            )
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=servers, auto_offset_reset="earliest")
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        while len(records) < len(_written()):
+            batch = await consumer.getmany(timeout_ms=2000)
+            for rs in batch.values():
+                records.extend(rs)
+    finally:
+        await consumer.stop()
+    if foreign:
+        assert all(FOREIGN in list(r.headers) for r in records)
+    owner = _Owner(stage=_Stage(_Source([topic])))
+    cut = AlignedCut(owner, upstream_partitions=2, timeout=60.0)  # type: ignore[arg-type]
+    owner.cut = cut
+    i = 0
+    while i < len(records):
+        i = cut.feed(records, i)
+    return owner
+
+
+async def test_foreign_headers_on_a_repartition_topic_change_nothing(
+    kafka_bootstrap_servers: str, topic_factory: Any
+) -> None:
+    plain = await _round_trip(kafka_bootstrap_servers, await topic_factory("rp-plain"), False)
+    traced = await _round_trip(kafka_bootstrap_servers, await topic_factory("rp-traced"), True)
+    assert plain.checkpoints == 1
+    assert len(plain.processed) == 12  # 10 data records + 2 after the barrier; 3 replays dropped
+    assert plain.counters.deduplicated == 3
+    assert traced.processed == plain.processed
+    assert traced.checkpoints == plain.checkpoints
+    assert traced.counters.deduplicated == plain.counters.deduplicated
+    assert traced.seen == plain.seen
