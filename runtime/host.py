@@ -36,9 +36,13 @@ from aiokafka import AIOKafkaProducer
 from headrace.operators.job import ErrorPolicy, Job, Stage
 from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, next_epoch
-from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata, CheckpointMetadataError
 from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
-from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.checkpoint.restore import (
+    RestoreTarget,
+    StateWithoutCheckpointError,
+    restore,
+)
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka.lease import MembershipLease
 from headrace.runtime.kafka.producer import BatchSender, Delivery, first_gap, last_offset
@@ -46,7 +50,7 @@ from headrace.runtime.kafka.topics import TopicLayout
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task import StageTask
 
-__all__ = ["Gap", "StageHost", "StartPoint"]
+__all__ = ["CheckpointMissingError", "Gap", "StageHost", "StartPoint"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +125,30 @@ class StartPoint:
 
     positions: dict[InputTP, int] = field(default_factory=dict)
     meta: CheckpointMetadata | None = None
+    #: inputs whose committed offset carries no headrace checkpoint (reset with Kafka's tools,
+    #: or committed by another program): the state in the changelog cannot be placed
+    unverified: list[InputTP] = field(default_factory=list)
+
+
+class CheckpointMissingError(RuntimeError):
+    """A task's committed offsets do not say which checkpoint they belong to (or say it in a
+    format this version cannot read) while its changelog holds state. Starting would either
+    drop that state or count its input twice; headrace stops and says how to go on.
+
+    Why refuse rather than guess: an offset without headrace's metadata is what
+    ``kafka-consumer-groups --reset-offsets`` leaves behind. Under at-least-once the restore
+    used to take it for "no checkpoint", treat every changelog record as never committed and
+    rewrite those keys as deleted at the next checkpoint: the state was erased silently.
+    """
+
+    def __init__(self, task: str, group: str, what: str) -> None:
+        self.task, self.group = task, group
+        super().__init__(
+            f"task {task} (group {group!r}): {what}. Nothing was consumed. To start the job "
+            "from scratch, stop every worker and run `headrace reset MODULE:JOB --yes` (it "
+            "deletes the job's state and internal topics and resets its input offsets); to "
+            "keep the state, restore the offsets headrace committed"
+        )
 
 
 class StageHost:
@@ -199,7 +227,18 @@ class StageHost:
                 continue
             offset, text = found
             start.positions[tp] = offset
-            start.meta = CheckpointMetadata.decode(text) or start.meta
+            try:
+                meta = CheckpointMetadata.decode(text)
+            except CheckpointMetadataError as exc:
+                raise CheckpointMissingError(
+                    f"{self.stage.name}/{partition}",
+                    self.group_id,
+                    f"the committed offset {offset} of {tp[0]}[{tp[1]}] carries {exc}",
+                ) from exc
+            if meta is None:
+                start.unverified.append(tp)
+            else:
+                start.meta = meta
         return start
 
     # -- 3. restore ------------------------------------------------------------------------------
@@ -213,11 +252,14 @@ class StageHost:
             if not self.exactly_once:
                 meta = start.meta
                 valid_until = meta.changelog_offsets.get(op, -1) if meta else -1
-            targets.append(
-                RestoreTarget(
-                    io.task.stores[op], self.changelog_topics[op], io.task.partition, valid_until
-                )
+            target = RestoreTarget(
+                io.task.stores[op], self.changelog_topics[op], io.task.partition, valid_until
             )
+            if start.unverified:
+                target.unverified = ", ".join(
+                    f"{t}[{p}] at offset {start.positions[(t, p)]}" for t, p in start.unverified
+                )
+            targets.append(target)
         return targets
 
     async def restore(
@@ -241,7 +283,17 @@ class StageHost:
         targets = [t for _, _, t in by_target]
         if on_targets is not None:
             on_targets(targets)
-        await restore(reader, targets, batch_size=batch_size, progress=progress)
+        try:
+            await restore(reader, targets, batch_size=batch_size, progress=progress)
+        except StateWithoutCheckpointError as exc:
+            target = exc.target
+            raise CheckpointMissingError(
+                f"{self.stage.name}/{target.partition}",
+                self.group_id,
+                f"the committed offset(s) of {target.unverified} carry no headrace checkpoint "
+                "(reset with Kafka's tools, or committed by another program), but changelog "
+                f"{target.topic}[{target.partition}] holds {exc.records:,} record(s) of state",
+            ) from exc
         read_until: dict[int, dict[str, int]] = {io.task.partition: {} for io, _ in tasks}
         for io, op, target in by_target:
             io.changelog_last[op] = target.last_applied

@@ -43,7 +43,7 @@ from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import Job
 from headrace.runtime.checkpoint.lag import Tail, data_lag, log_bounds
-from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata, CheckpointMetadataError
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.topics import status_topic, topic_partitions
@@ -277,7 +277,7 @@ async def read_status(job: Job, settings: Settings) -> JobStatus:
                 for tp in tps:
                     om = committed.get(tp)
                     off = om.offset if om is not None and om.offset >= 0 else None
-                    meta = CheckpointMetadata.decode(om.metadata) if off is not None else None
+                    meta = _checkpoint_of(om.metadata, gid, tp) if off is not None else None
                     found[tp] = Tail(off, ends.get(tp, 0), beginnings.get(tp, 0), meta)
                 lags = await data_lag(settings, found)
                 for tp, tail in found.items():
@@ -429,3 +429,13 @@ class Operations:
         if self.server is not None:
             await self.server.stop()
             self.server = None
+
+
+def _checkpoint_of(text: str | None, group: str, tp: TopicPartition) -> CheckpointMetadata | None:
+    """The checkpoint committed with an offset; one this version cannot read is reported and
+    shown as none (status only displays it; a worker refuses to start from it)."""
+    try:
+        return CheckpointMetadata.decode(text)
+    except CheckpointMetadataError as exc:
+        log.warning("group %s %s[%d]: %s", group, tp.topic, tp.partition, exc)
+        return None

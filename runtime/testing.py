@@ -133,6 +133,9 @@ class MemoryChangelogReader:
     async def end_offsets(self, tps: Iterable[Any]) -> dict[Any, int]:
         return {tp: self._stable_end(tp) for tp in tps}
 
+    async def beginning_offsets(self, tps: Iterable[Any]) -> dict[Any, int]:
+        return dict.fromkeys(tps, 0)  # the memory log keeps everything
+
     async def seek_to_beginning(self, tp: Any) -> None:
         self._positions[tp] = 0
 

@@ -15,6 +15,14 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
   restore treats records past ``cl`` as stale (ARCHITECTURE.md section 5.5).
 
 The encoding is compact JSON; Kafka's default limit (``offset.metadata.max.bytes``) is 4096.
+
+Reading it back distinguishes two cases that must never be confused (issue "exact under
+change"): metadata that is not headrace's (empty, as Kafka's own tools leave it after
+``kafka-consumer-groups --reset-offsets``, or foreign text) decodes to ``None``; metadata that is
+headrace's but cannot be read (an unknown format version, a damaged document) raises
+:class:`CheckpointMetadataError`. The caller decides what ``None`` means for state (see
+:meth:`headrace.runtime.host.StageHost.start_point`); an unreadable headrace document is never
+taken for "no checkpoint", because that would treat the whole changelog as stale.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from dataclasses import dataclass, field
 import orjson
 
 FORMAT = 1
+
+
+class CheckpointMetadataError(ValueError):
+    """Offset metadata written by headrace that this version cannot read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +57,30 @@ class CheckpointMetadata:
 
     @classmethod
     def decode(cls, text: str | None) -> CheckpointMetadata | None:
-        """None for an offset committed by something other than headrace."""
+        """None for an offset committed without headrace metadata (empty, or text that is not
+        a headrace document); :class:`CheckpointMetadataError` for a headrace document this
+        version cannot read (another format version, or damaged)."""
         if not text:
             return None
         try:
             doc = orjson.loads(text)
-            if not isinstance(doc, dict) or doc.get("v") != FORMAT:
-                return None
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(doc, dict) or "v" not in doc or "cp" not in doc:
+            return None
+        if doc["v"] != FORMAT:
+            raise CheckpointMetadataError(
+                f"checkpoint metadata of format version {doc['v']!r}; this headrace reads "
+                f"version {FORMAT} (was the group committed by a newer headrace?)"
+            )
+        try:
             return cls(
                 int(doc["cp"]),
                 {int(c): int(x) for c, x in doc.get("skip", {}).items()},
                 {str(k): int(v) for k, v in doc.get("cl", {}).items()},
                 {int(c): int(x) for c, x in doc.get("seen", {}).items()},
             )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            return None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointMetadataError(
+                f"damaged checkpoint metadata {text[:200]!r}: {exc}"
+            ) from exc

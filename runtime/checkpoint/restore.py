@@ -69,6 +69,17 @@ class ChangelogCorruptError(RuntimeError):
         )
 
 
+class StateWithoutCheckpointError(RuntimeError):
+    """A changelog holds state but the committed offsets do not say which checkpoint it is."""
+
+    def __init__(self, target: RestoreTarget, records: int) -> None:
+        self.target, self.records = target, records
+        super().__init__(
+            f"{target.topic}[{target.partition}] holds {records} record(s) but the committed "
+            f"offsets ({target.unverified}) carry no checkpoint"
+        )
+
+
 @dataclass(slots=True)
 class RestoreTarget:
     """One operator's store of one task and where its changelog is."""
@@ -90,6 +101,9 @@ class RestoreTarget:
     #: the highest writer epoch seen in this partition so far
     epochs: EpochFilter = field(default_factory=EpochFilter)
     last_applied: int | None = None
+    #: the task's committed input offsets carry no headrace checkpoint (named here): its
+    #: changelog must hold nothing, or the restore stops before touching the store
+    unverified: str | None = None
     # the write batch being gathered: parallel key/value lists, and its metadata records
     _keys: list[bytes] = field(default_factory=list)
     _values: list[bytes | None] = field(default_factory=list)
@@ -245,7 +259,19 @@ async def restore(
     progress: Callable[[RestoreTarget], None] | None = None,
     progress_interval: float = 5.0,
 ) -> None:
-    """Restore every target; ``consumer`` is group-less and owned by the caller."""
+    """Restore every target; ``consumer`` is group-less and owned by the caller.
+
+    A target whose task has no checkpoint to place its state (``unverified``) is checked
+    first, before any store is touched (a local RocksDB store must survive the refusal).
+    """
+    unverified = [t for t in targets if t.unverified is not None]
+    if unverified:
+        tps = [t.tp for t in unverified]
+        firsts = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        for t in unverified:
+            if ends[t.tp] > firsts[t.tp]:
+                raise StateWithoutCheckpointError(t, ends[t.tp] - firsts[t.tp])
     for t in targets:
         plan_start(t)
     tps = [t.tp for t in targets]
