@@ -144,20 +144,35 @@ class Stream:
         return self._add(FilterStep(fn))
 
     def process(self, operator: Operator, name: str | None = None) -> Stream:
-        """Run a user operator. ``name`` is its stable id (state namespace, changelog topic)."""
+        """Run a user operator. ``name`` is its stable id (state namespace, changelog topic).
+
+        Without a name, a stateful operator is called after its class (``WordStats`` ->
+        ``wordstats``), see :meth:`Job.stable_id`.
+        """
         if not isinstance(operator, Operator):
             raise JobDefinitionError(
                 f"process() takes an Operator instance, got {type(operator).__name__}"
             )
-        op_id = name or operator.operator_id or self._job._auto_id(type(operator).__name__)
-        return self._add(ProcessStep(self._job._claim_id(op_id), operator))
+        return self._process(operator, name, type(operator).__name__, "process(..., name=...)")
+
+    def _process(self, operator: Operator, name: str | None, kind: str, how: str) -> Stream:
+        from headrace.operators.state import declared_state
+
+        op_id = name or operator.operator_id
+        if op_id:
+            op_id = self._job._claim_id(op_id)
+        elif declared_state(type(operator)):
+            op_id = self._job.stable_id(kind, how)
+        else:
+            op_id = self._job._claim_id(self._job._auto_id(kind))
+        return self._add(ProcessStep(op_id, operator))
 
     # Built-in keyed aggregations: thin operators over the same state handles users get.
     def count(self, name: str | None = None) -> Stream:
         """Per key, count the records and emit the running count."""
         from headrace.operators.builtins import Count
 
-        return self.process(Count(), name=name or self._job._auto_id("count"))
+        return self._process(Count(), name, "count", "count(name=...)")
 
     def sum(
         self,
@@ -171,7 +186,7 @@ class Stream:
 
         get = fn or _identity
         op = fold_operator("Sum", lambda acc, v: acc + get(v), serde, initial=0)
-        return self.process(op, name=name or self._job._auto_id("sum"))
+        return self._process(op, name, "sum", "sum(name=...)")
 
     def reduce(
         self, fn: Callable[[Any, Any], Any], *, serde: Serde[Any] = JSON, name: str | None = None
@@ -180,7 +195,7 @@ class Stream:
         from headrace.operators.builtins import fold_operator
 
         op = fold_operator("Reduce", fn, serde)
-        return self.process(op, name=name or self._job._auto_id("reduce"))
+        return self._process(op, name, "reduce", "reduce(name=...)")
 
     def aggregate(
         self, function: Any, *, serde: Serde[Any] = JSON, name: str | None = None
@@ -189,7 +204,7 @@ class Stream:
         from headrace.operators.builtins import aggregate_operator
 
         op = aggregate_operator(function, serde)
-        return self.process(op, name=name or self._job._auto_id("aggregate"))
+        return self._process(op, name, "aggregate", "aggregate(name=...)")
 
     def key_by(
         self,
@@ -299,7 +314,28 @@ class Job:
             raise JobDefinitionError(f"job {self.name!r} has no source")
 
     # -- ids ---------------------------------------------------------------------------------
+    def stable_id(self, kind: str, how: str) -> str:
+        """The id of an unnamed stateful operator: its kind (``count``, ``sum``, the class name
+        of a user operator), lower-cased.
+
+        The id names the operator's state (its namespace and changelog topic), so it must not
+        depend on anything but the operator itself. It used to come from a job-wide counter
+        (``count-1``, ``count-2``): adding an unnamed operator upstream renamed every later one
+        and moved state between operators silently. Now a second unnamed stateful operator of
+        the same kind is refused when the job is built, and the user names one of them.
+        """
+        op_id = kind.lower()
+        if op_id in self._ids:
+            raise JobDefinitionError(
+                f"job {self.name!r} has two stateful operators that would both be called "
+                f"{op_id!r}: an unnamed stateful operator is named after its kind, and its "
+                f"state lives under that name. Give this one its own name with {how}; keep "
+                f"the name of the one that already runs, or its state starts from zero"
+            )
+        return self._claim_id(op_id)
+
     def _auto_id(self, kind: str) -> str:
+        """Ids of stateless operators (no state hangs on them, so a counter is harmless)."""
         self._auto_counter += 1
         return f"{kind.lower()}-{self._auto_counter}"
 

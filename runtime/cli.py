@@ -4,6 +4,7 @@
     headrace checkpoints MODULE:JOB    recent checkpoints and whether each is complete
     headrace state MODULE:JOB OP       read an operator's state from its changelog and print it
     headrace status MODULE:JOB         members, tasks, lag, last checkpoint, restores under way
+    headrace reset MODULE:JOB --yes    start a job over: delete its state, topics and offsets
     headrace kafka start|stop|status   a local single-node Kafka broker for development
 
 Every option can also come from the environment as ``HEADRACE_<OPTION>`` (for example
@@ -209,6 +210,7 @@ def run(job_spec: str, **options: Any) -> None:
     """
     from aiokafka.errors import InvalidSessionTimeoutError
 
+    from headrace.runtime.host import CheckpointMissingError
     from headrace.runtime.kafka.clients import KafkaSetupError
     from headrace.runtime.kafka.topics import TopicConfigError
     from headrace.runtime.worker import Worker
@@ -229,6 +231,7 @@ def run(job_spec: str, **options: Any) -> None:
         KafkaSetupError,
         TopicConfigError,
         JobDefinitionError,
+        CheckpointMissingError,
         InvalidSessionTimeoutError,
     ) as exc:
         # the set-up, not a bug: the message says what to check (traceback at debug)
@@ -361,6 +364,64 @@ def status(job_spec: str, **options: Any) -> None:
     job = load_job(job_spec)
     settings = _settings(options)
     click.echo(render(asyncio.run(read_status(job, settings))))
+
+
+@cli.command()
+@click.argument("job_spec", metavar="MODULE:JOB")
+@_kafka_options
+@click.option(
+    "--to",
+    default="earliest",
+    show_default=True,
+    metavar="earliest|latest|TIME",
+    help="Where the job's source starts again: its first records, its end (only new "
+    "records), or the first record at or after an ISO 8601 time with a zone "
+    "(2026-12-03T09:00:00+00:00).",
+)
+@click.option(
+    "--delete-dead-letters", is_flag=True, help="Delete <job>.dlq as well (kept by default)."
+)
+@click.option("--yes", is_flag=True, help="Do it. Without --yes the reset is only shown.")
+@_setting_options(("state_dir",))
+def reset(job_spec: str, to: str, delete_dead_letters: bool, yes: bool, **options: Any) -> None:
+    """Start MODULE:JOB over from scratch: delete its state, internal topics and offsets.
+
+    What a job knows lives in several places that only make sense together: changelog topics,
+    committed offsets with checkpoint metadata, repartition topics, its identity record. Reset
+    them with Kafka's own tools one by one and a worker refuses to start (state no offset
+    explains); this command removes all of them at once, like Kafka Streams' reset tool.
+
+    Refused while any worker of the job runs (members in its consumer groups). Deletes the
+    job's consumer groups, its internal topics (changelogs, repartition, checkpoints, identity,
+    status; not the dead letters unless asked), commits the chosen source offsets and deletes
+    the job's local state directory on this machine. Without --yes it prints the plan and
+    changes nothing (exit 0).
+    """
+    from headrace.runtime.kafka import clients
+    from headrace.runtime.kafka.reset import ResetError, carry_out, plan_reset
+
+    job = load_job(job_spec)
+    settings = _settings(options)
+
+    async def main() -> str:
+        admin = clients.admin_client(settings, client_id="headrace-reset")
+        await admin.start()
+        try:
+            plan = await plan_reset(
+                admin, settings, job, to=to, delete_dead_letters=delete_dead_letters
+            )
+            if yes:
+                await carry_out(admin, settings, plan)
+            return plan.describe()
+        finally:
+            await admin.close()
+
+    try:
+        described = asyncio.run(main())
+    except ResetError as exc:
+        raise click.ClickException(f"reset of job {job.name!r} refused: {exc}") from exc
+    click.echo(described)
+    click.echo("done" if yes else "nothing changed: add --yes to reset the job")
 
 
 cli.add_command(kafka_cli)

@@ -577,7 +577,19 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 await io.producer.stop()
 
     async def shutdown(self, *, final_checkpoint: bool) -> None:
-        await self._cancel_restore()
+        try:
+            await self._cancel_restore()
+        except Exception as exc:  # the loop raised it already; the clients must still close
+            log.debug("stage %s: the failed restore: %r", self.stage.name, exc)
+        try:
+            await self._close_all(final_checkpoint=final_checkpoint)
+        finally:
+            # Whatever failed above, the group must see this member leave (a worker that
+            # exits without it would block `headrace reset` and delay the rebalance).
+            await self.consumer.stop()
+            await self.restore_consumer.stop()
+
+    async def _close_all(self, *, final_checkpoint: bool) -> None:
         async with self.lock:
             if final_checkpoint:
                 # Once, before any task closes: a final checkpoint can release held records
@@ -602,5 +614,3 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             for io in self.suspended.values():
                 await self._close(io)
             self.suspended.clear()
-        await self.consumer.stop()
-        await self.restore_consumer.stop()

@@ -42,6 +42,7 @@ from headrace.operators.job import ErrorPolicy, Job
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.health import BrokerHealth
+from headrace.runtime.kafka.identity import check_identity
 from headrace.runtime.kafka.lease import ProducerGuard
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
 from headrace.runtime.logs import register_secrets
@@ -69,6 +70,8 @@ class Worker:
         self._stop = asyncio.Event()
         self.runners: list[StageRunner] = []
         self.layout: TopicLayout | None = None
+        #: the job's incarnation (runtime/kafka/identity.py): local state lives under it
+        self.incarnation = "unchecked"
         self.admin: AIOKafkaAdminClient | None = None
         self.shared_producer: AIOKafkaProducer | None = None
         #: at-least-once: fails the shared producer's sends while a stage's lease is expired
@@ -181,6 +184,7 @@ class Worker:
             await clients.preflight(s)  # raises KafkaSetupError naming the cause
             raise
         try:
+            self.incarnation = await check_identity(self.admin, s, self.job)
             self.layout = await ensure_topics(self.admin, self.job)
             await self.ops.start()
             self.runners = [StageRunner(self, stage) for stage in self.job.stages]
@@ -258,7 +262,7 @@ class Worker:
         s = self.settings
         path: Path | None = None
         if s.state_backend == "rocksdb":
-            path = s.state_dir / self.job.name / operator_id / str(partition)
+            path = s.state_dir / self.job.name / self.incarnation / operator_id / str(partition)
             path.parent.mkdir(parents=True, exist_ok=True)
         backend = open_backend(s.state_backend, path)
         return OperatorStateStore(

@@ -227,9 +227,25 @@ class RestoreTarget:
         )
 
 
-def plan_start(target: RestoreTarget) -> None:
-    """Decide whether the local store can be reused and from which offset to replay."""
+def plan_start(target: RestoreTarget, end: int | None = None) -> None:
+    """Decide whether the local store can be reused and from which offset to replay.
+
+    ``end``: the changelog's end offset. A local store that includes an offset at or past it
+    was made from a changelog that is not this one any more (deleted and created again): it
+    is rebuilt, never reused.
+    """
     local = target.store.changelog_offset
+    if local is not None and end is not None and local >= end:
+        log.warning(
+            "local state of %s[%d] includes changelog offset %d but the topic ends at %d (it "
+            "was deleted and created again): rebuilding",
+            target.topic,
+            target.partition,
+            local,
+            end,
+        )
+        local = None
+        target.store.reset()
     if local is not None and (target.valid_until is None or local <= target.valid_until):
         target.start = local + 1
         target.last_applied = local
@@ -272,8 +288,6 @@ async def restore(
         for t in unverified:
             if ends[t.tp] > firsts[t.tp]:
                 raise StateWithoutCheckpointError(t, ends[t.tp] - firsts[t.tp])
-    for t in targets:
-        plan_start(t)
     tps = [t.tp for t in targets]
     if not tps:
         return
@@ -282,6 +296,7 @@ async def restore(
     by_tp = {t.tp: t for t in targets}
     pending: set[TopicPartition] = set()
     for t in targets:
+        plan_start(t, ends[t.tp])
         t.end = ends[t.tp]
         if t.start is None:
             await consumer.seek_to_beginning(t.tp)

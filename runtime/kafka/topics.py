@@ -91,6 +91,8 @@ def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> Topi
         )
     )
     internal.append(InternalTopic(job.dead_letter_topic, 1, compact=False))
+    # What the job is (runtime/kafka/identity.py): checked and written before this layout.
+    internal.append(InternalTopic(identity_topic(job), 1, compact=True))
     # Worker status for `headrace status` (runtime/status.py): latest record per worker.
     internal.append(
         InternalTopic(
@@ -98,6 +100,11 @@ def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> Topi
         )
     )
     return TopicLayout(stage_partitions, internal, sinks)
+
+
+def identity_topic(job: Job) -> str:
+    """``<job>.identity``: what the job is, recorded by its first worker (kafka/identity.py)."""
+    return f"{job.name}.identity"
 
 
 def status_topic(job: Job) -> str:
