@@ -205,6 +205,7 @@ class StageHost:
             clock=self.clock,
             error_policy=self.error_policy,
             sequence_outputs=not self.exactly_once,
+            record_limits=self.layout.record_limits,
         )
         return TaskIO(
             task=task,

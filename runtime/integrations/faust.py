@@ -87,7 +87,7 @@ from headrace.operators.operator import SAME_KEY, Operator
 from headrace.operators.record import Record
 from headrace.operators.serde import BYTES, Serde
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
-from headrace.runtime.kafka.topics import cleanup_policies, topic_partitions
+from headrace.runtime.kafka.topics import topic_config, topic_partitions
 from headrace.runtime.state.backend import BACKEND_KINDS, open_backend
 from headrace.runtime.state.handles import Change
 from headrace.runtime.state.keys import StatePartitionKey, encode_metadata_key
@@ -272,7 +272,7 @@ class FaustBridge:
                     f"partitions, the source {self.topic_name!r} has {partitions}: they must "
                     "match (delete the changelog, losing the state, or restore the count)"
                 )
-            policy = (await cleanup_policies(admin, [self.changelog_topic])).get(
+            policy = (await topic_config(admin, [self.changelog_topic], "cleanup.policy")).get(
                 self.changelog_topic, ""
             )
             if "compact" not in policy:

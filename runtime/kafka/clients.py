@@ -19,6 +19,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from headrace.runtime.config import Settings
 
 __all__ = [
+    "MAX_REQUEST_SIZE",
     "PRODUCER_SETTINGS",
     "admin_client",
     "group_consumer",
@@ -27,9 +28,14 @@ __all__ = [
     "status_producer",
 ]
 
+#: the largest request (and so record) a producer sends: aiokafka's default, named here because
+#: the task checks every output and state value against it (and the topic's max.message.bytes)
+MAX_REQUEST_SIZE = 1_048_576
+
 #: durable writes: every in-sync replica acknowledges, idempotent retries, batched sends
 PRODUCER_SETTINGS: dict[str, Any] = {
     "acks": "all",
+    "max_request_size": MAX_REQUEST_SIZE,
     "enable_idempotence": True,
     "linger_ms": 5,
     "max_batch_size": 512 * 1024,

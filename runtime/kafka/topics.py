@@ -19,6 +19,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
 from headrace.operators.state import declared_state
+from headrace.runtime.kafka.clients import MAX_REQUEST_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class TopicLayout:
     stage_partitions: dict[str, int]
     internal: list[InternalTopic]
     sinks: dict[str, int]
+    #: the largest record each sink and internal topic takes: its max.message.bytes, capped
+    #: by the producer's max.request.size (read at start-up; empty: the producer's limit)
+    record_limits: dict[str, int] = field(default_factory=dict)
 
     def partitions_of(self, stage: Stage) -> int:
         return self.stage_partitions[stage.name]
@@ -168,7 +172,11 @@ async def ensure_topics(
             "counts follow the source topics; delete them (state is lost) or restore the source "
             "partition count"
         )
-    policies = await cleanup_policies(admin, [t.name for t in wanted.values() if t.compact])
+    sizes = await topic_config(admin, [*wanted, *sink_topics], "max.message.bytes")
+    layout.record_limits = {t: min(int(v), MAX_REQUEST_SIZE) for t, v in sizes.items()}
+    policies = await topic_config(
+        admin, [t.name for t in wanted.values() if t.compact], "cleanup.policy"
+    )
     not_compacted = [n for n, p in policies.items() if "compact" not in p]
     if not_compacted:
         raise TopicConfigError(
@@ -192,7 +200,8 @@ async def _await_metadata(
         await asyncio.sleep(0.2)
 
 
-async def cleanup_policies(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, str]:
+async def topic_config(admin: AIOKafkaAdminClient, topics: list[str], name: str) -> dict[str, str]:
+    """The effective value of config ``name`` per topic (its own, else the broker's default)."""
     if not topics:
         return {}
     resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
@@ -201,6 +210,6 @@ async def cleanup_policies(admin: AIOKafkaAdminClient, topics: list[str]) -> dic
         obj: Any = response.to_object()
         for res in obj["resources"]:
             for entry in res["config_entries"]:
-                if entry["config_names"] == "cleanup.policy":
+                if entry["config_names"] == name:
                     out[res["resource_name"]] = entry["config_value"]
     return out

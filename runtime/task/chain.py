@@ -44,7 +44,9 @@ from headrace.runtime.task.records import (
     FAILED,
     KEY_CHANGED,
     NO_HEADERS,
+    RECORD_OVERHEAD,
     RawRecord,
+    RecordTooLargeError,
     Step,
     TaskContext,
 )
@@ -76,6 +78,8 @@ class ChainOwner(Protocol):
     #: index of the next output of the record being processed (at-least-once sequences)
     out_index: int
     compiled: list[tuple[Operator, TaskContext]]
+
+    def record_limit(self, topic: str) -> int: ...
 
 
 def compile_chain(task: ChainOwner) -> tuple[Step, list[tuple[Operator, TaskContext]]]:
@@ -164,6 +168,9 @@ def compile_output(task: ChainOwner) -> Step:
         # the record's key bytes, if the sink's key serde is the source's.
         reuse = output.key_serde == task.stage.source.key_serde
 
+        limit = task.record_limit(topic)
+        room = limit - RECORD_OVERHEAD
+
         def sink(r: Any, kb: Any, k: Any, v: Any) -> None:
             try:
                 vb = vfast(v)
@@ -180,6 +187,11 @@ def compile_output(task: ChainOwner) -> Step:
                     if kfast is kser:
                         raise
                     kb = kser(k)
+            # One comparison per output: a record the broker would refuse fails here, at
+            # the input record that made it, under the error policy (not at the checkpoint's
+            # send, where it used to stop the worker with a bare MessageSizeTooLargeError).
+            if len(vb) > room or (kb is not None and len(vb) + len(kb) > room):
+                raise RecordTooLargeError(topic, len(vb) + len(kb or b""), limit)
             out_append((topic, None, kb, vb, NO_HEADERS))
 
         return sink
@@ -191,11 +203,16 @@ def compile_output(task: ChainOwner) -> Step:
         rkser, rvser = output.key_serde.serialize, output.value_serde.serialize
         headers = channel_headers(task.partition)
         crc32 = zlib.crc32
+        rlimit = task.record_limit(rtopic)
+        rroom = rlimit - RECORD_OVERHEAD
 
         # Internal topics are partitioned with crc32 (C speed); only headrace reads them.
         def repartition(r: Any, kb: Any, k: Any, v: Any) -> None:
             kb = rkser(key_fn(v))
-            out_append((rtopic, crc32(kb) % n, kb, rvser(v), headers))
+            vb = rvser(v)
+            if len(vb) > rroom - len(kb):
+                raise RecordTooLargeError(rtopic, len(vb) + len(kb), rlimit)
+            out_append((rtopic, crc32(kb) % n, kb, vb, headers))
 
         if not task.sequence_outputs:
             return repartition
@@ -206,8 +223,11 @@ def compile_output(task: ChainOwner) -> Step:
             seq = sequence(r.offset, task.out_index, topic_index[r.topic])
             task.out_index += 1
             kb = rkser(key_fn(v))
+            vb = rvser(v)
+            if len(vb) > rroom - len(kb):
+                raise RecordTooLargeError(rtopic, len(vb) + len(kb), rlimit)
             seq_header = (SEQUENCE_HEADER, b"%d" % seq)
-            out_append((rtopic, crc32(kb) % n, kb, rvser(v), [channel, seq_header]))
+            out_append((rtopic, crc32(kb) % n, kb, vb, [channel, seq_header]))
 
         return repartition_sequenced
 

@@ -66,6 +66,42 @@ class RecordError(Exception):
         )
 
 
+#: bytes a record needs on the wire beyond its key and value (batch and record headers,
+#: timestamps, varints): what is left of a topic's limit for key + value + headers
+RECORD_OVERHEAD = 512
+
+
+class RecordTooLargeError(ValueError):
+    """An output does not fit its topic (``max.message.bytes``, or the producer's
+    ``max.request.size``). Raised on the per-record path, so the job's error policy handles
+    the input record that produced it (its other outputs are dropped with it)."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        self.topic, self.size, self.limit = topic, size, limit
+        super().__init__(
+            f"the output to topic {topic!r} is {size:,} bytes (key + value), more than the "
+            f"{limit - RECORD_OVERHEAD:,} that fit a record of at most {limit:,} bytes "
+            "(the topic's max.message.bytes, or the producer's max.request.size)"
+        )
+
+
+class StateTooLargeError(RuntimeError):
+    """A state value does not fit its changelog topic; found when a checkpoint serializes it
+    (state is never serialized per record), so it cannot be pinned to one input record."""
+
+    def __init__(
+        self, operator_id: str, state: str, key: str, size: int, limit: int, topic: str
+    ) -> None:
+        self.operator_id, self.state, self.size, self.limit = operator_id, state, size, limit
+        super().__init__(
+            f"state {state!r} of operator {operator_id!r} for key {key} is {size:,} bytes "
+            f"serialized, more than fits a record of {topic!r} ({limit:,} bytes: its "
+            "max.message.bytes, or the producer's max.request.size). The checkpoint was not "
+            "taken. Keep state values smaller (split a growing list over keys or a MapState; "
+            "clear or expire it with a TTL), or raise the topic's max.message.bytes"
+        )
+
+
 @dataclass(slots=True)
 class TaskCounters:
     """Per-task counters, read by the worker's metrics at scrape time."""

@@ -10,19 +10,28 @@ prepares, so both run exactly this code. The parts live next to it: the compiled
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from headrace.operators.job import ErrorPolicy, Job, RepartitionSpec, Stage
 from headrace.operators.operator import Operator
+from headrace.operators.record import describe_key
 from headrace.runtime.checkpoint.barrier import barrier_headers
 from headrace.runtime.checkpoint.pending import PendingCheckpoint
+from headrace.runtime.kafka.clients import MAX_REQUEST_SIZE as DEFAULT_RECORD_LIMIT
 from headrace.runtime.kafka.producer import OutRecord
+from headrace.runtime.state.keys import KeyFormatError, decode_storage_key
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task.chain import compile_chain, compile_feed
 from headrace.runtime.task.cut import AlignedCut, ClockCut
 from headrace.runtime.task.errors import RecordErrors
-from headrace.runtime.task.records import RawRecord, TaskContext, TaskCounters
+from headrace.runtime.task.records import (
+    RECORD_OVERHEAD,
+    RawRecord,
+    StateTooLargeError,
+    TaskContext,
+    TaskCounters,
+)
 
 
 class StageTask:
@@ -42,8 +51,11 @@ class StageTask:
         clock: Callable[[], float],
         error_policy: ErrorPolicy | None = None,
         sequence_outputs: bool = False,
+        record_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.job = job
+        #: the largest record each output or changelog topic takes (default: the producer's)
+        self.record_limits: Mapping[str, int] = record_limits or {}
         self.stage = stage
         self.partition = partition
         self.stores = stores
@@ -80,6 +92,10 @@ class StageTask:
         self._contexts: list[TaskContext] = [ctx for _, ctx in self.compiled]
         #: the compiled per-record loop over ``records[start:end]``
         self.run = compile_feed(self, head)
+
+    def record_limit(self, topic: str) -> int:
+        """The largest record (bytes) ``topic`` takes from this task's producer."""
+        return self.record_limits.get(topic, DEFAULT_RECORD_LIMIT)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open(
@@ -157,6 +173,8 @@ class StageTask:
         for op in self.operators:
             op.on_checkpoint(cut.checkpoint_id)
         changes = {op_id: store.take_changes() for op_id, store in self.stores.items()}
+        for op_id, store_changes in changes.items():
+            self._check_fits(op_id, store_changes)
         outputs = self.out[:]
         self.out.clear()
         barriers: list[OutRecord] = []
@@ -178,6 +196,29 @@ class StageTask:
             barriers,
             cut.alignment_seconds,
         )
+
+    def _check_fits(self, op_id: str, changes: list[tuple[bytes, bytes | None]]) -> None:
+        """Every changelog record of a checkpoint fits its topic, or the checkpoint is not
+        taken and the task fails naming operator, state, key, size and limit (the broker
+        would refuse the batch with a bare MessageSizeTooLargeError)."""
+        if not changes:
+            return
+        topic = self.job.changelog_topic(op_id)
+        limit = self.record_limit(topic)
+        room = limit - RECORD_OVERHEAD
+        if max(len(k) + len(v or b"") for k, v in changes) <= room:
+            return
+        for key, value in changes:
+            size = len(key) + len(value or b"")
+            if size > room:
+                try:
+                    _, state, user_key, map_key = decode_storage_key(key)
+                    shown = describe_key(user_key)
+                    if map_key is not None:
+                        shown += f" (map key {describe_key(map_key)})"
+                except KeyFormatError:
+                    state, shown = "?", describe_key(key)
+                raise StateTooLargeError(op_id, state, shown, size, limit, topic)
 
     def checkpoint_committed(self, changelog_offsets: dict[str, int | None]) -> None:
         """The pending checkpoint is durable: update local stores, release held records."""

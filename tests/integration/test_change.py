@@ -25,12 +25,13 @@ from headrace import JSON, STR, Job
 from headrace.operators.job import JobDefinitionError
 from headrace.operators.operator import Context, Operator
 from headrace.operators.record import Record
-from headrace.operators.state import ValueStateDescriptor
+from headrace.operators.state import ListStateDescriptor, ValueStateDescriptor
 from headrace.runtime.config import Settings
 from headrace.runtime.host import CheckpointMissingError
 from headrace.runtime.kafka.identity import JobIdentityError
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.recovery import read_topic
+from headrace.runtime.task.records import StateTooLargeError
 from headrace.runtime.worker import Worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
@@ -362,3 +363,94 @@ async def test_reset_is_refused_while_a_worker_runs(
     finally:
         worker.stop()
         await running
+
+
+BIG = 2_000_000  #: a 2 MB output: over the broker's default max.message.bytes (1 MB)
+
+
+def enlarge(value: str) -> str:
+    return "x" * BIG if value == "big" else value
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+@pytest.mark.parametrize("policy", ["fail", "skip", "dead_letter"])
+async def test_an_output_that_does_not_fit_goes_through_the_error_policy(
+    kafka_bootstrap_servers: str, topics: tuple[str, str, str], guarantee: str, policy: str
+) -> None:
+    """Issue 15 item 4: a 2 MB output used to fail the checkpoint with a bare
+    MessageSizeTooLargeError, ignore the error policy and crash every restart (re-emitting
+    earlier outputs under at-least-once). It is now the failure of the input record that made
+    it, named, under the job's policy; nothing is repeated across a restart."""
+    name, source, sink = topics
+    s = settings(kafka_bootstrap_servers, guarantee)
+    job = Job(name, error_policy=policy)
+    job.source(source, key_serde=STR, value_serde=STR).map(enlarge).sink(
+        sink, key_serde=STR, value_serde=STR
+    )
+    await produce(kafka_bootstrap_servers, source, [("k", "a"), ("k", "big"), ("k", "b")])
+
+    async def outputs() -> list[str]:
+        return [v for *_, v, _ in await read_topic(kafka_bootstrap_servers, sink, value_serde=STR)]
+
+    if policy == "fail":
+        with pytest.raises(Exception) as caught:
+            await asyncio.wait_for(Worker(job, s).run(), 120)
+        message = str(caught.value)
+        assert f"topic {source!r} partition 0 offset 1" in message, message
+        assert f"the output to topic {sink!r} is 2,000,001 bytes (key + value)" in message
+        assert "max.message.bytes" in message
+        assert "big" not in await outputs() and all(len(v) < BIG for v in await outputs())
+        return
+
+    for _ in range(2):  # the second run must not repeat anything
+        worker = Worker(job, s)
+        running = asyncio.create_task(worker.run())
+        try:
+            for _ in range(120):
+                await asyncio.sleep(0.5)
+                assert not running.done(), running.result()
+                if await outputs() == ["a", "b"]:
+                    break
+            await asyncio.sleep(1)
+        finally:
+            worker.stop()
+            await running
+        assert await outputs() == ["a", "b"]
+    letters = await read_topic(kafka_bootstrap_servers, job.dead_letter_topic)
+    if policy == "skip":
+        assert letters == []
+    else:
+        assert [(v, dict(h)["hr.error.offset"]) for *_, v, h in letters] == [(b"big", b"1")]
+        assert b"is 2,000,001 bytes (key + value)" in dict(letters[0][4])["hr.error.message"]
+
+
+class Collect(Operator):
+    """Appends every value to a ListState: 200 KB elements grow it past 1 MB."""
+
+    seen = ListStateDescriptor[str](type=str)
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        self.seen.add(record.value * 200_000)
+        ctx.emit(len(self.seen.get()))
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+async def test_a_state_value_that_does_not_fit_stops_the_task_naming_it(
+    kafka_bootstrap_servers: str, topics: tuple[str, str, str], guarantee: str
+) -> None:
+    """A ListState past 1 MB is found when a checkpoint serializes it (state is never
+    serialized per record): the checkpoint is not taken, and the worker stops naming the
+    operator, the state, the key, the size and the limit, instead of a bare broker error."""
+    name, source, sink = topics
+    s = settings(kafka_bootstrap_servers, guarantee)
+    job = Job(name, error_policy="skip")
+    job.source(source, key_serde=STR, value_serde=STR).process(Collect(), name="collect").sink(
+        sink, key_serde=STR, value_serde=JSON
+    )
+    await produce(kafka_bootstrap_servers, source, [("user-7", "y")] * 8)
+    with pytest.raises(StateTooLargeError) as caught:
+        await asyncio.wait_for(Worker(job, s).run(), 120)
+    message = str(caught.value)
+    assert "state 'seen' of operator 'collect' for key b'user-7'" in message, message
+    assert f"{name}.collect.changelog" in message
+    assert "1,048,576 bytes" in message
