@@ -180,6 +180,10 @@ class StageHost:
         #: the ids of the stage's operators that declare state (one store and changelog each)
         self.stateful = [step.operator_id for st, step in job.stateful_operators() if st is stage]
         self.changelog_topics = {op: job.changelog_topic(op) for op in self.stateful}
+        #: per partition, the record keys whose state is near its record limit: kept here,
+        #: not in the task, so that a task dropped and restored to run its records again
+        #: checks them (see StageTask._check_fits)
+        self.watched: dict[int, set[bytes]] = {}
 
     def inputs(self, partition: int) -> list[InputTP]:
         """The input partitions a task reads: partition ``p`` of every co-partitioned source."""
@@ -206,6 +210,7 @@ class StageHost:
             error_policy=self.error_policy,
             sequence_outputs=not self.exactly_once,
             record_limits=self.layout.record_limits,
+            watched=self.watched.setdefault(partition, set()),
         )
         return TaskIO(
             task=task,

@@ -54,6 +54,7 @@ from headrace.runtime.kafka.producer import BatchSender, abandon
 from headrace.runtime.kafka.topics import TopicLayout
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task.records import StateTooLargeError
 from headrace.runtime.view import RestoreProgress, StageSnapshot
 
 log = logging.getLogger("headrace.runtime.worker")
@@ -204,6 +205,16 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                         if io.foreign:
                             await self._rewrite_foreign(io)
             except MEMBERSHIP_LOST as exc:
+                await self.abandon(exc)
+                continue
+            except StateTooLargeError as exc:
+                if not exc.retry:
+                    raise
+                # A state value too large for its changelog, found at a checkpoint; its key
+                # is watched now. Run the records since the last checkpoint again, checked,
+                # so that the error policy meets the one that made it too large. Dropping
+                # and rejoining is the one tested path that restores tasks at their last
+                # checkpoint (under exactly-once their open transactions are aborted).
                 await self.abandon(exc)
                 continue
             if batches:

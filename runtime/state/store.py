@@ -280,6 +280,32 @@ class OperatorStateStore:
         except Exception:  # an undecodable key is re-emitted from the backend as bytes
             return False
 
+    def key_image(self, ukb: bytes) -> list[tuple[BoundState, tuple[Any, bool]]]:
+        """What the record-key-scoped states hold for ``ukb``, to take a record's writes back
+        (see :meth:`BoundState.image`)."""
+        out = []
+        for handle in self._states.values():
+            image = handle.image(ukb)
+            if image is not None:
+                out.append((handle, image))
+        return out
+
+    def restore_key_image(
+        self, ukb: bytes, images: list[tuple[BoundState, tuple[Any, bool]]]
+    ) -> None:
+        for handle, image in images:
+            handle.restore_image(ukb, image)
+
+    def largest_write(self, ukb: bytes) -> tuple[str, int]:
+        """(state name, bytes) of the largest changelog record ``ukb``'s dirty record-scoped
+        states would write now ("", 0 if none)."""
+        best = ("", 0)
+        for name, handle in self._states.items():
+            size = handle.encoded_size(ukb)
+            if size > best[1]:
+                best = (name, size)
+        return best
+
     def force_dirty(self, storage_keys: Iterable[bytes]) -> None:
         """Make the next :meth:`take_changes` re-emit these keys with their current value
         (cached, else stored, else a delete): compensates stale changelog records written

@@ -31,7 +31,7 @@ from headrace.operators.job import (
     SinkSpec,
 )
 from headrace.operators.operator import Operator
-from headrace.operators.record import Record
+from headrace.operators.record import Record, describe_key
 from headrace.runtime.checkpoint.barrier import SEQUENCE_HEADER, channel_headers, sequence
 from headrace.runtime.state.handles import ABSENT, MISS
 from headrace.runtime.task.fusion import (
@@ -47,12 +47,13 @@ from headrace.runtime.task.records import (
     RECORD_OVERHEAD,
     RawRecord,
     RecordTooLargeError,
+    StateTooLargeError,
     Step,
     TaskContext,
 )
 
 if TYPE_CHECKING:
-    from headrace.operators.job import Stage
+    from headrace.operators.job import Job, Stage
     from headrace.runtime.kafka.producer import OutRecord
     from headrace.runtime.state.store import OperatorStateStore
     from headrace.runtime.task.errors import RecordErrors
@@ -65,10 +66,13 @@ class ChainOwner(Protocol):
     """What the compiled chain reads of its task (a StageTask); a protocol, so that the chain
     does not import the task that imports it."""
 
+    job: Job
     stage: Stage
     partition: int
     stores: dict[str, OperatorStateStore]
     out: list[OutRecord]
+    #: record keys whose state is checked after each of their records (see compile_feed)
+    watched: set[bytes]
     downstream_partitions: int | None
     errors: RecordErrors
     key_deserialize: Callable[[Any], Any]
@@ -256,6 +260,8 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
     deserialize_failed = task.errors.deserialize_failed
     on_error = task.errors.on_error
     sequenced = task.sequence_outputs and isinstance(task.stage.output, RepartitionSpec)
+    watched = task.watched
+    guarded = _state_guard(task, head)
 
     def run(records: Sequence[RawRecord], start: int, end: int) -> None:
         for i in range(start, end):
@@ -284,7 +290,10 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
                 task.out_index = 0
             mark = len(out)
             try:
-                head(r, kb, key, value)
+                if watched and sk in watched:  # an empty set: one truth test per record
+                    guarded(r, kb, key, value, sk)
+                else:
+                    head(r, kb, key, value)
             except Exception as exc:
                 # Outputs of a half-processed record are discarded; its state writes cannot
                 # be taken back and stay (as in Flink/Kafka Streams with skip-style handlers).
@@ -292,6 +301,31 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
                 on_error(r, "processing", exc)
 
     return run
+
+
+def _state_guard(task: ChainOwner, head: Step) -> Callable[..., None]:
+    """Run a record of a watched key (its state is near its changelog's record limit, see
+    ``StageTask._check_fits``) and take its state writes back if one would not fit: the
+    record then fails like any other, under the error policy, before anything of it is
+    kept. Costs a copy and a serialization of the key's values, for those records only."""
+    stores = [
+        (op_id, store, task.job.changelog_topic(op_id)) for op_id, store in task.stores.items()
+    ]
+
+    def guarded(r: Any, kb: Any, key: Any, value: Any, sk: bytes) -> None:
+        images = [(store, store.key_image(sk)) for _, store, _ in stores]
+        head(r, kb, key, value)
+        for op_id, store, topic in stores:
+            state, size = store.largest_write(sk)
+            limit = task.record_limit(topic)
+            if size > limit - RECORD_OVERHEAD:
+                for st, image in images:
+                    st.restore_key_image(sk, image)
+                raise StateTooLargeError(
+                    op_id, state, describe_key(sk), size, limit, topic, at_record=True
+                )
+
+    return guarded
 
 
 def compile_count_to_sink(task: ChainOwner, operators: list[Operator]) -> Feed | None:

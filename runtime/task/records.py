@@ -90,15 +90,32 @@ class StateTooLargeError(RuntimeError):
     (state is never serialized per record), so it cannot be pinned to one input record."""
 
     def __init__(
-        self, operator_id: str, state: str, key: str, size: int, limit: int, topic: str
+        self,
+        operator_id: str,
+        state: str,
+        key: str,
+        size: int,
+        limit: int,
+        topic: str,
+        *,
+        at_record: bool = False,
+        retry: bool = False,
     ) -> None:
         self.operator_id, self.state, self.size, self.limit = operator_id, state, size, limit
+        #: found at a checkpoint for a key the task will now guard: drop the task's work since
+        #: the last checkpoint and process it again, so the error policy meets the record
+        self.retry = retry
+        what = (
+            "this record's state writes were taken back"
+            if at_record
+            else "the checkpoint was not taken"
+        )
         super().__init__(
-            f"state {state!r} of operator {operator_id!r} for key {key} is {size:,} bytes "
-            f"serialized, more than fits a record of {topic!r} ({limit:,} bytes: its "
-            "max.message.bytes, or the producer's max.request.size). The checkpoint was not "
-            "taken. Keep state values smaller (split a growing list over keys or a MapState; "
-            "clear or expire it with a TTL), or raise the topic's max.message.bytes"
+            f"state {state!r} of operator {operator_id!r} for key {key} would be {size:,} "
+            f"bytes, more than fits a record of {topic!r} ({limit:,} bytes: its "
+            f"max.message.bytes, or the producer's max.request.size); {what}. Keep state "
+            "values smaller (split a growing list over keys or a MapState; clear or expire it "
+            "with a TTL), or raise the topic's max.message.bytes"
         )
 
 

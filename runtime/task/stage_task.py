@@ -52,8 +52,12 @@ class StageTask:
         error_policy: ErrorPolicy | None = None,
         sequence_outputs: bool = False,
         record_limits: Mapping[str, int] | None = None,
+        watched: set[bytes] | None = None,
     ) -> None:
         self.job = job
+        #: record keys whose state a checkpoint found large: each of their records is checked
+        #: (see compile_feed); shared with the host, so it outlives a dropped task
+        self.watched: set[bytes] = set() if watched is None else watched
         #: the largest record each output or changelog topic takes (default: the producer's)
         self.record_limits: Mapping[str, int] = record_limits or {}
         self.stage = stage
@@ -198,27 +202,50 @@ class StageTask:
         )
 
     def _check_fits(self, op_id: str, changes: list[tuple[bytes, bytes | None]]) -> None:
-        """Every changelog record of a checkpoint fits its topic, or the checkpoint is not
-        taken and the task fails naming operator, state, key, size and limit (the broker
-        would refuse the batch with a bare MessageSizeTooLargeError)."""
+        """Every changelog record of a checkpoint fits its topic (the broker would refuse the
+        batch with a bare MessageSizeTooLargeError).
+
+        State is serialized here, once per dirty key, never per record; so this is where a
+        value that grew too large is found, and the record that grew it is not known any
+        more. Two things make the error policy meet that record anyway, for the states
+        scoped to the record key (value, list, aggregating, reducing):
+
+        * a key whose record is over half the limit is *watched*: from now on each of its
+          records is checked right after it ran, and one that makes a value too large is
+          taken back and handed to the error policy (``compile_feed``);
+        * a value over the limit of a key not watched yet (it grew from small to too large
+          between two checkpoints) makes it watched and raises a *retry*: the driver drops
+          the task's work since the last checkpoint, restores it and runs those records
+          again, now checked.
+
+        Map and keyed entries are not scoped to the record key, and a second failure of a
+        watched key means the check did not see it: those stop the task, named.
+        """
         if not changes:
             return
         topic = self.job.changelog_topic(op_id)
         limit = self.record_limit(topic)
         room = limit - RECORD_OVERHEAD
-        if max(len(k) + len(v or b"") for k, v in changes) <= room:
+        if max(len(k) + len(v or b"") for k, v in changes) <= room // 2:
             return
+        scoped = {name for name, h in self.stores[op_id].handles().items() if h.record_scoped}
         for key, value in changes:
             size = len(key) + len(value or b"")
+            if size <= room // 2:
+                continue
+            try:
+                _, state, user_key, map_key = decode_storage_key(key)
+            except KeyFormatError:
+                state, user_key, map_key = "?", key, None
+            guardable = map_key is None and state in scoped
+            new = guardable and user_key not in self.watched
+            if guardable:
+                self.watched.add(user_key)
             if size > room:
-                try:
-                    _, state, user_key, map_key = decode_storage_key(key)
-                    shown = describe_key(user_key)
-                    if map_key is not None:
-                        shown += f" (map key {describe_key(map_key)})"
-                except KeyFormatError:
-                    state, shown = "?", describe_key(key)
-                raise StateTooLargeError(op_id, state, shown, size, limit, topic)
+                shown = describe_key(user_key)
+                if map_key is not None:
+                    shown += f" (map key {describe_key(map_key)})"
+                raise StateTooLargeError(op_id, state, shown, size, limit, topic, retry=new)
 
     def checkpoint_committed(self, changelog_offsets: dict[str, int | None]) -> None:
         """The pending checkpoint is durable: update local stores, release held records."""

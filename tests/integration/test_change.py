@@ -31,7 +31,6 @@ from headrace.runtime.host import CheckpointMissingError
 from headrace.runtime.kafka.identity import JobIdentityError
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.recovery import read_topic
-from headrace.runtime.task.records import StateTooLargeError
 from headrace.runtime.worker import Worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
@@ -425,7 +424,7 @@ async def test_an_output_that_does_not_fit_goes_through_the_error_policy(
 
 
 class Collect(Operator):
-    """Appends every value to a ListState: 200 KB elements grow it past 1 MB."""
+    """Appends every value to a ListState: 200 KB elements grow it past 1 MB at the 6th."""
 
     seen = ListStateDescriptor[str](type=str)
 
@@ -434,23 +433,68 @@ class Collect(Operator):
         ctx.emit(len(self.seen.get()))
 
 
-@pytest.mark.parametrize("guarantee", GUARANTEES)
-async def test_a_state_value_that_does_not_fit_stops_the_task_naming_it(
-    kafka_bootstrap_servers: str, topics: tuple[str, str, str], guarantee: str
+@pytest.mark.parametrize(
+    ("guarantee", "spaced"),
+    [("exactly_once", True), ("at_least_once", True), ("exactly_once", False)],
+    ids=[
+        "exactly_once-grows-across-checkpoints",
+        "at_least_once-grows-across-checkpoints",
+        "exactly_once-grows-within-one-checkpoint",
+    ],
+)
+@pytest.mark.parametrize("policy", ["fail", "skip", "dead_letter"])
+async def test_a_state_value_that_does_not_fit_goes_through_the_error_policy(
+    kafka_bootstrap_servers: str,
+    topics: tuple[str, str, str],
+    guarantee: str,
+    spaced: bool,
+    policy: str,
 ) -> None:
-    """A ListState past 1 MB is found when a checkpoint serializes it (state is never
-    serialized per record): the checkpoint is not taken, and the worker stops naming the
-    operator, the state, the key, the size and the limit, instead of a bare broker error."""
+    """Issue 15 item 4: a ListState growing past 1 MB used to fail every checkpoint with a
+    bare MessageSizeTooLargeError. Now the record that makes it too large (the 6th, offset 5)
+    fails under the job's policy with its state write taken back; the 1st to 5th stay.
+
+    Grown across checkpoints, the key is watched once a checkpoint sees it past half the
+    limit and the record is caught as it runs; grown within one checkpoint interval, the
+    checkpoint finds it, the task runs its records again checked (exactly-once: its
+    transaction aborted, so nothing is repeated either way)."""
     name, source, sink = topics
     s = settings(kafka_bootstrap_servers, guarantee)
-    job = Job(name, error_policy="skip")
+    job = Job(name, error_policy=policy)
     job.source(source, key_serde=STR, value_serde=STR).process(Collect(), name="collect").sink(
         sink, key_serde=STR, value_serde=JSON
     )
-    await produce(kafka_bootstrap_servers, source, [("user-7", "y")] * 8)
-    with pytest.raises(StateTooLargeError) as caught:
-        await asyncio.wait_for(Worker(job, s).run(), 120)
-    message = str(caught.value)
-    assert "state 'seen' of operator 'collect' for key b'user-7'" in message, message
-    assert f"{name}.collect.changelog" in message
-    assert "1,048,576 bytes" in message
+    worker = Worker(job, s)
+    running = asyncio.create_task(worker.run())
+
+    async def sizes() -> list[int]:
+        return [v for *_, v, _ in await read_topic(kafka_bootstrap_servers, sink, value_serde=JSON)]
+
+    try:
+        for _ in range(8):
+            await produce(kafka_bootstrap_servers, source, [("user-7", "y")])
+            if spaced:
+                await asyncio.sleep(0.6)  # a checkpoint (200 ms) between two records
+        for _ in range(120):
+            if running.done() or (await sizes() == [1, 2, 3, 4, 5] and policy != "fail"):
+                break
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)  # anything repeated or late would show now
+    finally:
+        worker.stop()
+        failure = None
+        try:
+            await running
+        except Exception as exc:
+            failure = exc
+    if policy == "fail":
+        message = str(failure)
+        assert f"topic {source!r} partition 0 offset 5" in message, message
+        assert "state 'seen' of operator 'collect'" in message
+        assert "this record's state writes were taken back" in message
+    else:
+        assert failure is None, failure
+        assert await sizes() == [1, 2, 3, 4, 5]
+        letters = await read_topic(kafka_bootstrap_servers, job.dead_letter_topic)
+        offsets = [dict(h)["hr.error.offset"] for *_, h in letters]
+        assert offsets == ([] if policy == "skip" else [b"5", b"6", b"7"])

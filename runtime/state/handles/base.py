@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple, Protocol
 
@@ -132,6 +133,22 @@ class BoundState:
         """(map key, value) of a stored entry, for inspection (TTL envelope stripped, expiry
         not checked)."""
         raise NotImplementedError
+
+    @property
+    def record_scoped(self) -> bool:
+        """One stored value per record key (a record's writes to it can be taken back)."""
+        return False
+
+    def image(self, ukb: bytes) -> tuple[Any, bool] | None:
+        """A copy of this state's value for record key ``ukb``, or None where a record's
+        writes cannot be isolated (see :class:`_ScalarState`)."""
+        return None
+
+    def restore_image(self, ukb: bytes, image: tuple[Any, bool]) -> None:
+        raise NotImplementedError
+
+    def encoded_size(self, ukb: bytes) -> int:
+        return 0
 
     def dirty_count(self) -> int:
         return len(self._dirty)
@@ -276,6 +293,47 @@ class _ScalarState(BoundState):
         except Exception as exc:
             raise self._error(uk, "serialize", exc) from exc
         self._dirty.clear()
+
+    @property
+    def record_scoped(self) -> bool:
+        return self._scoped
+
+    # -- the guard of a key whose value grew close to its changelog's record limit ---------
+    # (headrace.runtime.task.chain.compile_feed): off the normal per-record path, used only
+    # for the few keys a checkpoint found large.
+
+    def image(self, ukb: bytes) -> tuple[Any, bool] | None:
+        """A copy of what this state holds for record key ``ukb`` (None: not scoped by the
+        record key, so a record's writes cannot be told apart from other keys')."""
+        if not self._scoped:
+            return None
+        value = self._cache.get(ukb, _MISS)
+        if value is not _MISS and value is not _ABSENT:
+            value = copy.deepcopy(value)  # a list or an accumulator is changed in place
+        return value, ukb in self._dirty
+
+    def restore_image(self, ukb: bytes, image: tuple[Any, bool]) -> None:
+        value, dirty = image
+        if value is _MISS:
+            self._cache.pop(ukb, None)
+        else:
+            self._cache[ukb] = value
+        if dirty:
+            self._dirty.add(ukb)
+        else:
+            self._dirty.discard(ukb)
+
+    def encoded_size(self, ukb: bytes) -> int:
+        """Bytes the changelog record of ``ukb`` would take if written now (0: nothing to
+        write). Serializes the value: the guard's cost, paid per guarded record only."""
+        if not self._scoped or ukb not in self._dirty:
+            return 0
+        value = self._cache.get(ukb, _MISS)
+        if value is _MISS or value is _ABSENT:
+            return 0
+        if self._ttl is not None:
+            return len(self._prefix) + len(ukb) + 12 + len(self._to_bytes(value.value))
+        return len(self._prefix) + len(ukb) + 4 + len(self._to_bytes(value))
 
     def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
         try:
