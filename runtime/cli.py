@@ -17,150 +17,30 @@ flags win over the environment. Secrets come from the environment only
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import os
 import signal
-import sys
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from headrace.operators.job import Job, JobDefinitionError
-from headrace.runtime.config import (
-    SASL_MECHANISMS,
-    SECURITY_PROTOCOLS,
-    SETTING_BY_FIELD,
-    SETTINGS,
-    Guarantee,
-    Settings,
-    SettingsError,
-    env_warnings,
+from headrace.operators.job import JobDefinitionError
+from headrace.runtime.cli_options import (
+    KAFKA_FIELDS,
+    MAP_OPTION,
+    kafka_options,
+    load_job,
+    operator_mapping,
+    setting_options,
+    settings_from,
 )
+from headrace.runtime.config import SETTING_BY_FIELD, SETTINGS, Guarantee
 from headrace.runtime.localkafka.cli import kafka_cli
+from headrace.runtime.savepoint.commands import load_once, savepoint
 
 log = logging.getLogger("headrace")
 
-
-#: the settings every command that talks to Kafka takes
-_KAFKA_FIELDS = (
-    "bootstrap_servers",
-    "security_protocol",
-    "sasl_mechanism",
-    "sasl_username",
-    "ssl_cafile",
-    "ssl_certfile",
-    "ssl_keyfile",
-)
-_METAVARS = {
-    "bootstrap_servers": "HOST:PORT[,...]",
-    "processing_guarantee": "[exactly_once|at_least_once]",
-    "state_backend": "[memory|rocksdb]",
-    "error_policy": "[fail|skip|dead_letter]",
-    "security_protocol": "[" + "|".join(SECURITY_PROTOCOLS) + "]",
-    "sasl_mechanism": "[" + "|".join(SASL_MECHANISMS) + "]",
-    "state_dir": "DIR",
-    "ssl_cafile": "FILE",
-    "ssl_certfile": "FILE",
-    "ssl_keyfile": "FILE",
-    "alignment_timeout_s": "SECONDS",
-    "status_interval_s": "SECONDS",
-    "metrics_host": "ADDRESS",
-    "client_id": "TEXT",
-    "sasl_username": "TEXT",
-}
-
-
-def load_job(spec: str) -> Job:
-    """``MODULE:ATTR`` -> the Job object ``MODULE.ATTR``; ``MODULE:ATTR()`` calls ``ATTR``.
-
-    A factory is called only when the spec asks for it with ``()``: loading a job must not run
-    an arbitrary callable (``main``, say) with its side effects just to find out that it is not
-    a Job. The working directory comes first on ``sys.path``, so the user's own modules win.
-    """
-    module_name, _, attr = spec.partition(":")
-    call = attr.endswith("()")
-    attr = attr.removesuffix("()")
-    if not module_name or not attr.isidentifier():
-        raise click.BadParameter(
-            f"expected MODULE:JOB or MODULE:FACTORY(), got {spec!r}", param_hint="MODULE:JOB"
-        )
-    cwd = os.getcwd()
-    if not sys.path or sys.path[0] not in ("", cwd):
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise click.BadParameter(
-                f"no module named {module_name!r} (looked in {cwd} and on sys.path)",
-                param_hint="MODULE:JOB",
-            ) from exc
-        raise
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise click.BadParameter(
-            f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
-            f"{attr!r}",
-            param_hint="MODULE:JOB",
-        )
-    if call:
-        if not callable(obj):
-            raise click.BadParameter(
-                f"{module_name}:{attr} is an object of type {type(obj).__name__}, not callable: "
-                "drop the ()",
-                param_hint="MODULE:JOB",
-            )
-        obj = obj()
-    if not isinstance(obj, Job):
-        hint = (
-            f"; to call it as a factory that returns a Job, write {module_name}:{attr}()"
-            if callable(obj) and not call
-            else ""
-        )
-        raise click.BadParameter(
-            f"{spec} is an object of type {type(obj).__name__}, not a headrace Job{hint}",
-            param_hint="MODULE:JOB",
-        )
-    return obj
-
-
-def _setting_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Click options for these settings, each with its ``HEADRACE_*`` variable in ``--help``.
-
-    Values are checked by :class:`Settings` (one validator for the CLI and for code), which
-    names the flag and the variable in its error; see :func:`_settings`.
-    """
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for name in reversed(names):
-            info = SETTING_BY_FIELD[name]
-            fn = click.option(
-                info.option,
-                info.field,
-                envvar=info.envvar,
-                show_envvar=True,
-                metavar=_METAVARS.get(name, "NUMBER" if name.endswith("_s") else "INTEGER"),
-                help=info.help,
-            )(fn)
-        return fn
-
-    return decorate
-
-
-def _kafka_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return _setting_options(_KAFKA_FIELDS)(fn)
-
-
-def _settings(options: dict[str, Any]) -> Settings:
-    """Settings from flags and the environment, or a usage error (exit 2) naming the setting."""
-    for warning in env_warnings():
-        log.warning("%s", warning)
-    try:
-        return Settings.from_env(**options)
-    except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
+__all__ = ["cli", "load_job", "main"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,11 +74,19 @@ def cli(log_level: str, log_format: str) -> None:
 
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
-@_kafka_options
-@_setting_options(
-    tuple(s.field for s in SETTINGS if not s.env_only and s.field not in _KAFKA_FIELDS)
+@kafka_options
+@setting_options(tuple(s.field for s in SETTINGS if not s.env_only and s.field not in KAFKA_FIELDS))
+@click.option(
+    "--from-savepoint",
+    "from_savepoint",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Load this savepoint into the job first (once: a job that was already loaded from "
+    "it just runs). The job must have no state. Start one worker with it, the others after.",
 )
-def run(job_spec: str, **options: Any) -> None:
+@MAP_OPTION
+def run(
+    job_spec: str, from_savepoint: Path | None, mapping: tuple[str, ...], **options: Any
+) -> None:
     """Start a worker for MODULE:JOB (e.g. examples.wordcount:job).
 
     MODULE:JOB names a Job object; MODULE:FACTORY() calls a zero-argument function that
@@ -215,8 +103,12 @@ def run(job_spec: str, **options: Any) -> None:
     from headrace.runtime.kafka.topics import TopicConfigError
     from headrace.runtime.worker import Worker
 
-    settings = _settings(options)
+    settings = settings_from(options)
     job = load_job(job_spec)
+    if from_savepoint is not None:
+        load_once(settings, job, from_savepoint, operator_mapping(mapping))
+    elif mapping:
+        raise click.UsageError("--map applies to --from-savepoint only")
     worker = Worker(job, settings)
 
     async def main() -> None:
@@ -254,7 +146,7 @@ def run(job_spec: str, **options: Any) -> None:
 
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
-@_kafka_options
+@kafka_options
 @click.option("--limit", default=20, show_default=True, help="How many checkpoints to show.")
 def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
     """List recent checkpoints of a job and whether each is complete for the whole job.
@@ -265,7 +157,7 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
     from headrace.runtime.inspect import read_checkpoints
 
     job = load_job(job_spec)
-    settings = _settings(options)
+    settings = settings_from(options)
     summaries = asyncio.run(read_checkpoints(job, settings))
     if not summaries:
         click.echo(f"no checkpoints recorded for job {job.name!r} yet")
@@ -282,7 +174,7 @@ def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
 @click.argument("operator_id", metavar="OPERATOR")
-@_kafka_options
+@kafka_options
 @click.option("--partition", type=int, help="Only this partition (task).")
 @click.option("--key", "key", help="Only this key (as the stage's key serde renders it).")
 @click.option("--limit", default=50, show_default=True, help="Maximum entries to print.")
@@ -332,7 +224,7 @@ def state(
         check_stateful_operator(job, operator_id)
     except JobDefinitionError as exc:
         raise click.BadParameter(str(exc), param_hint="OPERATOR") from None
-    settings = _settings(options)
+    settings = settings_from(options)
     render = render_json if fmt == "json" else render_text
     try:
         entries = asyncio.run(read_state(job, operator_id, settings, partition=partition, key=key))
@@ -349,7 +241,7 @@ def state(
 
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
-@_kafka_options
+@kafka_options
 @click.option(
     "--guarantee",
     "processing_guarantee",
@@ -362,13 +254,13 @@ def status(job_spec: str, **options: Any) -> None:
     from headrace.runtime.status import read_status, render
 
     job = load_job(job_spec)
-    settings = _settings(options)
+    settings = settings_from(options)
     click.echo(render(asyncio.run(read_status(job, settings))))
 
 
 @cli.command()
 @click.argument("job_spec", metavar="MODULE:JOB")
-@_kafka_options
+@kafka_options
 @click.option(
     "--to",
     default="earliest",
@@ -382,7 +274,7 @@ def status(job_spec: str, **options: Any) -> None:
     "--delete-dead-letters", is_flag=True, help="Delete <job>.dlq as well (kept by default)."
 )
 @click.option("--yes", is_flag=True, help="Do it. Without --yes the reset is only shown.")
-@_setting_options(("state_dir",))
+@setting_options(("state_dir",))
 def reset(job_spec: str, to: str, delete_dead_letters: bool, yes: bool, **options: Any) -> None:
     """Start MODULE:JOB over from scratch: delete its state, internal topics and offsets.
 
@@ -401,7 +293,7 @@ def reset(job_spec: str, to: str, delete_dead_letters: bool, yes: bool, **option
     from headrace.runtime.kafka.reset import ResetError, carry_out, plan_reset
 
     job = load_job(job_spec)
-    settings = _settings(options)
+    settings = settings_from(options)
 
     async def main() -> str:
         admin = clients.admin_client(settings, client_id="headrace-reset")
@@ -425,6 +317,7 @@ def reset(job_spec: str, to: str, delete_dead_letters: bool, yes: bool, **option
 
 
 cli.add_command(kafka_cli)
+cli.add_command(savepoint)
 
 
 def main() -> None:

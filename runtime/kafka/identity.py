@@ -70,14 +70,20 @@ def describe(job: Job) -> dict[str, Any]:
     """What the job is, as far as its state is concerned (plus readable stateless parts)."""
     stages = []
     operators: dict[str, Any] = {}
+    own = f"{job.name}."
+
+    def topic(name: str) -> str:  # the job's own topics without its name (a savepoint moves)
+        return "<job>." + name[len(own) :] if name.startswith(own) else name
+
     for stage in job.stages:
+        output = _output_name(stage.output)
         stages.append(
             {
                 "name": stage.name,
-                "input": list(stage.source.topics),
+                "input": [topic(t) for t in stage.source.topics],
                 "key_serde": stage.source.key_serde.name,
                 "steps": [_step_name(step) for step in stage.steps],
-                "output": _output_name(stage.output),
+                "output": None if output is None else output.replace(own, "<job>."),
             }
         )
     for stage, step in job.stateful_operators():
@@ -100,8 +106,12 @@ def describe(job: Job) -> dict[str, Any]:
     return doc
 
 
+#: what a record carries besides the description itself
+_NOT_IDENTITY = ("fingerprint", "recorded", "incarnation", "savepoint")
+
+
 def fingerprint(doc: dict[str, Any]) -> str:
-    body = {k: v for k, v in doc.items() if k not in ("fingerprint", "recorded", "incarnation")}
+    body = {k: v for k, v in doc.items() if k not in _NOT_IDENTITY}
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
@@ -222,7 +232,9 @@ def current_identity(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return current
 
 
-async def check_identity(admin: AIOKafkaAdminClient, settings: Settings, job: Job) -> str:
+async def check_identity(
+    admin: AIOKafkaAdminClient, settings: Settings, job: Job, *, savepoint: str | None = None
+) -> str:
     """Refuse to start a job that differs unsafely from what its name recorded; record it.
 
     Called before the job's internal topics are created or anything is consumed. Returns the
@@ -261,6 +273,8 @@ async def check_identity(admin: AIOKafkaAdminClient, settings: Settings, job: Jo
         for line in diff.safe:
             log.warning("job %r changed since its last deployment: %s", job.name, line)
     mine["incarnation"] = recorded["incarnation"] if recorded else uuid.uuid4().hex[:12]
+    if savepoint is not None:  # loaded from it (runtime/savepoint.py); not part of the identity
+        mine["savepoint"] = savepoint
     await _write(settings, topic, mine)
     winner = current_identity(await _read(settings, topic))
     assert winner is not None  # ours is in the topic now
@@ -307,6 +321,14 @@ async def _create(admin: AIOKafkaAdminClient, topic: str) -> None:
     for name, code, *_ in resp.topic_errors:
         if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another worker was first)
             raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
+
+
+async def recorded_identity(settings: Settings, job: Job) -> dict[str, Any] | None:
+    """The identity in force under the job's name (None: none recorded, or no topic yet)."""
+    try:
+        return current_identity(await _read(settings, identity_topic(job)))
+    except TopicConfigError:
+        return None
 
 
 async def _read(settings: Settings, topic: str) -> list[dict[str, Any]]:

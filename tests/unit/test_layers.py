@@ -50,6 +50,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "headrace.runtime.localkafka",
             "headrace.runtime.recovery",
             "headrace.runtime.pytest_plugin",
+            "headrace.runtime.savepoint",
+            "headrace.runtime.cli_options",
             "headrace.runtime.cli",
         ),
     ),

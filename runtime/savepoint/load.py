@@ -1,0 +1,215 @@
+"""Loading a savepoint into a job without state, for its current layout (``headrace savepoint
+load``, ``headrace run --from-savepoint``)."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from headrace.operators.job import Job
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.config import Settings
+from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.identity import check_identity, compare, describe
+from headrace.runtime.kafka.reset import carry_out, group_members, plan_reset
+from headrace.runtime.kafka.topics import ensure_topics, identity_topic
+from headrace.runtime.savepoint.fileformat import (
+    SavepointError,
+    sections,
+    verify,
+)
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import StatePartitionKey, encode_storage_key
+from headrace.runtime.state.store import OperatorStateStore
+
+log = logging.getLogger(__name__)
+
+#: the identity topic's mark of a load under way (cleared when it completed)
+LOADING_KEY = b"loading"
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LoadReport:
+    savepoint: str
+    entries: dict[str, int] = field(default_factory=dict)  #: per target operator
+    partitions: dict[str, int] = field(default_factory=dict)  #: per target operator
+
+
+async def load_savepoint(
+    settings: Settings, job: Job, path: Path, mapping: dict[str, str] | None = None
+) -> LoadReport:
+    """Write the savepoint's state into ``job``'s changelogs for its current layout, commit the
+    offsets and checkpoint metadata that make it the committed state, and record the job's
+    identity. ``job`` must have no state yet (a fresh name, or after ``headrace reset``)."""
+    mapping = dict(mapping or {})
+    header = verify(path)
+    recorded = dict(header["job"])
+    ops = dict(recorded["operators"])
+    unknown = [old for old in mapping if old not in ops]
+    if unknown:
+        raise SavepointError(f"--map names operators the savepoint does not hold: {unknown}")
+    recorded["operators"] = {mapping.get(op, op): doc for op, doc in ops.items()}
+    # every operator of the savepoint has state (in the file): dropping one is refused
+    diff = compare(recorded, describe(job), has_state=set(recorded["operators"]))
+    if diff.refused:
+        lines = "".join(f"\n  - {line}" for line in diff.refused)
+        raise SavepointError(
+            f"savepoint {header['id']} (job {header['job']['job']!r}) does not fit job "
+            f"{job.name!r}:{lines}\nMap renamed operators with --map OLD=NEW"
+        )
+    for line in diff.safe:
+        log.warning("loading savepoint %s: %s", header["id"], line)
+
+    admin = clients.admin_client(settings, client_id="headrace-savepoint")
+    await admin.start()
+    try:
+        await _make_room(admin, settings, job, header["id"])
+        layout = await ensure_topics(admin, job)
+        producer = clients.producer(settings, client_id="headrace-savepoint")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                identity_topic(job), orjson.dumps({"savepoint": header["id"]}), key=LOADING_KEY
+            )
+            report, last = await _write_state(producer, job, layout, path, mapping, header)
+            await _commit(settings, job, layout, header, last)
+            await check_identity(admin, settings, job, savepoint=header["id"])
+            await producer.send_and_wait(identity_topic(job), None, key=LOADING_KEY)
+        finally:
+            await producer.stop()
+    finally:
+        await admin.close()
+    return report
+
+
+async def _make_room(admin: AIOKafkaAdminClient, settings: Settings, job: Job, sp: str) -> None:
+    """Refuse a job that has state; clean up what a killed load of this savepoint left."""
+    busy = await group_members(admin, [job.group_id(s) for s in job.stages])
+    if busy:
+        raise SavepointError(f"job {job.name!r} is running ({', '.join(busy)}): stop it first")
+    topic = identity_topic(job)
+    existing = set(await admin.list_topics())
+    owned = [t for t in existing if t.startswith(f"{job.name}.") and t != job.dead_letter_topic]
+    if not owned:
+        return
+    marks = await _identity_keys(settings, topic) if topic in existing else {}
+    loading = marks.get(LOADING_KEY)
+    if loading is not None and orjson.loads(loading).get("savepoint") == sp:
+        log.warning(
+            "a load of savepoint %s into %r was interrupted: starting it over", sp, job.name
+        )
+        await carry_out(admin, settings, await plan_reset(admin, settings, job))
+        return
+    raise SavepointError(
+        f"job {job.name!r} already has state or topics ({', '.join(sorted(owned)[:5])}...): a "
+        "savepoint is loaded into a job without state. Run `headrace reset MODULE:JOB --yes` "
+        "first, or load it under a new job name"
+    )
+
+
+async def _identity_keys(settings: Settings, topic: str) -> dict[bytes, bytes | None]:
+    from headrace.runtime.inspect import read_all
+
+    latest: dict[bytes, bytes | None] = {}
+    for r in await read_all(settings, [TopicPartition(topic, 0)], committed=False):
+        if r.key is not None:
+            latest[r.key] = r.value
+    return latest
+
+
+async def _write_state(
+    producer: Any,
+    job: Job,
+    layout: Any,
+    path: Path,
+    mapping: dict[str, str],
+    header: dict[str, Any],
+) -> tuple[LoadReport, dict[tuple[str, int], int]]:
+    report = LoadReport(header["id"])
+    futures: dict[tuple[str, int], list[Any]] = {}
+    started: set[tuple[str, int]] = set()
+    steps = {step.operator_id: (stage, step) for stage, step in job.stateful_operators()}
+    for old_op, old_partition, entries in sections(path):
+        op = mapping.get(old_op, old_op)
+        stage, step = steps[op]
+        n = layout.partitions_of(stage)
+        topic = job.changelog_topic(op)
+        for state, user_key, map_key, raw in entries:
+            if stage.source.internal:
+                p = zlib.crc32(user_key) % n  # the repartitioner's rule (task/chain.py)
+            else:
+                p = old_partition
+                if p >= n:
+                    raise SavepointError(
+                        f"operator {op!r} reads the source directly and its state is kept per "
+                        f"source partition; the savepoint has partition {p}, the source now "
+                        f"{n}. A keyed source cannot change its partition count under state"
+                    )
+            target = (op, p)
+            if target not in started:
+                started.add(target)
+                store = OperatorStateStore(open_backend("memory"), StatePartitionKey(op, p, p))
+                store.bind_operator(step.instantiate())
+                for key, value in store.take_changes():  # the state metadata records
+                    futures.setdefault(target, []).append(
+                        await producer.send(topic, value, key=key, partition=p)
+                    )
+            key = encode_storage_key(StatePartitionKey(op, p, p), state, user_key, map_key)
+            futures.setdefault(target, []).append(
+                await producer.send(topic, raw, key=key, partition=p)
+            )
+            report.entries[op] = report.entries.get(op, 0) + 1
+        report.partitions[op] = n
+    last: dict[tuple[str, int], int] = {}
+    for target, pending in futures.items():
+        offsets = [(await f).offset for f in pending]
+        last[target] = max(offsets)
+    return report, last
+
+
+async def _commit(
+    settings: Settings,
+    job: Job,
+    layout: Any,
+    header: dict[str, Any],
+    last: dict[tuple[str, int], int],
+) -> None:
+    """Per stage, offsets whose checkpoint metadata makes the written changelog its state."""
+    checkpoint = int(header["checkpoint"])
+    sources = {
+        TopicPartition(t, int(p)): off
+        for t, _, p in (k.rpartition(":") for k in header["sources"])
+        for off in [header["sources"][f"{t}:{p}"]]
+    }
+    for stage in job.stages:
+        ops = [step.operator_id for st, step in job.stateful_operators() if st is stage]
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for p in range(layout.partitions_of(stage)):
+            cl = {op: last[(op, p)] for op in ops if (op, p) in last}
+            meta = CheckpointMetadata(checkpoint, changelog_offsets=cl).encode()
+            for topic in stage.source.topics:
+                tp = TopicPartition(topic, p)
+                if stage.source.internal:
+                    offsets[tp] = OffsetAndMetadata(0, meta)
+                elif tp in sources:
+                    offsets[tp] = OffsetAndMetadata(sources[tp], meta)
+        if offsets:
+            consumer = clients.group_consumer(
+                settings, job.group_id(stage), client_id="headrace-savepoint"
+            )
+            await consumer.start()
+            try:
+                consumer.assign(list(offsets))
+                await consumer.commit(offsets)
+            finally:
+                await consumer.stop()

@@ -1,0 +1,190 @@
+"""Taking a savepoint of a stopped, drained job (``headrace savepoint create``)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import TopicPartition
+
+from headrace.operators.job import Job, Stage
+from headrace.runtime.checkpoint.lag import Tail, data_lag
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.restore import RestoreTarget, restore
+from headrace.runtime.config import Settings
+from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.identity import describe
+from headrace.runtime.kafka.reset import group_members
+from headrace.runtime.kafka.topics import topic_partitions
+from headrace.runtime.savepoint.fileformat import (
+    _BATCH,
+    ENTRIES,
+    HEADER,
+    SECTION,
+    SavepointError,
+    Writer,
+)
+from headrace.runtime.state.backend import open_backend
+from headrace.runtime.state.keys import StatePartitionKey, decode_storage_key
+from headrace.runtime.state.store import OperatorStateStore
+
+log = logging.getLogger(__name__)
+
+
+# -- create -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Committed:
+    offset: int
+    meta: CheckpointMetadata | None
+
+
+async def _committed(
+    admin: AIOKafkaAdminClient, group: str, tps: list[TopicPartition]
+) -> dict[TopicPartition, _Committed]:
+    found = await admin.list_consumer_group_offsets(group, partitions=tps)
+    return {
+        tp: _Committed(om.offset, CheckpointMetadata.decode(om.metadata))
+        for tp, om in found.items()
+        if om is not None and om.offset >= 0
+    }
+
+
+async def create_savepoint(settings: Settings, job: Job, path: Path) -> dict[str, Any]:
+    """Write the state of the stopped, drained ``job`` to ``path``; the header."""
+    admin = clients.admin_client(settings, client_id="headrace-savepoint")
+    await admin.start()
+    try:
+        busy = await group_members(admin, [job.group_id(s) for s in job.stages])
+        if busy:
+            raise SavepointError(
+                f"job {job.name!r} is running (members in {', '.join(busy)}): a savepoint is "
+                "taken from a stopped job. Stop every worker with SIGTERM (each takes a final "
+                "checkpoint), then create the savepoint"
+            )
+        partitions = await topic_partitions(admin, [t for s in job.stages for t in s.source.topics])
+        missing = [t for s in job.stages for t in s.source.topics if t not in partitions]
+        if missing:
+            raise SavepointError(f"topics {missing} do not exist: has job {job.name!r} run here?")
+        committed: dict[str, dict[TopicPartition, _Committed]] = {}
+        for stage in job.stages:
+            tps = [TopicPartition(t, p) for t in stage.source.topics for p in range(partitions[t])]
+            committed[stage.name] = await _committed(admin, job.group_id(stage), tps)
+    finally:
+        await admin.close()
+    await _check_drained(settings, job, committed, partitions)
+
+    source = job.stages[0]
+    header: dict[str, Any] = {
+        "id": uuid.uuid4().hex[:12],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "guarantee": str(settings.processing_guarantee),
+        "job": describe(job),
+        "checkpoint": max(
+            (c.meta.checkpoint_id for cs in committed.values() for c in cs.values() if c.meta),
+            default=0,
+        ),
+        "sources": {
+            f"{tp.topic}:{tp.partition}": c.offset for tp, c in committed[source.name].items()
+        },
+        "stages": {s.name: partitions[s.source.topics[0]] for s in job.stages},
+        "operators": {},
+    }
+    writer = Writer(path)
+    try:
+        writer.frame(HEADER, orjson.dumps(header))
+        consumer = clients.reader(settings, client_id="headrace-savepoint")
+        await consumer.start()
+        try:
+            for stage, step in job.stateful_operators():
+                op = step.operator_id
+                n = partitions[stage.source.topics[0]]
+                counts = []
+                for p in range(n):
+                    entries = await _operator_entries(
+                        consumer, settings, job, stage, step, p, committed[stage.name]
+                    )
+                    writer.frame(SECTION, orjson.dumps({"operator": op, "partition": p}))
+                    for i in range(0, len(entries), _BATCH):
+                        writer.frame(ENTRIES, msgpack.packb(entries[i : i + _BATCH]))
+                    writer.entries += len(entries)
+                    counts.append(len(entries))
+                header["operators"][op] = {"stage": stage.name, "entries": counts}
+        finally:
+            await consumer.stop()
+        # the per-operator counts are known only now: a second header frame, read last-wins
+        writer.frame(HEADER, orjson.dumps(header))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    log.info("savepoint %s of job %r written to %s", header["id"], job.name, path)
+    return header
+
+
+async def _check_drained(
+    settings: Settings,
+    job: Job,
+    committed: dict[str, dict[TopicPartition, _Committed]],
+    partitions: dict[str, int],
+) -> None:
+    """Nothing in flight between stages: the cut is then one state of the whole job."""
+    tails: dict[TopicPartition, Tail] = {}
+    consumer = clients.reader(settings, client_id="headrace-savepoint")
+    await consumer.start()
+    try:
+        for stage in job.stages[1:]:
+            topic = stage.source.topics[0]
+            tps = [TopicPartition(topic, p) for p in range(partitions[topic])]
+            ends = await consumer.end_offsets(tps)
+            firsts = await consumer.beginning_offsets(tps)
+            for tp in tps:
+                c = committed[stage.name].get(tp)
+                tails[tp] = Tail(
+                    c.offset if c else None, ends[tp], firsts[tp], c.meta if c else None
+                )
+    finally:
+        await consumer.stop()
+    lags = await data_lag(settings, tails)
+    busy = {f"{tp.topic}[{tp.partition}]": n for tp, (n, _) in lags.items() if n}
+    if busy:
+        raise SavepointError(
+            f"records are still in flight between stages ({busy}): a savepoint needs a "
+            "drained job. Start the job with its producers stopped, wait until `headrace "
+            "status` shows no lag, stop it with SIGTERM, then create the savepoint"
+        )
+
+
+async def _operator_entries(
+    consumer: Any,
+    settings: Settings,
+    job: Job,
+    stage: Stage,
+    step: Any,
+    partition: int,
+    committed: dict[TopicPartition, _Committed],
+) -> list[list[Any]]:
+    """One operator's entries in one partition, restored at the committed checkpoint."""
+    op = step.operator_id
+    store = OperatorStateStore(open_backend("memory"), StatePartitionKey(op, partition, partition))
+    store.bind_operator(step.instantiate())
+    metas = [
+        c.meta for tp, c in committed.items() if tp.partition == partition and c.meta is not None
+    ]
+    valid_until = None
+    if not settings.exactly_once:
+        valid_until = max((m.changelog_offsets.get(op, -1) for m in metas), default=-1)
+    await restore(consumer, [RestoreTarget(store, job.changelog_topic(op), partition, valid_until)])
+    out = []
+    for skey, raw in store.storage_keys():
+        _, state, user_key, map_key = decode_storage_key(skey)
+        out.append([state, user_key, map_key, raw])
+    return out

@@ -1,0 +1,170 @@
+"""Savepoints and rescaling behind a key_by (issue 16), against the real broker: a word count
+stopped, saved, loaded with 8 and then 3 partitions behind its key_by (under a new job name
+each time, and once with a renamed operator), and run on; per word the output across all runs
+is exactly 1..count under exactly-once, and the final counts equal a replay of the input under
+both guarantees. Workers run in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from headrace import JSON, STR, Job
+from headrace.runtime.config import Settings
+from headrace.runtime.pytest_plugin import TopicFactory
+from headrace.runtime.recovery import read_topic
+from headrace.runtime.savepoint import (
+    SavepointError,
+    create_savepoint,
+    load_savepoint,
+    summarize,
+)
+from headrace.runtime.worker import Worker
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def wordcount(name: str, source: str, sink: str, partitions: int, op: str = "counts") -> Job:
+    job = Job(name)
+    job.source(source, value_serde=STR).flat_map(str.split).key_by(
+        lambda w: w, key_serde=STR, value_serde=STR, partitions=partitions
+    ).count(name=op).sink(sink, key_serde=STR, value_serde=JSON)
+    return job
+
+
+async def produce_lines(bootstrap: str, topic: str, lines: list[str]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for i, line in enumerate(lines):
+            await producer.send(topic, line.encode(), partition=i % 2)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def outputs(bootstrap: str, sink: str) -> dict[str, list[int]]:
+    per_word: dict[str, list[int]] = defaultdict(list)
+    for _, _, key, value, _ in await read_topic(bootstrap, sink, key_serde=STR, value_serde=JSON):
+        per_word[key].append(value)
+    return per_word
+
+
+async def run_until_counted(job: Job, s: Settings, sink: str, expected: Counter[str]) -> None:
+    worker = Worker(job, s)
+    running = asyncio.create_task(worker.run())
+    try:
+        for _ in range(240):
+            await asyncio.sleep(0.5)
+            assert not running.done(), running.result()
+            seen = await outputs(s.bootstrap_servers, sink)
+            if {w: v[-1] for w, v in seen.items()} == dict(expected):
+                return
+        raise AssertionError("the counts were not reached in 120 s")
+    finally:
+        worker.stop()
+        await running
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_a_word_count_saved_and_rescaled_4_8_3_behind_its_key_by_stays_exact(
+    kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path, guarantee: str
+) -> None:
+    bootstrap = kafka_bootstrap_servers
+    s = Settings(
+        bootstrap_servers=bootstrap, processing_guarantee=guarantee, checkpoint_interval_ms=200
+    )
+    source = await topic_factory("sp-lines", partitions=2)
+    sink = await topic_factory("sp-counts", partitions=2)
+    rng = random.Random(16)
+    base = f"sp-{uuid.uuid4().hex[:6]}"
+    expected: Counter[str] = Counter()
+    previous: set[str] = set()
+    names = [f"{base}-a", f"{base}-b", f"{base}-c"]
+    layouts = [(4, "counts"), (8, "counts"), (3, "totals")]
+    for round_, (name, (partitions, op)) in enumerate(zip(names, layouts, strict=True)):
+        lines = [" ".join(rng.choices(WORDS, k=5)) for _ in range(300)]
+        expected.update(w for line in lines for w in line.split())
+        job = wordcount(name, source, sink, partitions, op)
+        if round_:
+            mapping = {"counts": "totals"} if op == "totals" else {}
+            report = await load_savepoint(s, job, tmp_path / f"sp{round_ - 1}.hrsp", mapping)
+            assert report.partitions == {op: partitions}
+            assert report.entries[op] == len(previous)  # every word saved, once
+        await produce_lines(bootstrap, source, lines)
+        await run_until_counted(job, s, sink, expected)
+        header = await create_savepoint(s, job, tmp_path / f"sp{round_}.hrsp")
+        assert len(header["operators"][op]["entries"]) == partitions
+        assert sum(header["operators"][op]["entries"]) == len(expected)
+        previous = set(expected)
+
+    final = await outputs(bootstrap, sink)
+    assert {w: v[-1] for w, v in final.items()} == dict(expected)
+    if guarantee == "exactly_once":
+        assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), {
+            w: v for w, v in final.items() if v != list(range(1, expected[w] + 1))
+        }
+    summary = summarize(tmp_path / "sp2.hrsp", key="w1")
+    assert "operator 'totals' (stage1)" in summary and "3 partitions" in summary
+    assert "totals/" in summary  # the key's entry is printed
+
+
+async def test_a_savepoint_is_refused_from_a_running_job_and_into_a_job_with_state(
+    kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    s = Settings(bootstrap_servers=kafka_bootstrap_servers, checkpoint_interval_ms=200)
+    source = await topic_factory("sp-lines", partitions=2)
+    sink = await topic_factory("sp-counts", partitions=2)
+    job = wordcount(f"sp-{uuid.uuid4().hex[:6]}", source, sink, 2)
+    await produce_lines(kafka_bootstrap_servers, source, ["a b", "b"])
+    worker = Worker(job, s)
+    running = asyncio.create_task(worker.run())
+    try:
+        for _ in range(120):
+            await asyncio.sleep(0.5)
+            if (await outputs(kafka_bootstrap_servers, sink)).get("b", [0])[-1] == 2:
+                break
+        with pytest.raises(SavepointError, match="is running"):
+            await create_savepoint(s, job, tmp_path / "sp.hrsp")
+    finally:
+        worker.stop()
+        await running
+    await create_savepoint(s, job, tmp_path / "sp.hrsp")
+    with pytest.raises(SavepointError, match="already has state"):
+        await load_savepoint(s, job, tmp_path / "sp.hrsp")
+    other = wordcount(f"{job.name}-x", source, sink, 2, "renamed")
+    with pytest.raises(SavepointError, match=r"(?s)operator 'counts' removed or renamed.*--map"):
+        await load_savepoint(s, other, tmp_path / "sp.hrsp")
+
+
+def test_a_truncated_or_corrupted_savepoint_is_refused(tmp_path: Path) -> None:
+    from headrace.runtime.savepoint.fileformat import Writer, verify
+
+    path = tmp_path / "sp.hrsp"
+    writer = Writer(path)
+    writer.frame(1, b'{"id": "x"}')
+    writer.frame(3, b"\x91\x94\xa1n\xa1k\xc0\xa1v")
+    writer.entries = 1
+    writer.finish()
+    assert verify(path)["id"] == "x"
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(SavepointError, match=r"truncated|incomplete"):
+        verify(path)
+    corrupt = bytearray(data)
+    corrupt[20] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(SavepointError, match="corrupted"):
+        verify(path)
+    path.write_bytes(data[:30])
+    with pytest.raises(SavepointError):
+        verify(path)
+    assert not (tmp_path / "sp.hrsp.partial").exists()
