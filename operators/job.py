@@ -277,6 +277,10 @@ class Job:
     def changelog_topic(self, operator_id: str) -> str:
         return f"{self.name}.{operator_id}.changelog"
 
+    def cuts_topic(self, stage: Stage) -> str:
+        """Checkpoint documents of a stage behind a ``key_by`` too long for offset metadata."""
+        return f"{self.name}.{stage.name}.cuts"
+
     @property
     def checkpoint_topic(self) -> str:
         return f"{self.name}.checkpoints"

@@ -27,11 +27,13 @@ tester's in-memory reader), and the committed offsets of its consumer group.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import ErrorPolicy, Job, Stage
 from headrace.runtime.checkpoint.commit import Committer
@@ -79,6 +81,10 @@ class TaskIO:
     #: changelog ranges (operator id, first, end) that another writer filled between two of
     #: this task's writes: read and rewritten by the worker
     foreign: list[tuple[str, int, int]] = field(default_factory=list)
+    #: where checkpoint documents too long for offset metadata go (None: a source stage)
+    cuts_topic: str | None = None
+    #: keys of this task's spilled checkpoint documents not deleted yet
+    spilled: list[bytes] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -91,6 +97,39 @@ class TaskIO:
     @property
     def partition(self) -> int:
         return self.task.partition
+
+
+async def read_spilled(reader: Any, io: TaskIO, offset: int) -> CheckpointMetadata:
+    """The checkpoint document a committed reference names (see
+    :mod:`headrace.runtime.checkpoint.metadata`), read with the changelog reader (its
+    isolation level is the guarantee's: a spill is committed exactly when its offsets are)."""
+    if io.cuts_topic is None:
+        raise CheckpointMissingError(
+            io.name,
+            io.group_id,
+            f"its metadata refers to a spilled document at {offset}, but "
+            "the stage has no cuts topic",
+        )
+    tp = TopicPartition(io.cuts_topic, io.partition)
+    reader.assign([tp])
+    reader.seek(tp, offset)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        batch = (await reader.getmany(tp, timeout_ms=500)).get(tp, [])
+        found = next((r for r in batch if r.offset >= offset), None)
+        if found is None:
+            continue
+        if found.offset == offset and found.value is not None:
+            meta = CheckpointMetadata.decode(bytes(found.value).decode())
+            if meta is not None and meta.spilled_at is None:
+                return meta
+        break
+    raise CheckpointMissingError(
+        io.name,
+        io.group_id,
+        f"its committed metadata refers to the checkpoint document at {io.cuts_topic}"
+        f"[{io.partition}] offset {offset}, which cannot be read",
+    )
 
 
 #: called with every committed checkpoint (the worker's metrics); None: nobody observes
@@ -218,6 +257,7 @@ class StageHost:
             group_id=self.group_id,
             changelog_topics=dict(self.changelog_topics),
             producer=producer,
+            cuts_topic=self.job.cuts_topic(self.stage) if self.stage.source.internal else None,
         )
 
     # -- 2. find the start ---------------------------------------------------------------------
@@ -282,6 +322,9 @@ class StageHost:
         Returns, per partition and operator, the changelog end offset the restore read up to
         (what a claim must find contiguous, see :meth:`claim`).
         """
+        for io, start in tasks:
+            if start.meta is not None and start.meta.spilled_at is not None:
+                start.meta = await read_spilled(reader, io, start.meta.spilled_at)
         by_target: list[tuple[TaskIO, str, RestoreTarget]] = []
         for io, start in tasks:
             for op, target in zip(self.stateful, self.restore_targets(io, start), strict=True):

@@ -45,7 +45,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from headrace.operators.job import Job
 from headrace.runtime.checkpoint.log import CheckpointAck
-from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.checkpoint.metadata import METADATA_LIMIT, CheckpointMetadata
 from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka.lease import MembershipLease
@@ -84,6 +84,10 @@ class CommitTarget(Protocol):
     producer: AIOKafkaProducer | None
     epoch_headers: list[tuple[str, bytes]] | None
     foreign: list[tuple[str, int, int]]
+    #: the stage's cuts topic (None: a source stage, whose metadata stays small)
+    cuts_topic: str | None
+    #: keys of spilled checkpoint documents an earlier checkpoint wrote, to delete
+    spilled: list[bytes]
 
 
 class Committer:
@@ -137,12 +141,7 @@ class Committer:
         await wait_delivered(deliveries)
         self.fault("after-changelog")
 
-        metadata = CheckpointMetadata(
-            pending.checkpoint_id,
-            pending.skip,
-            {op: off for op, off in io.changelog_last.items() if off is not None},
-            pending.seen,
-        ).encode()
+        metadata = await self._metadata(io, pending)
         offsets: dict[TopicPartition, Any] = {
             TopicPartition(t, p): OffsetAndMetadata(o, metadata)
             for (t, p), o in pending.offsets.items()
@@ -188,6 +187,43 @@ class Committer:
             alignment_seconds=pending.alignment_seconds,
             seconds=seconds,
         )
+
+    async def _metadata(self, io: CommitTarget, pending: PendingCheckpoint) -> str:
+        """The offset metadata of ``pending``: its document, or a reference to where it was
+        spilled (see :mod:`headrace.runtime.checkpoint.metadata`).
+
+        Spilled documents are keyed per checkpoint, never overwritten: under compaction a
+        newer record of the same key, written by a checkpoint that then failed to commit,
+        would delete the committed one. So each document keeps its own key, and the keys of
+        the ones this task wrote before are deleted (tombstones) in the checkpoint after the
+        next commit, when a newer committed document exists. Both writes go through the
+        task's sender: inside the transaction under exactly-once, acknowledged before the
+        offsets are committed under at-least-once.
+        """
+        sender = io.sender
+        if io.spilled and io.cuts_topic is not None:
+            garbage, io.spilled = io.spilled, io.spilled[-1:]  # keep the last committed one
+            garbage = garbage[:-1]
+            if garbage:  # acknowledged with the next checkpoint's outputs
+                io.unacked += await sender.send_pairs(
+                    io.cuts_topic, io.partition, [(k, None) for k in garbage]
+                )
+        document = CheckpointMetadata(
+            pending.checkpoint_id,
+            pending.skip,
+            {op: off for op, off in io.changelog_last.items() if off is not None},
+            pending.seen,
+        ).encode()
+        if len(document) <= METADATA_LIMIT or io.cuts_topic is None:
+            return document
+        key = b"%d:%d:%d" % (io.partition, pending.checkpoint_id, time.time_ns())
+        deliveries = await sender.send_pairs(
+            io.cuts_topic, io.partition, [(key, document.encode())]
+        )
+        offset = await last_offset(deliveries)
+        assert offset is not None
+        io.spilled.append(key)
+        return CheckpointMetadata.reference(pending.checkpoint_id, offset)
 
     def _ack(
         self, io: CommitTarget, pending: PendingCheckpoint, started: float, changed: int

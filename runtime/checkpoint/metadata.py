@@ -14,7 +14,15 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
   at-least-once the changelog may hold writes of a checkpoint that never committed its offsets;
   restore treats records past ``cl`` as stale (ARCHITECTURE.md section 5.5).
 
-The encoding is compact JSON; Kafka's default limit (``offset.metadata.max.bytes``) is 4096.
+The encoding is compact JSON. Kafka refuses metadata longer than ``offset.metadata.max.bytes``
+(4096 by default), and ``skip`` and ``seen`` grow with the number of upstream partitions (256
+of them take about 10 KB). A checkpoint whose document would not fit :data:`METADATA_LIMIT`
+*spills* it (:mod:`headrace.runtime.checkpoint.commit`): the whole document is written as a
+record to the stage's compacted ``<job>.<stage>.cuts`` topic, in the same transaction under
+exactly-once and acknowledged before the offsets are committed under at-least-once, and the
+offset metadata holds only a reference to it (``x``: that record's offset). The reference is
+committed atomically with the offsets, exactly like the document itself would be, and a
+restore reads the record it names (:meth:`headrace.runtime.host.StageHost.restore`).
 
 Reading it back distinguishes two cases that must never be confused (issue "exact under
 change"): metadata that is not headrace's (empty, as Kafka's own tools leave it after
@@ -33,6 +41,10 @@ import orjson
 
 FORMAT = 1
 
+#: the longest metadata headrace commits; a longer document is spilled (broker default 4096,
+#: with room for the reference and for brokers that count in bytes)
+METADATA_LIMIT = 3_500
+
 
 class CheckpointMetadataError(ValueError):
     """Offset metadata written by headrace that this version cannot read."""
@@ -44,6 +56,14 @@ class CheckpointMetadata:
     skip: dict[int, int] = field(default_factory=dict)
     changelog_offsets: dict[str, int] = field(default_factory=dict)
     seen: dict[int, int] = field(default_factory=dict)
+    #: the offset, in the stage's cuts topic, of the record holding this checkpoint's whole
+    #: document (None: the metadata holds it); see the module docstring
+    spilled_at: int | None = None
+
+    @staticmethod
+    def reference(checkpoint_id: int, offset: int) -> str:
+        """The offset metadata of a spilled checkpoint."""
+        return orjson.dumps({"v": FORMAT, "cp": checkpoint_id, "x": offset}).decode()
 
     def encode(self) -> str:
         doc: dict[str, object] = {"v": FORMAT, "cp": self.checkpoint_id}
@@ -74,6 +94,8 @@ class CheckpointMetadata:
                 f"version {FORMAT} (was the group committed by a newer headrace?)"
             )
         try:
+            if "x" in doc:
+                return cls(int(doc["cp"]), spilled_at=int(doc["x"]))
             return cls(
                 int(doc["cp"]),
                 {int(c): int(x) for c, x in doc.get("skip", {}).items()},

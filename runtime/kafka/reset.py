@@ -108,7 +108,9 @@ async def plan_reset(
     owned = {t.name for t in layout.internal}
     prefix = f"{job.name}."
     owned |= {
-        t for t in existing if t.startswith(prefix) and t.endswith((".changelog", ".repartition"))
+        t
+        for t in existing
+        if t.startswith(prefix) and t.endswith((".changelog", ".repartition", ".cuts"))
     }
     kept = []
     if not delete_dead_letters:

@@ -81,6 +81,8 @@ def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> Topi
     partitions = source_partitions
     for stage in job.stages:
         stage_partitions[stage.name] = partitions
+        if stage.source.internal:  # its checkpoints may spill (checkpoint/metadata.py)
+            internal.append(InternalTopic(job.cuts_topic(stage), partitions, compact=True))
         for step in stage.process_steps():
             if declared_state(type(step.prototype)):
                 internal.append(
