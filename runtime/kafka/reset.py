@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import DeleteGroupsRequest
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from headrace.operators.job import Job
 from headrace.runtime.config import Settings
@@ -146,7 +147,7 @@ async def carry_out(admin: AIOKafkaAdminClient, settings: Settings, plan: ResetP
         await admin.delete_topics(plan.topics)
         await _until_gone(admin, plan.topics)
     if plan.offsets:
-        await _commit(settings, plan.groups[0], plan.offsets)
+        await commit_offsets(settings, plan.groups[0], plan.offsets)
     if plan.state_dir is not None:
         shutil.rmtree(plan.state_dir)
     log.info("job %r reset", plan.job.name)
@@ -192,8 +193,11 @@ async def _offsets(
         await consumer.stop()
 
 
-async def _commit(settings: Settings, group: str, offsets: dict[TopicPartition, int]) -> None:
-    consumer = clients.group_consumer(settings, group, client_id="headrace-reset")
+async def commit_offsets(
+    settings: Settings, group: str, offsets: Mapping[TopicPartition, int | OffsetAndMetadata]
+) -> None:
+    """Commit ``offsets`` for ``group`` from outside it (its members must be gone)."""
+    consumer = clients.group_consumer(settings, group, client_id="headrace-offsets")
     await consumer.start()
     try:
         consumer.assign(list(offsets))

@@ -18,7 +18,7 @@ from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.identity import check_identity, compare, describe
-from headrace.runtime.kafka.reset import carry_out, group_members, plan_reset
+from headrace.runtime.kafka.reset import carry_out, commit_offsets, group_members, plan_reset
 from headrace.runtime.kafka.topics import ensure_topics, identity_topic
 from headrace.runtime.savepoint.fileformat import (
     SavepointError,
@@ -204,12 +204,4 @@ async def _commit(
                 elif tp in sources:
                     offsets[tp] = OffsetAndMetadata(sources[tp], meta)
         if offsets:
-            consumer = clients.group_consumer(
-                settings, job.group_id(stage), client_id="headrace-savepoint"
-            )
-            await consumer.start()
-            try:
-                consumer.assign(list(offsets))
-                await consumer.commit(offsets)
-            finally:
-                await consumer.stop()
+            await commit_offsets(settings, job.group_id(stage), offsets)

@@ -31,6 +31,7 @@ from headrace.runtime.host import CheckpointMissingError
 from headrace.runtime.kafka.identity import JobIdentityError
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.recovery import read_topic
+from headrace.runtime.recovery.inprocess import run_worker_until
 from headrace.runtime.worker import Worker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(240)]
@@ -67,21 +68,12 @@ async def run_until(
 ) -> dict[str, Any]:
     """Run a worker until the latest value per key in ``sink`` satisfies ``done``; stop it
     (a final checkpoint) and return those values."""
-    worker = Worker(job, s)
-    running = asyncio.create_task(worker.run())
-    try:
-        for _ in range(240):
-            await asyncio.sleep(0.5)
-            if running.done():
-                running.result()  # raises what stopped it
-                raise AssertionError("the worker stopped by itself")
-            counts = await last_counts(s.bootstrap_servers, sink)
-            if done(counts):
-                return counts
-        raise AssertionError(f"not done in 120 s: {counts}")
-    finally:
-        worker.stop()
-        await running
+
+    async def check() -> bool:
+        return done(await last_counts(s.bootstrap_servers, sink))
+
+    await run_worker_until(job, s, check)
+    return await last_counts(s.bootstrap_servers, sink)
 
 
 async def refused(job: Job, s: Settings) -> str:

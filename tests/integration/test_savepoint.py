@@ -19,6 +19,7 @@ from headrace import JSON, STR, Job
 from headrace.runtime.config import Settings
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.recovery import read_topic
+from headrace.runtime.recovery.inprocess import run_worker_until
 from headrace.runtime.savepoint import (
     SavepointError,
     create_savepoint,
@@ -59,19 +60,11 @@ async def outputs(bootstrap: str, sink: str) -> dict[str, list[int]]:
 
 
 async def run_until_counted(job: Job, s: Settings, sink: str, expected: Counter[str]) -> None:
-    worker = Worker(job, s)
-    running = asyncio.create_task(worker.run())
-    try:
-        for _ in range(240):
-            await asyncio.sleep(0.5)
-            assert not running.done(), running.result()
-            seen = await outputs(s.bootstrap_servers, sink)
-            if {w: v[-1] for w, v in seen.items()} == dict(expected):
-                return
-        raise AssertionError("the counts were not reached in 120 s")
-    finally:
-        worker.stop()
-        await running
+    async def counted() -> bool:
+        seen = await outputs(s.bootstrap_servers, sink)
+        return {w: v[-1] for w, v in seen.items()} == dict(expected)
+
+    await run_worker_until(job, s, counted)
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])

@@ -7,7 +7,6 @@ it; the job checkpoints, stops, restores from the spilled document and stays exa
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import Counter
 
@@ -21,7 +20,7 @@ from headrace import JSON, STR, Job
 from headrace.runtime.config import Settings
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.recovery import read_topic
-from headrace.runtime.worker import Worker
+from headrace.runtime.recovery.inprocess import run_worker_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -45,20 +44,12 @@ async def produce(bootstrap: str, topic: str, round_: int) -> Counter[str]:
 
 
 async def run_until(job: Job, s: Settings, sink: str, expected: Counter[str]) -> None:
-    worker = Worker(job, s)
-    running = asyncio.create_task(worker.run())
-    try:
-        for _ in range(600):
-            await asyncio.sleep(0.5)
-            assert not running.done(), running.result()
-            records = await read_topic(s.bootstrap_servers, sink, key_serde=STR, value_serde=JSON)
-            if {k: v for _, _, k, v, _ in records} == dict(expected):
-                await asyncio.sleep(1.5)  # a few more checkpoints, with every channel's mark
-                return
-        raise AssertionError("counts not reached in 300 s")
-    finally:
-        worker.stop()
-        await running
+    async def counted() -> bool:
+        records = await read_topic(s.bootstrap_servers, sink, key_serde=STR, value_serde=JSON)
+        return {k: v for _, _, k, v, _ in records} == dict(expected)
+
+    # settle: a few more checkpoints, with every channel's mark
+    await run_worker_until(job, s, counted, timeout_s=300, settle_s=1.5)
 
 
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
