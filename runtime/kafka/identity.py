@@ -325,10 +325,14 @@ async def _create(admin: AIOKafkaAdminClient, topic: str) -> None:
 
 async def recorded_identity(settings: Settings, job: Job) -> dict[str, Any] | None:
     """The identity in force under the job's name (None: none recorded, or no topic yet)."""
+    topic = identity_topic(job)
+    admin = clients.admin_client(settings, client_id="headrace-identity")
+    await admin.start()
     try:
-        return current_identity(await _read(settings, identity_topic(job)))
-    except TopicConfigError:
-        return None
+        exists = topic in await topic_partitions(admin, [topic])
+    finally:
+        await admin.close()
+    return current_identity(await _read(settings, topic)) if exists else None
 
 
 async def _read(settings: Settings, topic: str) -> list[dict[str, Any]]:

@@ -7,7 +7,10 @@ both guarantees. Workers run in this process."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import sys
 import uuid
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -161,3 +164,77 @@ def test_a_truncated_or_corrupted_savepoint_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SavepointError):
         verify(path)
     assert not (tmp_path / "sp.hrsp.partial").exists()
+
+
+JOB_MODULE = """
+import os
+
+from headrace import JSON, STR, Job
+
+job = Job(os.environ["T_JOB"])
+job.source(os.environ["T_SOURCE"], value_serde=STR).flat_map(str.split).key_by(
+    lambda w: w, key_serde=STR, value_serde=STR, partitions=int(os.environ["T_PARTITIONS"])
+).count(name="totals").sink(os.environ["T_SINK"], key_serde=STR, value_serde=JSON)
+"""
+
+
+async def test_run_from_savepoint_loads_once_and_a_restart_just_runs(
+    kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    """``headrace run --from-savepoint FILE --map counts=totals``, as a user runs it: the
+    first start loads the savepoint; a restart with the same command line does not load it
+    again (the job's identity names the savepoint it came from) and goes on exactly."""
+    bootstrap = kafka_bootstrap_servers
+    s = Settings(bootstrap_servers=bootstrap, checkpoint_interval_ms=200)
+    source = await topic_factory("sp-lines", partitions=2)
+    sink = await topic_factory("sp-counts", partitions=2)
+    base = f"sp-{uuid.uuid4().hex[:6]}"
+    expected: Counter[str] = Counter()
+    lines = ["a b c", "b c", "c"]
+    expected.update(w for line in lines for w in line.split())
+    await produce_lines(bootstrap, source, lines)
+    await run_until_counted(wordcount(f"{base}-a", source, sink, 2), s, sink, expected)
+    await create_savepoint(s, wordcount(f"{base}-a", source, sink, 2), tmp_path / "sp.hrsp")
+
+    (tmp_path / "userjob.py").write_text(JOB_MODULE)
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        HEADRACE_CHECKPOINT_INTERVAL_MS="200",
+        T_JOB=f"{base}-b",
+        T_SOURCE=source,
+        T_SINK=sink,
+        T_PARTITIONS="5",
+    )
+    args = ["run", "userjob:job", "--from-savepoint", str(tmp_path / "sp.hrsp")]
+    for more in (["c d"], ["d"]):
+        await produce_lines(bootstrap, source, more)
+        expected.update(w for line in more for w in line.split())
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "headrace.runtime.cli",
+            *args,
+            "--map",
+            "counts=totals",
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            for _ in range(120):
+                await asyncio.sleep(0.5)
+                assert proc.returncode is None, (await proc.communicate())[1].decode()
+                seen = await outputs(bootstrap, sink)
+                if {w: v[-1] for w, v in seen.items()} == dict(expected):
+                    break
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        loaded = "loaded into job" in err.decode()
+        assert loaded == (more == ["c d"]), err.decode()[-2000:]
+    final = await outputs(bootstrap, sink)
+    assert {w: v[-1] for w, v in final.items()} == dict(expected)
+    assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), final
