@@ -51,7 +51,7 @@ from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.health import BROKER_AWAY
 from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
 from headrace.runtime.kafka.producer import BatchSender, abandon
-from headrace.runtime.kafka.topics import TopicLayout
+from headrace.runtime.kafka.topics import SOURCE_GREW, TopicConfigError, TopicLayout
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task.records import StateTooLargeError
@@ -331,12 +331,26 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 log.error("stage %s: taking over partitions failed: %s", self.stage.name, exc)
             self.restore_error = exc
 
+    def _check_source_growth(self, partitions: list[int]) -> None:
+        """Partitions added to the source while the job runs: new tasks for a stateless first
+        stage (downstream alignment takes the new channels in); a stateful first stage stops
+        the worker with the procedure (topics.SOURCE_GREW): its keys would move away from
+        their state."""
+        layout = self.worker.layout
+        if self.stage.source.internal or not self.host.stateful or layout is None:
+            return
+        known = layout.partitions_of(self.stage)
+        if any(p >= known for p in partitions):
+            topics = ", ".join(self.host.changelog_topics.values())
+            raise TopicConfigError(SOURCE_GREW.format(job=self.worker.job.name, topics=topics))
+
     async def _take_over(self, partitions: list[int]) -> None:
         """Resume or restore the tasks of newly assigned partitions.
 
         A suspended task stays in ``self.suspended`` until it is resumed or closed, so that a
         failure half-way leaves nothing open that :meth:`abandon` does not close.
         """
+        self._check_source_growth(partitions)
         # Exactly-once: initialise each task's transactional producer *before* reading the
         # committed offsets. InitProducerId returns only once the previous owner's transaction
         # is complete, and offsets committed in a transaction become visible only then (the

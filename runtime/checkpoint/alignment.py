@@ -98,6 +98,17 @@ class BarrierAligner:
         self._skip = dict(skip or {})
         self._align_started: float | None = None
 
+    def add_channels(self, count: int) -> None:
+        """More upstream channels than at start (partitions were added to the upstream stage's
+        input while the job runs). A new channel starts like every channel at a task's start:
+        it has passed the last checkpoint and nothing after it, so its records are processed
+        until its first barrier, and an alignment under way waits for that barrier too."""
+        for _ in range(self.channels, count):
+            self._passed.append(self.last_checkpoint)
+            self._barrier_offset.append(-1)
+            self._held.append(deque())
+        self.channels = max(self.channels, count)
+
     # -- feeding -------------------------------------------------------------------------------
     def admit(self, channel: int, offset: int) -> bool:
         """Is a record at ``offset`` of ``channel`` new (not already in the restored state)?

@@ -64,7 +64,14 @@ def group_consumer(settings: Settings, group_id: str, *, client_id: str) -> AIOK
         max_partition_fetch_bytes=4 * 1024 * 1024,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        # Partitions added to an input topic are seen within seconds, not at aiokafka's
+        # default 5-minute refresh: the group rebalances and the new partitions get tasks.
+        metadata_max_age_ms=GROUP_METADATA_MAX_AGE_MS,
     )
+
+
+#: how often a task-input consumer refreshes topic metadata (one small request each time)
+GROUP_METADATA_MAX_AGE_MS = 5_000
 
 
 def reader(

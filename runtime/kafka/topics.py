@@ -75,7 +75,20 @@ async def topic_partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> dic
     return found
 
 
-def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> TopicLayout:
+def plan_layout(
+    job: Job,
+    source_partitions: int,
+    sinks: dict[str, int],
+    existing: dict[str, int] | None = None,
+) -> TopicLayout:
+    """The partition count of every stage and internal topic.
+
+    A repartition topic without ``key_by(partitions=...)`` gets its source's count when it is
+    created, and keeps the count it has once it exists (``existing``): partitions added to the
+    source later give the source stage more tasks (more upstream channels downstream), they do
+    not move the keys of the stages behind the ``key_by``.
+    """
+    existing = existing or {}
     stage_partitions: dict[str, int] = {}
     internal: list[InternalTopic] = []
     partitions = source_partitions
@@ -89,7 +102,7 @@ def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> Topi
                     InternalTopic(job.changelog_topic(step.operator_id), partitions, compact=True)
                 )
         if isinstance(stage.output, RepartitionSpec):
-            partitions = stage.output.partitions or partitions
+            partitions = stage.output.partitions or existing.get(stage.output.topic) or partitions
             internal.append(InternalTopic(stage.output.topic, partitions, compact=False))
     internal.append(
         InternalTopic(
@@ -106,6 +119,22 @@ def plan_layout(job: Job, source_partitions: int, sinks: dict[str, int]) -> Topi
         )
     )
     return TopicLayout(stage_partitions, internal, sinks)
+
+
+#: the refusal when the source of a stateful source stage gained partitions (README
+#: "Rescaling and savepoints" runs this procedure)
+SOURCE_GREW = (
+    "job {job!r}: its source topic gained partitions, and its first stage keeps state per "
+    "source partition ({topics}): the producers' partitioner now sends some keys to other "
+    "partitions than the ones holding their state, so going on would split their state. The "
+    "procedure: (1) stop the producers and let the job drain (`headrace status` shows no "
+    "lag), (2) stop every worker with SIGTERM, (3) `headrace savepoint create MODULE:JOB "
+    "FILE`, (4) `headrace reset MODULE:JOB --yes`, (5) `headrace run MODULE:JOB "
+    "--from-savepoint FILE` (the state is redistributed with Kafka's default partitioner, "
+    "murmur2 of the key bytes, which producers must use), (6) resume the producers. The "
+    "savepoint of step 3 can be taken after the partitions were added, as long as the job "
+    "processed nothing since"
+)
 
 
 def identity_topic(job: Job) -> str:
@@ -138,7 +167,13 @@ async def ensure_topics(
             f"job {job.name!r}: source topics must be co-partitioned (same partition count), "
             f"found {counts}"
         )
-    layout = plan_layout(job, counts[sources[0]], {t: found[t] for t in sink_topics})
+    hops = [s.output.topic for s in job.stages if isinstance(s.output, RepartitionSpec)]
+    layout = plan_layout(
+        job,
+        counts[sources[0]],
+        {t: found[t] for t in sink_topics},
+        await topic_partitions(admin, hops),
+    )
 
     wanted = {t.name: t for t in layout.internal}
     existing = await topic_partitions(admin, list(wanted))
@@ -169,6 +204,15 @@ async def ensure_topics(
         if existing.get(name) != t.partitions
     ]
     if wrong:
+        source_state = [
+            t.name
+            for t in layout.internal
+            if t.name
+            in {job.changelog_topic(step.operator_id) for step in job.stages[0].process_steps()}
+            and existing.get(t.name) != t.partitions
+        ]
+        if source_state:
+            raise TopicConfigError(SOURCE_GREW.format(job=job.name, topics=", ".join(source_state)))
         raise TopicConfigError(
             f"job {job.name!r}: internal topics do not fit: {'; '.join(wrong)}. Their partition "
             "counts follow the source topics; delete them (state is lost) or restore the source "

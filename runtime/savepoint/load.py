@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from headrace.operators.job import Job
@@ -139,6 +140,7 @@ async def _write_state(
     futures: dict[tuple[str, int], list[Any]] = {}
     started: set[tuple[str, int]] = set()
     steps = {step.operator_id: (stage, step) for stage, step in job.stateful_operators()}
+    saved = {op: len(doc["entries"]) for op, doc in header["operators"].items()}
     for old_op, old_partition, entries in sections(path):
         op = mapping.get(old_op, old_op)
         stage, step = steps[op]
@@ -147,14 +149,13 @@ async def _write_state(
         for state, user_key, map_key, raw in entries:
             if stage.source.internal:
                 p = zlib.crc32(user_key) % n  # the repartitioner's rule (task/chain.py)
-            else:
+            elif n == saved[old_op]:
                 p = old_partition
-                if p >= n:
-                    raise SavepointError(
-                        f"operator {op!r} reads the source directly and its state is kept per "
-                        f"source partition; the savepoint has partition {p}, the source now "
-                        f"{n}. A keyed source cannot change its partition count under state"
-                    )
+            else:
+                # The source gained partitions: producers now send a key where Kafka's
+                # default partitioner (murmur2 of the key bytes, as in the Java client and
+                # aiokafka) puts it; its state goes there too (topics.SOURCE_GREW).
+                p = (murmur2(user_key) & 0x7FFFFFFF) % n
             target = (op, p)
             if target not in started:
                 started.add(target)
@@ -201,7 +202,9 @@ async def _commit(
                 tp = TopicPartition(topic, p)
                 if stage.source.internal:
                     offsets[tp] = OffsetAndMetadata(0, meta)
-                elif tp in sources:
-                    offsets[tp] = OffsetAndMetadata(sources[tp], meta)
+                else:
+                    # a partition the source gained after the savepoint starts at its
+                    # beginning, with the state the load gave it
+                    offsets[tp] = OffsetAndMetadata(sources.get(tp, 0), meta)
         if offsets:
             await commit_offsets(settings, job.group_id(stage), offsets)

@@ -70,7 +70,10 @@ async def create_savepoint(settings: Settings, job: Job, path: Path) -> dict[str
                 "taken from a stopped job. Stop every worker with SIGTERM (each takes a final "
                 "checkpoint), then create the savepoint"
             )
-        partitions = await topic_partitions(admin, [t for s in job.stages for t in s.source.topics])
+        changelogs = [job.changelog_topic(step.operator_id) for _, step in job.stateful_operators()]
+        partitions = await topic_partitions(
+            admin, [t for s in job.stages for t in s.source.topics] + changelogs
+        )
         missing = [t for s in job.stages for t in s.source.topics if t not in partitions]
         if missing:
             raise SavepointError(f"topics {missing} do not exist: has job {job.name!r} run here?")
@@ -106,7 +109,9 @@ async def create_savepoint(settings: Settings, job: Job, path: Path) -> dict[str
         try:
             for stage, step in job.stateful_operators():
                 op = step.operator_id
-                n = partitions[stage.source.topics[0]]
+                # the changelog's count: a source may have gained partitions since (they hold
+                # no state yet; see topics.SOURCE_GREW)
+                n = partitions.get(job.changelog_topic(op), 0)
                 counts = []
                 for p in range(n):
                     entries = await _operator_entries(
@@ -138,6 +143,8 @@ async def _check_drained(
 ) -> None:
     """Nothing in flight between stages: the cut is then one state of the whole job."""
     tails: dict[TopicPartition, Tail] = {}
+    if len(job.stages) < 2:
+        return  # nothing between stages (and aiokafka 0.14 can hang stopping an idle reader)
     consumer = clients.reader(settings, client_id="headrace-savepoint")
     await consumer.start()
     try:

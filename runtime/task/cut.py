@@ -185,6 +185,8 @@ class AlignedCut:
                 channel, barrier, seq = read_internal(headers, r.topic, r.partition, r.offset)
             if not aligner.admit(channel, r.offset):
                 continue
+            if channel >= aligner.channels:  # the upstream stage gained partitions
+                aligner.add_channels(channel + 1)
             if barrier is not None:
                 if batch:
                     self.task.run(batch, 0, len(batch))
