@@ -5,7 +5,9 @@ dictionary lookup per phase per checkpoint and nothing per record:
 
 * ``HEADRACE_FAULT_PHASE``: the phase name, e.g. ``after-changelog`` (changelog written, commit
   not yet done), ``after-commit`` (committed, local store not yet updated), ``during-restore``,
-  ``before-claim`` (an at-least-once task about to claim its writer epoch);
+  ``before-claim`` (an at-least-once task about to claim its writer epoch),
+  ``savepoint-write`` (a savepoint file with a partition's state written, not complete) and
+  ``savepoint-load`` (a partition's state sent to the changelogs, the load not complete);
 * ``HEADRACE_FAULT_AFTER``: act at the N-th time the phase is reached (default 1);
 * ``HEADRACE_FAULT_ACTION``: ``kill`` (SIGKILL, the default) or ``stop`` (SIGSTOP, once: the
   test resumes the process with SIGCONT, which makes a zombie at an exact point of the
@@ -20,7 +22,15 @@ import signal
 
 log = logging.getLogger(__name__)
 
-PHASES = ("after-changelog", "before-commit", "after-commit", "during-restore", "before-claim")
+PHASES = (
+    "after-changelog",
+    "before-commit",
+    "after-commit",
+    "during-restore",
+    "before-claim",
+    "savepoint-write",
+    "savepoint-load",
+)
 ACTIONS = ("kill", "stop")
 
 _PHASE = os.environ.get("HEADRACE_FAULT_PHASE")

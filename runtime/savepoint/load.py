@@ -17,6 +17,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from headrace.operators.job import Job
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.config import Settings
+from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.identity import check_identity, compare, describe
 from headrace.runtime.kafka.reset import carry_out, commit_offsets, group_members, plan_reset
@@ -142,6 +143,7 @@ async def _write_state(
     steps = {step.operator_id: (stage, step) for stage, step in job.stateful_operators()}
     saved = {op: len(doc["entries"]) for op, doc in header["operators"].items()}
     for old_op, old_partition, entries in sections(path):
+        maybe_crash("savepoint-load")
         op = mapping.get(old_op, old_op)
         stage, step = steps[op]
         n = layout.partitions_of(stage)

@@ -19,6 +19,7 @@ from headrace.runtime.checkpoint.lag import Tail, data_lag
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.config import Settings
+from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.identity import describe
 from headrace.runtime.kafka.reset import group_members
@@ -121,6 +122,7 @@ async def create_savepoint(settings: Settings, job: Job, path: Path) -> dict[str
                     for i in range(0, len(entries), _BATCH):
                         writer.frame(ENTRIES, msgpack.packb(entries[i : i + _BATCH]))
                     writer.entries += len(entries)
+                    maybe_crash("savepoint-write")
                     counts.append(len(entries))
                 header["operators"][op] = {"stage": stage.name, "entries": counts}
         finally:

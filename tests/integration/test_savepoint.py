@@ -238,3 +238,92 @@ async def test_run_from_savepoint_loads_once_and_a_restart_just_runs(
     final = await outputs(bootstrap, sink)
     assert {w: v[-1] for w, v in final.items()} == dict(expected)
     assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), final
+
+
+async def test_kill9_while_a_savepoint_is_written_or_loaded_leaves_nothing_half_done(
+    kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    """kill -9 of ``headrace savepoint create`` half-way leaves no file that looks like a
+    savepoint (only FILE.partial, never read); kill -9 of ``headrace savepoint load`` half-way
+    leaves the job marked as loading, and ``headrace run --from-savepoint`` then deletes the
+    half-written state, loads again and goes on exactly."""
+    bootstrap = kafka_bootstrap_servers
+    s = Settings(bootstrap_servers=bootstrap, checkpoint_interval_ms=200)
+    source = await topic_factory("sp-lines", partitions=2)
+    sink = await topic_factory("sp-counts", partitions=2)
+    base = f"sp-{uuid.uuid4().hex[:6]}"
+    rng = random.Random(9)
+    lines = [" ".join(rng.choices(WORDS, k=4)) for _ in range(200)]
+    expected = Counter(w for line in lines for w in line.split())
+    await produce_lines(bootstrap, source, lines)
+    await run_until_counted(wordcount(f"{base}-a", source, sink, 4, "totals"), s, sink, expected)
+
+    (tmp_path / "userjob.py").write_text(JOB_MODULE)
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        HEADRACE_CHECKPOINT_INTERVAL_MS="200",
+        T_SOURCE=source,
+        T_SINK=sink,
+        T_PARTITIONS="4",
+    )
+    file = tmp_path / "sp.hrsp"
+
+    async def headrace(*args: str, job: str, fault: str | None = None) -> tuple[int, str]:
+        proc_env = dict(env, T_JOB=job)
+        if fault is not None:
+            proc_env.update(HEADRACE_FAULT_PHASE=fault, HEADRACE_FAULT_AFTER="3")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "headrace.runtime.cli",
+            *args,
+            cwd=tmp_path,
+            env=proc_env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 120)
+        return proc.returncode or 0, out.decode()
+
+    rc, out = await headrace(
+        "savepoint", "create", "userjob:job", str(file), job=f"{base}-a", fault="savepoint-write"
+    )
+    assert rc == -signal.SIGKILL, out
+    assert not file.exists() and (tmp_path / "sp.hrsp.partial").exists()
+    rc, out = await headrace("savepoint", "create", "userjob:job", str(file), job=f"{base}-a")
+    assert rc == 0 and file.exists(), out
+
+    rc, out = await headrace(
+        "savepoint", "load", "userjob:job", str(file), job=f"{base}-b", fault="savepoint-load"
+    )
+    assert rc == -signal.SIGKILL, out
+    more = ["w1 w2", "w3"]
+    expected.update(w for line in more for w in line.split())
+    await produce_lines(bootstrap, source, more)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "headrace.runtime.cli",
+        "run",
+        "userjob:job",
+        "--from-savepoint",
+        str(file),
+        cwd=tmp_path,
+        env=dict(env, T_JOB=f"{base}-b"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(120):
+            await asyncio.sleep(0.5)
+            assert proc.returncode is None, (await proc.communicate())[1].decode()
+            seen = await outputs(bootstrap, sink)
+            if {w: v[-1] for w, v in seen.items()} == dict(expected):
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await proc.communicate()
+    assert "was interrupted" in err.decode(), err.decode()[-3000:]
+    final = await outputs(bootstrap, sink)
+    assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), final
