@@ -184,9 +184,9 @@ def keys_high_cardinality(n: int, seed: int = 7) -> list[str]:
 
 
 def partition_of(key: bytes, n: int = PARTITIONS) -> int:
-    from headrace.runtime.kafka.producer import _murmur2_partition
+    from headrace.runtime.kafka.producer import default_partition
 
-    return _murmur2_partition(key, n)
+    return default_partition(key, n)
 
 
 async def produce(

@@ -62,7 +62,7 @@ def murmur2(data: bytes) -> int:
 
 
 @lru_cache(maxsize=131_072)
-def _murmur2_partition(key: bytes, partitions: int) -> int:
+def default_partition(key: bytes, partitions: int) -> int:
     """Kafka's default partitioner (same as the Java client), cached: hot keys repeat."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
@@ -113,7 +113,7 @@ class BatchSender:
         n = self.partition_counts[topic]
         if key is None:
             return random.randrange(n)
-        return _murmur2_partition(key, n)
+        return default_partition(key, n)
 
     def _group(self, records: Iterable[OutRecord]) -> dict[tuple[str, int], list[OutRecord]]:
         groups: dict[tuple[str, int], list[OutRecord]] = {}

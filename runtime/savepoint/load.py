@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from headrace.operators.job import Job
@@ -20,6 +19,7 @@ from headrace.runtime.config import Settings
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.identity import check_identity, compare, describe
+from headrace.runtime.kafka.producer import BatchSender, Delivery, default_partition, last_offset
 from headrace.runtime.kafka.reset import carry_out, commit_offsets, group_members, plan_reset
 from headrace.runtime.kafka.topics import ensure_topics, identity_topic
 from headrace.runtime.savepoint.fileformat import (
@@ -137,9 +137,12 @@ async def _write_state(
     mapping: dict[str, str],
     header: dict[str, Any],
 ) -> tuple[LoadReport, dict[tuple[str, int], int]]:
+    """Write every entry to its target changelog partition, a frame of entries at a time,
+    through the batch sender the commits use (records appended to batches, not one send
+    each); returns the last offset written per (operator, partition)."""
     report = LoadReport(header["id"])
-    futures: dict[tuple[str, int], list[Any]] = {}
-    started: set[tuple[str, int]] = set()
+    sender = BatchSender(producer, {})
+    deliveries: dict[tuple[str, int], list[Delivery]] = {}
     steps = {step.operator_id: (stage, step) for stage, step in job.stateful_operators()}
     saved = {op: len(doc["entries"]) for op, doc in header["operators"].items()}
     for old_op, old_partition, entries in sections(path):
@@ -148,6 +151,7 @@ async def _write_state(
         stage, step = steps[op]
         n = layout.partitions_of(stage)
         topic = job.changelog_topic(op)
+        groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for state, user_key, map_key, raw in entries:
             if stage.source.internal:
                 p = zlib.crc32(user_key) % n  # the repartitioner's rule (task/chain.py)
@@ -157,26 +161,26 @@ async def _write_state(
                 # The source gained partitions: producers now send a key where Kafka's
                 # default partitioner (murmur2 of the key bytes, as in the Java client and
                 # aiokafka) puts it; its state goes there too (topics.SOURCE_GREW).
-                p = (murmur2(user_key) & 0x7FFFFFFF) % n
-            target = (op, p)
-            if target not in started:
-                started.add(target)
-                store = OperatorStateStore(open_backend("memory"), StatePartitionKey(op, p, p))
-                store.bind_operator(step.instantiate())
-                for key, value in store.take_changes():  # the state metadata records
-                    futures.setdefault(target, []).append(
-                        await producer.send(topic, value, key=key, partition=p)
-                    )
-            key = encode_storage_key(StatePartitionKey(op, p, p), state, user_key, map_key)
-            futures.setdefault(target, []).append(
-                await producer.send(topic, raw, key=key, partition=p)
+                p = default_partition(user_key, n)
+            group = groups.get(p)
+            if group is None:
+                group = groups[p] = []
+                if (op, p) not in deliveries:  # first entries there: the state metadata first
+                    store = OperatorStateStore(open_backend("memory"), StatePartitionKey(op, p, p))
+                    store.bind_operator(step.instantiate())
+                    group.extend(store.take_changes())
+            group.append(
+                (encode_storage_key(StatePartitionKey(op, p, p), state, user_key, map_key), raw)
             )
-            report.entries[op] = report.entries.get(op, 0) + 1
+        for p, pairs in groups.items():
+            deliveries.setdefault((op, p), []).extend(await sender.send_pairs(topic, p, pairs))
+        report.entries[op] = report.entries.get(op, 0) + len(entries)
         report.partitions[op] = n
     last: dict[tuple[str, int], int] = {}
-    for target, pending in futures.items():
-        offsets = [(await f).offset for f in pending]
-        last[target] = max(offsets)
+    for target, sent in deliveries.items():
+        offset = await last_offset(sent)
+        assert offset is not None
+        last[target] = offset
     return report, last
 
 
