@@ -28,8 +28,10 @@ from headrace.operators.job import JobDefinitionError
 from headrace.runtime.cli_options import (
     KAFKA_FIELDS,
     MAP_OPTION,
+    MIGRATE_OPTION,
     kafka_options,
     load_job,
+    migrations_of,
     operator_mapping,
     setting_options,
     settings_from,
@@ -84,8 +86,13 @@ def cli(log_level: str, log_format: str) -> None:
     "it just runs). The job must have no state. Start one worker with it, the others after.",
 )
 @MAP_OPTION
+@MIGRATE_OPTION
 def run(
-    job_spec: str, from_savepoint: Path | None, mapping: tuple[str, ...], **options: Any
+    job_spec: str,
+    from_savepoint: Path | None,
+    mapping: tuple[str, ...],
+    migrate: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Start a worker for MODULE:JOB (e.g. examples.wordcount:job).
 
@@ -106,9 +113,9 @@ def run(
     settings = settings_from(options)
     job = load_job(job_spec)
     if from_savepoint is not None:
-        load_once(settings, job, from_savepoint, operator_mapping(mapping))
-    elif mapping:
-        raise click.UsageError("--map applies to --from-savepoint only")
+        load_once(settings, job, from_savepoint, operator_mapping(mapping), migrations_of(migrate))
+    elif mapping or migrate:
+        raise click.UsageError("--map and --migrate apply to --from-savepoint only")
     worker = Worker(job, settings)
 
     async def main() -> None:

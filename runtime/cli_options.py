@@ -162,3 +162,33 @@ MAP_OPTION = click.option(
     metavar="OLD=NEW",
     help="The savepoint's operator OLD is this job's operator NEW (repeatable).",
 )
+
+
+def migrations_of(pairs: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
+    """``--migrate OPERATOR.STATE=MODULE:FUNCTION`` -> {"operator.state": function}."""
+    out: dict[str, Callable[[Any], Any]] = {}
+    for pair in pairs:
+        target, sep, spec = pair.partition("=")
+        module_name, colon, attr = spec.partition(":")
+        if not sep or "." not in target or not colon or not attr.isidentifier():
+            raise click.BadParameter(
+                f"expected OPERATOR.STATE=MODULE:FUNCTION, got {pair!r}", param_hint="--migrate"
+            )
+        cwd = os.getcwd()
+        if not sys.path or sys.path[0] not in ("", cwd):
+            sys.path.insert(0, cwd)
+        fn = getattr(importlib.import_module(module_name), attr, None)
+        if not callable(fn):
+            raise click.BadParameter(f"{spec} is not a function", param_hint="--migrate")
+        out[target] = fn
+    return out
+
+
+MIGRATE_OPTION = click.option(
+    "--migrate",
+    "migrate",
+    multiple=True,
+    metavar="OPERATOR.STATE=MODULE:FUNCTION",
+    help="Load that state's values through FUNCTION(old value) -> new value, for a state "
+    "whose serde or kind changed (names of this job; repeatable).",
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ import click
 from headrace.operators.job import Job
 from headrace.runtime.cli_options import (
     MAP_OPTION,
+    MIGRATE_OPTION,
     kafka_options,
     load_job,
+    migrations_of,
     operator_mapping,
     setting_options,
     settings_from,
@@ -23,7 +26,13 @@ from headrace.runtime.config import Settings
 log = logging.getLogger("headrace")
 
 
-def load_once(settings: Settings, job: Job, path: Path, mapping: dict[str, str]) -> None:
+def load_once(
+    settings: Settings,
+    job: Job,
+    path: Path,
+    mapping: dict[str, str],
+    migrations: dict[str, Callable[[Any], Any]] | None = None,
+) -> None:
     """``run --from-savepoint``: load unless the job's identity says it was loaded from it."""
     from headrace.runtime.kafka.identity import recorded_identity
     from headrace.runtime.savepoint import SavepointError, load_savepoint, read_header
@@ -34,7 +43,7 @@ def load_once(settings: Settings, job: Job, path: Path, mapping: dict[str, str])
         if recorded is not None and recorded.get("savepoint") == header["id"]:
             log.info("job %r was loaded from savepoint %s: running", job.name, header["id"])
             return
-        report = asyncio.run(load_savepoint(settings, job, path, mapping))
+        report = asyncio.run(load_savepoint(settings, job, path, mapping, migrations))
     except SavepointError as exc:
         log.error("worker cannot start: %s", exc)
         raise SystemExit(1) from exc
@@ -92,8 +101,11 @@ def savepoint_inspect(path: Path, key: str | None) -> None:
 @click.argument("job_spec", metavar="MODULE:JOB")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
 @MAP_OPTION
+@MIGRATE_OPTION
 @kafka_options
-def savepoint_load(job_spec: str, path: Path, mapping: tuple[str, ...], **options: Any) -> None:
+def savepoint_load(
+    job_spec: str, path: Path, mapping: tuple[str, ...], migrate: tuple[str, ...], **options: Any
+) -> None:
     """Load FILE into MODULE:JOB, a job without state (a new name, or after `headrace reset`),
     for the job's current layout: a stage behind a key_by may have another partition count
     (key_by(partitions=N)). Then start its workers with `headrace run`."""
@@ -102,7 +114,9 @@ def savepoint_load(job_spec: str, path: Path, mapping: tuple[str, ...], **option
     job = load_job(job_spec)
     settings = settings_from(options)
     try:
-        report = asyncio.run(load_savepoint(settings, job, path, operator_mapping(mapping)))
+        report = asyncio.run(
+            load_savepoint(settings, job, path, operator_mapping(mapping), migrations_of(migrate))
+        )
     except SavepointError as exc:
         raise click.ClickException(str(exc)) from exc
     for op, n in report.entries.items():

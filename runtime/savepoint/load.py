@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from headrace.runtime.savepoint.fileformat import (
     sections,
     verify,
 )
+from headrace.runtime.savepoint.migrate import Migration, plan_migrations
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey, encode_storage_key
 from headrace.runtime.state.store import OperatorStateStore
@@ -48,11 +50,18 @@ class LoadReport:
 
 
 async def load_savepoint(
-    settings: Settings, job: Job, path: Path, mapping: dict[str, str] | None = None
+    settings: Settings,
+    job: Job,
+    path: Path,
+    mapping: dict[str, str] | None = None,
+    migrations: dict[str, Callable[[Any], Any]] | None = None,
 ) -> LoadReport:
     """Write the savepoint's state into ``job``'s changelogs for its current layout, commit the
     offsets and checkpoint metadata that make it the committed state, and record the job's
-    identity. ``job`` must have no state yet (a fresh name, or after ``headrace reset``)."""
+    identity. ``job`` must have no state yet (a fresh name, or after ``headrace reset``).
+
+    ``mapping``: savepoint operator id -> this job's; ``migrations``: ``"operator.state"``
+    (this job's names) -> a function from the old value to the new (:mod:`.migrate`)."""
     mapping = dict(mapping or {})
     header = verify(path)
     recorded = dict(header["job"])
@@ -61,8 +70,12 @@ async def load_savepoint(
     if unknown:
         raise SavepointError(f"--map names operators the savepoint does not hold: {unknown}")
     recorded["operators"] = {mapping.get(op, op): doc for op, doc in ops.items()}
+    header = dict(header, job=recorded)
+    plans = plan_migrations(header, job, dict(migrations or {}))
     # every operator of the savepoint has state (in the file): dropping one is refused
     diff = compare(recorded, describe(job), has_state=set(recorded["operators"]))
+    migrated = tuple(f"state {state!r} of {op!r} changed" for op, state in plans)
+    diff.refused[:] = [line for line in diff.refused if not line.startswith(migrated)]
     if diff.refused:
         lines = "".join(f"\n  - {line}" for line in diff.refused)
         raise SavepointError(
@@ -83,7 +96,7 @@ async def load_savepoint(
             await producer.send_and_wait(
                 identity_topic(job), orjson.dumps({"savepoint": header["id"]}), key=LOADING_KEY
             )
-            report, last = await _write_state(producer, job, layout, path, mapping, header)
+            report, last = await _write_state(producer, job, layout, path, mapping, header, plans)
             await _commit(settings, job, layout, header, last)
             await check_identity(admin, settings, job, savepoint=header["id"])
             await producer.send_and_wait(identity_topic(job), None, key=LOADING_KEY)
@@ -136,6 +149,7 @@ async def _write_state(
     path: Path,
     mapping: dict[str, str],
     header: dict[str, Any],
+    plans: dict[tuple[str, str], Migration],
 ) -> tuple[LoadReport, dict[tuple[str, int], int]]:
     """Write every entry to its target changelog partition, a frame of entries at a time,
     through the batch sender the commits use (records appended to batches, not one send
@@ -169,6 +183,16 @@ async def _write_state(
                     store = OperatorStateStore(open_backend("memory"), StatePartitionKey(op, p, p))
                     store.bind_operator(step.instantiate())
                     group.extend(store.take_changes())
+            migration = plans.get((op, state)) if plans else None
+            if migration is not None:
+                try:
+                    raw = migration(raw)
+                except Exception as exc:
+                    raise SavepointError(
+                        f"migrating state {state!r} of {op!r} for key {bytes(user_key)!r} "
+                        f"failed: {type(exc).__name__}: {exc} (nothing was loaded in full; "
+                        "run the load again once the function is fixed)"
+                    ) from exc
             group.append(
                 (encode_storage_key(StatePartitionKey(op, p, p), state, user_key, map_key), raw)
             )
