@@ -26,7 +26,8 @@ The file (all integers big-endian)::
       1 header   JSON: savepoint id, job description, guarantee, checkpoint id, source offsets,
                  partition counts, operators
       2 section  JSON: operator, partition (the entries that follow belong to it)
-      3 entries  msgpack list of [state, user key, map key or None, stored value bytes]
+      3 entries  msgpack list of [state key without its partition part, stored value bytes]
+                 (runtime/state/keys.py: state name, user key, map key, each length-prefixed)
       9 footer   JSON: entry count, sha256 of every byte before the footer frame
 
 It is written and read as a stream (one partition's state in memory at a time), to

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 import msgpack
 import orjson
 
+from headrace.runtime.state.keys import split_state_suffix
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"HRSP"
@@ -164,7 +166,8 @@ def summarize(path: Path, key: str | None = None, limit: int = 20) -> str:
         wanted = key.encode()
         shown = 0
         for op, p, entries in sections(path):
-            for state, user_key, map_key, raw in entries:
+            for suffix, raw in entries:
+                state, user_key, map_key = split_state_suffix(suffix)
                 if user_key == wanted and shown < limit:
                     shown += 1
                     mk = "" if map_key is None else f" [{map_key!r}]"

@@ -30,7 +30,7 @@ from headrace.runtime.savepoint.fileformat import (
 )
 from headrace.runtime.savepoint.migrate import Migration, plan_migrations
 from headrace.runtime.state.backend import open_backend
-from headrace.runtime.state.keys import StatePartitionKey, encode_storage_key
+from headrace.runtime.state.keys import StatePartitionKey, partition_prefix, split_state_suffix
 from headrace.runtime.state.store import OperatorStateStore
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,11 @@ async def _write_state(
         n = layout.partitions_of(stage)
         topic = job.changelog_topic(op)
         groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        for state, user_key, map_key, raw in entries:
+        prefixes: dict[int, bytes] = {}
+        routed = stage.source.internal or n != saved[old_op]
+        for suffix, raw in entries:
+            if routed or plans:
+                state, user_key, _ = split_state_suffix(suffix)
             if stage.source.internal:
                 p = zlib.crc32(user_key) % n  # the repartitioner's rule (task/chain.py)
             elif n == saved[old_op]:
@@ -179,6 +183,7 @@ async def _write_state(
             group = groups.get(p)
             if group is None:
                 group = groups[p] = []
+                prefixes[p] = partition_prefix(StatePartitionKey(op, p, p))
                 if (op, p) not in deliveries:  # first entries there: the state metadata first
                     store = OperatorStateStore(open_backend("memory"), StatePartitionKey(op, p, p))
                     store.bind_operator(step.instantiate())
@@ -193,9 +198,7 @@ async def _write_state(
                         f"failed: {type(exc).__name__}: {exc} (nothing was loaded in full; "
                         "run the load again once the function is fixed)"
                     ) from exc
-            group.append(
-                (encode_storage_key(StatePartitionKey(op, p, p), state, user_key, map_key), raw)
-            )
+            group.append((prefixes[p] + suffix, raw))
         for p, pairs in groups.items():
             deliveries.setdefault((op, p), []).extend(await sender.send_pairs(topic, p, pairs))
         report.entries[op] = report.entries.get(op, 0) + len(entries)

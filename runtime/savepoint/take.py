@@ -33,7 +33,7 @@ from headrace.runtime.savepoint.fileformat import (
     Writer,
 )
 from headrace.runtime.state.backend import open_backend
-from headrace.runtime.state.keys import StatePartitionKey, decode_storage_key
+from headrace.runtime.state.keys import StatePartitionKey, partition_prefix
 from headrace.runtime.state.store import OperatorStateStore
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,6 @@ async def _operator_entries(
     if not settings.exactly_once:
         valid_until = max((m.changelog_offsets.get(op, -1) for m in metas), default=-1)
     await restore(consumer, [RestoreTarget(store, job.changelog_topic(op), partition, valid_until)])
-    out = []
-    for skey, raw in store.storage_keys():
-        _, state, user_key, map_key = decode_storage_key(skey)
-        out.append([state, user_key, map_key, raw])
-    return out
+    # the key without its partition part: moving it to another partition is a new prefix
+    cut = len(partition_prefix(store.partition_key))
+    return [[skey[cut:], raw] for skey, raw in store.storage_keys()]

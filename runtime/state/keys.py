@@ -51,6 +51,7 @@ __all__ = [
     "metadata_prefix",
     "partition_prefix",
     "prefix_successor",
+    "split_state_suffix",
     "state_prefix",
     "user_key_suffix",
 ]
@@ -209,3 +210,18 @@ def decode_metadata_key(key: bytes) -> tuple[StatePartitionKey, str]:
     if reader.pos != len(key):
         raise KeyFormatError(f"metadata key has {len(key) - reader.pos} trailing bytes")
     return pk, name
+
+
+def split_state_suffix(suffix: bytes) -> tuple[str, bytes, bytes | None]:
+    """(state name, user key, map key or None) of a state key without its partition part
+    (``key[len(partition_prefix(pk)):]``): what a savepoint stores, so that the entries move
+    to another partition by prepending another partition prefix."""
+    n = int.from_bytes(suffix[0:4], "big")
+    name = suffix[4 : 4 + n].decode()
+    i = 4 + n
+    u = int.from_bytes(suffix[i : i + 4], "big")
+    user_key = suffix[i + 4 : i + 4 + u]
+    rest = suffix[i + 4 + u :]
+    if rest and rest[:1] != _MAP_TAG:
+        raise KeyFormatError(f"bad state key suffix {suffix[:60]!r}")
+    return name, user_key, (rest[1:] if rest else None)

@@ -132,3 +132,24 @@ def test_prefix_successor(prefix: bytes, other: bytes) -> None:
         assert ((prefix + other) < end) is True
         if not other.startswith(prefix) and other > prefix:
             assert other >= end
+
+
+@given(
+    op=st.text(min_size=1, max_size=8),
+    partition=st.integers(0, 2**32 - 1),
+    state=st.text(max_size=8),
+    user_key=st.binary(max_size=16),
+    map_key=st.none() | st.binary(max_size=16),
+)
+def test_a_state_key_moves_to_another_partition_by_its_suffix(
+    op: str, partition: int, state: str, user_key: bytes, map_key: bytes | None
+) -> None:
+    """What a savepoint stores (the key without its partition part) gives back the state,
+    user key and map key, and a new partition prefix makes that partition's key."""
+    from headrace.runtime.state.keys import partition_prefix, split_state_suffix
+
+    pk, moved = StatePartitionKey(op, partition, partition), StatePartitionKey(op, 7, 7)
+    key = encode_storage_key(pk, state, user_key, map_key)
+    suffix = key[len(partition_prefix(pk)) :]
+    assert split_state_suffix(suffix) == (state, user_key, map_key)
+    assert partition_prefix(moved) + suffix == encode_storage_key(moved, state, user_key, map_key)
