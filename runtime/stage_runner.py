@@ -132,6 +132,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.restore_targets: list[RestoreTarget] = []  #: of the restore under way (metrics)
         self._restore_job: asyncio.Task[None] | None = None
         self.restore_error: BaseException | None = None
+        #: a stop-with-savepoint is draining the job: a source stage reads no more input
+        #: (runtime/kafka/control.py); its tasks still checkpoint, on the clock
+        self.draining = False
         self.lock = asyncio.Lock()
         layout = worker.layout
         assert layout is not None
@@ -481,8 +484,23 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             if off is not None:
                 self.consumer.seek(tp, off)
         self.tasks[p] = io
-        self.consumer.resume(*self.input_tps(p))
+        self._resume_input(p)
         log.info("task %s resumed with its in-memory state", io.name)
+
+    def _resume_input(self, p: int) -> None:
+        if not (self.draining and not self.stage.source.internal):
+            self.consumer.resume(*self.input_tps(p))
+
+    def drain(self) -> None:
+        """Stop reading the job's input (a source stage; other stages go on until their input
+        is consumed): the first step of a stop-with-savepoint."""
+        if self.draining or self.stage.source.internal:
+            return
+        self.draining = True
+        assigned = list(self.consumer.assignment())
+        if assigned:
+            self.consumer.pause(*assigned)
+        log.info("stage %s: draining: input paused for a stop-with-savepoint", self.stage.name)
 
     def _make_task(self, partition: int, producer: AIOKafkaProducer | None) -> TaskIO:
         """A task and its I/O; ``producer`` is its own transactional one, else the shared one."""
@@ -568,7 +586,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 await self.consumer.seek_to_beginning(tp)
         self.tasks[p] = io
-        self.consumer.resume(*self.input_tps(p))
+        self._resume_input(p)
 
     async def _cancel_restore(self) -> None:
         """Stop a restore under way and close its tasks. A restore that already failed for a

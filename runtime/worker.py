@@ -41,6 +41,7 @@ from aiokafka.errors import (
 from headrace.operators.job import ErrorPolicy, Job
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.control import ControlWatcher
 from headrace.runtime.kafka.health import BrokerHealth
 from headrace.runtime.kafka.identity import check_identity
 from headrace.runtime.kafka.lease import ProducerGuard
@@ -195,6 +196,7 @@ class Worker:
             loops = [
                 asyncio.create_task(r.loop(), name=f"loop-{r.stage.name}") for r in self.runners
             ]
+            control = asyncio.create_task(self._watch_control(), name="control")
             stop_wait = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([*loops, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             self._stop.set()
@@ -208,6 +210,9 @@ class Worker:
                 if isinstance(result, BaseException) and self.failure is None:
                     self.failure = result
                     log.debug("loop %s failed", t.get_name(), exc_info=result)
+            control.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await control
             for r in self.runners:
                 try:
                     await r.shutdown(final_checkpoint=self.failure is None)
@@ -224,6 +229,45 @@ class Worker:
         if self.failure is not None:
             raise self.failure
         log.info("worker %s stopped cleanly", self.worker_id)
+
+    async def _watch_control(self) -> None:
+        """Follow ``<job>.control`` (runtime/kafka/control.py): on a drain request stop reading
+        input, and stop once everything in flight is processed (stop-with-savepoint)."""
+        watcher = ControlWatcher(self.settings, self.job)
+        await watcher.start()
+        try:
+            calm = 0
+            while not self.stopping:
+                await asyncio.sleep(1.0)
+                if not await watcher.drain_requested():
+                    continue
+                for r in self.runners:
+                    r.drain()
+                calm = calm + 1 if await self.drained() else 0
+                if calm >= 3:  # three looks a second apart: nothing came in between
+                    log.info(
+                        "worker %s drained for a stop-with-savepoint: stopping", self.worker_id
+                    )
+                    self.stop()
+        finally:
+            await watcher.stop()
+
+    async def drained(self) -> bool:
+        """Nothing left in flight for this worker's tasks: no restore under way, no record
+        held by an alignment, no data behind any position of a stage behind a key_by."""
+        internal = set()
+        for r in self.runners:
+            if r.restoring:
+                return False
+            if not r.stage.source.internal:
+                continue
+            internal.add(r.stage.name)
+            for io in list(r.tasks.values()):
+                aligner = getattr(io.task.cut, "aligner", None)
+                if aligner is not None and (aligner.held_count() or aligner.aligning):
+                    return False
+        lag = await self.input_lag()
+        return all(n == 0 for (stage, _, _), n in lag.items() if stage in internal)
 
     async def _start_shared_producer(self) -> None:
         """The at-least-once producer every task shares, guarded by the stages' leases."""

@@ -110,6 +110,8 @@ def plan_layout(
         )
     )
     internal.append(InternalTopic(job.dead_letter_topic, 1, compact=False))
+    # Requests to the running workers (runtime/kafka/control.py): stop-with-savepoint.
+    internal.append(InternalTopic(f"{job.name}.control", 1, compact=True))
     # What the job is (runtime/kafka/identity.py): checked and written before this layout.
     internal.append(InternalTopic(identity_topic(job), 1, compact=True))
     # Worker status for `headrace status` (runtime/status.py): latest record per worker.

@@ -66,18 +66,28 @@ def savepoint() -> None:
 @savepoint.command("create")
 @click.argument("job_spec", metavar="MODULE:JOB")
 @click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--stop",
+    is_flag=True,
+    help="The job runs: ask its workers (through <job>.control) to stop reading input, "
+    "process what is in flight and stop; then take the savepoint (stop-with-savepoint).",
+)
+@click.option(
+    "--wait-s", default=600.0, show_default=True, help="How long --stop waits for the workers."
+)
 @kafka_options
 @setting_options(("processing_guarantee",))
-def savepoint_create(job_spec: str, path: Path, **options: Any) -> None:
-    """Write the state of MODULE:JOB to FILE. The job must be stopped (every worker ended
-    with SIGTERM, which takes a final checkpoint) and drained (nothing left between stages:
-    stop the producers, let `headrace status` show no lag, then stop the workers)."""
+def savepoint_create(job_spec: str, path: Path, stop: bool, wait_s: float, **options: Any) -> None:
+    """Write the state of MODULE:JOB to FILE. The job must be stopped and drained (nothing
+    left between stages), or --stop does both: every worker stops reading input, processes
+    what is in flight, takes a final checkpoint and exits 0; the savepoint follows. Without
+    --stop: stop the producers, let `headrace status` show no lag, stop the workers (SIGTERM)."""
     from headrace.runtime.savepoint import SavepointError, create_savepoint
 
     job = load_job(job_spec)
     settings = settings_from(options)
     try:
-        header = asyncio.run(create_savepoint(settings, job, path))
+        header = asyncio.run(create_savepoint(settings, job, path, stop=stop, wait_s=wait_s))
     except SavepointError as exc:
         raise click.ClickException(str(exc)) from exc
     total = sum(sum(d["entries"]) for d in header["operators"].values())

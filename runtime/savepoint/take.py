@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -21,6 +22,7 @@ from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.config import Settings
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka import clients
+from headrace.runtime.kafka.control import clear_drain, request_drain
 from headrace.runtime.kafka.identity import describe
 from headrace.runtime.kafka.reset import group_members
 from headrace.runtime.kafka.topics import topic_partitions
@@ -59,17 +61,37 @@ async def _committed(
     }
 
 
-async def create_savepoint(settings: Settings, job: Job, path: Path) -> dict[str, Any]:
-    """Write the state of the stopped, drained ``job`` to ``path``; the header."""
+async def create_savepoint(
+    settings: Settings, job: Job, path: Path, *, stop: bool = False, wait_s: float = 600
+) -> dict[str, Any]:
+    """Write the state of the stopped, drained ``job`` to ``path``; the header.
+
+    ``stop``: the job may be running: its workers are asked to drain and stop first
+    (:mod:`headrace.runtime.kafka.control`), and the savepoint is taken once they are gone.
+    """
     admin = clients.admin_client(settings, client_id="headrace-savepoint")
     await admin.start()
     try:
-        busy = await group_members(admin, [job.group_id(s) for s in job.stages])
-        if busy:
+        groups = [job.group_id(s) for s in job.stages]
+        busy = await group_members(admin, groups)
+        if busy and stop:
+            await request_drain(settings, job)
+            log.info("asked the workers of job %r to drain and stop", job.name)
+            deadline = time.monotonic() + wait_s
+            while busy:
+                if time.monotonic() > deadline:
+                    raise SavepointError(
+                        f"the workers of job {job.name!r} did not drain and stop within "
+                        f"{wait_s:.0f} s (members left in {', '.join(busy)}); the drain request "
+                        "stays in force for the ones still running"
+                    )
+                await asyncio.sleep(1.0)
+                busy = await group_members(admin, groups)
+        elif busy:
             raise SavepointError(
                 f"job {job.name!r} is running (members in {', '.join(busy)}): a savepoint is "
-                "taken from a stopped job. Stop every worker with SIGTERM (each takes a final "
-                "checkpoint), then create the savepoint"
+                "taken from a stopped job. Add --stop to drain and stop it first, or stop "
+                "every worker with SIGTERM (after the producers, once nothing is in flight)"
             )
         changelogs = [job.changelog_topic(step.operator_id) for _, step in job.stateful_operators()]
         partitions = await topic_partitions(
@@ -133,6 +155,8 @@ async def create_savepoint(settings: Settings, job: Job, path: Path) -> dict[str
     except BaseException:
         writer.abort()
         raise
+    if stop:
+        await clear_drain(settings, job)  # a later start of the job is not drained again
     log.info("savepoint %s of job %r written to %s", header["id"], job.name, path)
     return header
 

@@ -402,3 +402,85 @@ async def test_a_savepoint_loads_into_a_renamed_operator_whose_state_changed_typ
     await run_until_counted(new, s, sink, expected)
     final = await outputs(bootstrap, sink)
     assert final["ann"] == [1, 2, 3, 4] and final["cid"] == [1]
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_stop_with_savepoint_while_data_flows_then_rescale_is_exact(
+    kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path, guarantee: str
+) -> None:
+    """``savepoint create --stop`` on a running word count (two worker processes, input
+    still arriving): every worker stops reading input, drains what is in flight and exits 0;
+    the savepoint is taken and loaded with 8 partitions behind the key_by; the input that
+    arrived meanwhile is counted after the load, and every count is exact (under exactly-once
+    per word 1..count across both jobs)."""
+    bootstrap = kafka_bootstrap_servers
+    eos = guarantee == "exactly_once"
+    s = Settings(
+        bootstrap_servers=bootstrap, processing_guarantee=guarantee, checkpoint_interval_ms=200
+    )
+    source = await topic_factory("sp-lines", partitions=2)
+    sink = await topic_factory("sp-counts", partitions=2)
+    base = f"sp-{uuid.uuid4().hex[:6]}"
+    rng = random.Random(3)
+    lines = [" ".join(rng.choices(WORDS, k=4)) for _ in range(1500)]
+    expected = Counter(w for line in lines for w in line.split())
+
+    async def feed() -> None:
+        for i in range(0, len(lines), 50):
+            await produce_lines(bootstrap, source, lines[i : i + 50])
+            await asyncio.sleep(0.1)
+
+    (tmp_path / "userjob.py").write_text(JOB_MODULE)
+    env = dict(
+        os.environ,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        HEADRACE_CHECKPOINT_INTERVAL_MS="200",
+        HEADRACE_GUARANTEE=guarantee,
+        T_JOB=f"{base}-a",
+        T_SOURCE=source,
+        T_SINK=sink,
+        T_PARTITIONS="4",
+    )
+    workers = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "headrace.runtime.cli",
+            "run",
+            "userjob:job",
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
+    feeding = asyncio.create_task(feed())
+    try:
+        await asyncio.sleep(6)  # both running, counts flowing
+        header = await create_savepoint(
+            s,
+            wordcount(f"{base}-a", source, sink, 4, "totals"),
+            tmp_path / "sp.hrsp",
+            stop=True,
+            wait_s=120,
+        )
+        for w in workers:
+            _, err = await asyncio.wait_for(w.communicate(), 60)
+            assert w.returncode == 0, err.decode()[-3000:]
+            assert "stop-with-savepoint: stopping" in err.decode()
+    finally:
+        for w in workers:
+            if w.returncode is None:
+                w.kill()
+                await w.wait()
+        await feeding
+    assert sum(header["operators"]["totals"]["entries"]) > 0
+
+    rescaled = wordcount(f"{base}-b", source, sink, 8, "totals")
+    await load_savepoint(s, rescaled, tmp_path / "sp.hrsp")
+    await run_until_counted(rescaled, s, sink, expected)
+    final = await outputs(bootstrap, sink)
+    assert {w: v[-1] for w, v in final.items()} == dict(expected)
+    if eos:
+        assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), final
