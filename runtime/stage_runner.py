@@ -502,6 +502,15 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             self.consumer.pause(*assigned)
         log.info("stage %s: draining: input paused for a stop-with-savepoint", self.stage.name)
 
+    def undrain(self) -> None:
+        """The savepoint was taken and the job goes on: read input again."""
+        if not self.draining:
+            return
+        self.draining = False
+        for p in list(self.tasks):
+            self._resume_input(p)
+        log.info("stage %s: input resumed after the savepoint", self.stage.name)
+
     def _make_task(self, partition: int, producer: AIOKafkaProducer | None) -> TaskIO:
         """A task and its I/O; ``producer`` is its own transactional one, else the shared one."""
         sending = producer or self.worker.shared_producer

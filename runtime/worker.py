@@ -239,10 +239,15 @@ class Worker:
             calm = 0
             while not self.stopping:
                 await asyncio.sleep(1.0)
-                if not await watcher.drain_requested():
+                request = await watcher.drain_request()
+                if request is None:
+                    for r in self.runners:
+                        r.undrain()  # a savepoint of the running job is taken: go on
                     continue
                 for r in self.runners:
                     r.drain()
+                if not request.get("stop", True):
+                    continue
                 calm = calm + 1 if await self.drained() else 0
                 if calm >= 3:  # three looks a second apart: nothing came in between
                     log.info(

@@ -1,4 +1,4 @@
-"""Requests to a running job's workers, through ``<job>.control``: stop-with-savepoint's drain.
+"""Requests to a running job's workers, through ``<job>.control``: the drain of a savepoint.
 
 Workers may run on many machines, so ``headrace savepoint create --stop`` cannot signal them;
 it writes a *drain* request to the job's compacted control topic, which every worker polls
@@ -10,6 +10,11 @@ and no records held by an alignment. When every group of the job is empty, the c
 the savepoint from the stopped, drained job and deletes the request (a tombstone), so a job
 started later is not drained again. A request older than :data:`MAX_AGE_S` is ignored (a
 command that died before deleting it).
+
+Without ``stop`` (a savepoint of a job that keeps running) the workers only pause the input
+and go on checkpointing; the command waits for a complete checkpoint cut after the pause and
+for the stages behind a ``key_by`` to have consumed everything, takes the savepoint from the
+committed state (which no longer changes), and deletes the request: the workers resume.
 """
 
 from __future__ import annotations
@@ -46,10 +51,13 @@ async def _write(settings: Settings, job: Job, value: bytes | None) -> None:
         await producer.stop()
 
 
-async def request_drain(settings: Settings, job: Job) -> str:
-    request = uuid.uuid4().hex[:12]
-    await _write(settings, job, orjson.dumps({"id": request, "at": time.time()}))
-    return request
+async def request_drain(settings: Settings, job: Job, *, stop: bool = True) -> float:
+    """Ask the workers to pause the job's input and, with ``stop``, to stop once drained;
+    returns the request's time (seconds)."""
+    at = time.time()
+    doc = {"id": uuid.uuid4().hex[:12], "at": at, "stop": stop}
+    await _write(settings, job, orjson.dumps(doc))
+    return at
 
 
 async def clear_drain(settings: Settings, job: Job) -> None:
@@ -74,11 +82,14 @@ class ControlWatcher:
     async def stop(self) -> None:
         await self.consumer.stop()
 
-    async def drain_requested(self) -> bool:
-        """Read what arrived; True while a fresh drain request is in force."""
+    async def drain_request(self) -> dict[str, Any] | None:
+        """Read what arrived; the drain request in force (``stop``: stop once drained, else
+        only pause until it is deleted), or None."""
         batches = await self.consumer.getmany(self.tp, timeout_ms=200)
         for record in batches.get(self.tp, []):
             if record.key == DRAIN:
                 self.latest = orjson.loads(record.value) if record.value else None
         latest = self.latest
-        return latest is not None and time.time() - float(latest["at"]) < MAX_AGE_S
+        if latest is None or time.time() - float(latest["at"]) >= MAX_AGE_S:
+            return None
+        return latest

@@ -17,10 +17,12 @@ from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import Job, Stage
 from headrace.runtime.checkpoint.lag import Tail, data_lag
+from headrace.runtime.checkpoint.log import CheckpointAck
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.config import Settings
 from headrace.runtime.faults import maybe_crash
+from headrace.runtime.inspect import read_all
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.control import clear_drain, request_drain
 from headrace.runtime.kafka.identity import describe
@@ -64,35 +66,102 @@ async def _committed(
 async def create_savepoint(
     settings: Settings, job: Job, path: Path, *, stop: bool = False, wait_s: float = 600
 ) -> dict[str, Any]:
-    """Write the state of the stopped, drained ``job`` to ``path``; the header.
+    """Write the state of ``job`` to ``path``; the header.
 
-    ``stop``: the job may be running: its workers are asked to drain and stop first
-    (:mod:`headrace.runtime.kafka.control`), and the savepoint is taken once they are gone.
+    A stopped job must be drained (nothing between stages). A running job is asked through
+    ``<job>.control`` (:mod:`headrace.runtime.kafka.control`) to pause its input: with
+    ``stop`` its workers drain and stop, and the savepoint follows once they are gone;
+    without, they keep running, and the savepoint is taken once a complete, aligned
+    checkpoint was cut after the pause and everything in flight is consumed; deleting the
+    request afterwards resumes the input.
     """
+    requested = await _quiesce(settings, job, stop=stop, wait_s=wait_s)
+    try:
+        committed, partitions = await _committed_cut(settings, job)
+        await _check_drained(settings, job, committed, partitions)
+        return await _write(settings, job, path, committed, partitions)
+    finally:
+        if requested:  # a later start is not drained again; a running job resumes
+            await clear_drain(settings, job)
+
+
+async def _quiesce(settings: Settings, job: Job, *, stop: bool, wait_s: float) -> bool:
+    """Nothing for a stopped job; for a running one, a drain request and the wait for its
+    effect (see :func:`create_savepoint`). True if a request was made."""
     admin = clients.admin_client(settings, client_id="headrace-savepoint")
     await admin.start()
     try:
         groups = [job.group_id(s) for s in job.stages]
         busy = await group_members(admin, groups)
-        if busy and stop:
-            await request_drain(settings, job)
-            log.info("asked the workers of job %r to drain and stop", job.name)
-            deadline = time.monotonic() + wait_s
-            while busy:
-                if time.monotonic() > deadline:
-                    raise SavepointError(
-                        f"the workers of job {job.name!r} did not drain and stop within "
-                        f"{wait_s:.0f} s (members left in {', '.join(busy)}); the drain request "
-                        "stays in force for the ones still running"
-                    )
-                await asyncio.sleep(1.0)
+        if not busy:
+            return False
+        at = await request_drain(settings, job, stop=stop)
+        log.info(
+            "asked the workers of job %r to pause their input%s",
+            job.name,
+            " and stop" if stop else "",
+        )
+        deadline = time.monotonic() + wait_s
+        while True:
+            if time.monotonic() > deadline:
+                raise SavepointError(
+                    f"job {job.name!r} did not {'stop' if stop else 'quiesce'} within "
+                    f"{wait_s:.0f} s (members in {', '.join(busy) or 'none'})"
+                    + ("; the request stays in force for the workers still running" if stop else "")
+                )
+            await asyncio.sleep(1.0)
+            if stop:
                 busy = await group_members(admin, groups)
-        elif busy:
-            raise SavepointError(
-                f"job {job.name!r} is running (members in {', '.join(busy)}): a savepoint is "
-                "taken from a stopped job. Add --stop to drain and stop it first, or stop "
-                "every worker with SIGTERM (after the producers, once nothing is in flight)"
-            )
+                if not busy:
+                    return True
+            elif await _quiet_since(settings, job, at):
+                return True
+    except BaseException:
+        if not stop:
+            await clear_drain(settings, job)
+        raise
+    finally:
+        await admin.close()
+
+
+#: how long after a pause request every worker has seen it (they poll every second)
+_SEEN_WITHIN_S = 2.0
+
+
+async def _quiet_since(settings: Settings, job: Job, at: float) -> bool:
+    """A complete, aligned checkpoint of every task was cut after every worker paused, and
+    the stages behind a ``key_by`` have consumed all data: the committed state is a cut
+    that no longer moves."""
+    committed, partitions = await _committed_cut(settings, job)
+    expected = {f"{s.name}/{p}" for s in job.stages for p in range(partitions[s.source.topics[0]])}
+    records = await read_all(settings, [TopicPartition(job.checkpoint_topic, 0)], committed=True)
+    acks = [CheckpointAck.decode(r.value) for r in records if r.value]
+    after = (at + _SEEN_WITHIN_S) * 1000
+    by_id: dict[int, list[CheckpointAck]] = {}
+    for a in acks:
+        if a.job == job.name:
+            by_id.setdefault(a.checkpoint_id, []).append(a)
+    cut_after_pause = any(
+        expected <= {a.task for a in group}
+        and all(a.aligned and a.timestamp_ms - a.duration_ms > after for a in group)
+        for group in by_id.values()
+    )
+    if not cut_after_pause:
+        return False
+    try:
+        await _check_drained(settings, job, committed, partitions)
+    except SavepointError:
+        return False
+    return True
+
+
+async def _committed_cut(
+    settings: Settings, job: Job
+) -> tuple[dict[str, dict[TopicPartition, _Committed]], dict[str, int]]:
+    """Per stage, the committed offsets (and checkpoint metadata); partition counts."""
+    admin = clients.admin_client(settings, client_id="headrace-savepoint")
+    await admin.start()
+    try:
         changelogs = [job.changelog_topic(step.operator_id) for _, step in job.stateful_operators()]
         partitions = await topic_partitions(
             admin, [t for s in job.stages for t in s.source.topics] + changelogs
@@ -104,10 +173,18 @@ async def create_savepoint(
         for stage in job.stages:
             tps = [TopicPartition(t, p) for t in stage.source.topics for p in range(partitions[t])]
             committed[stage.name] = await _committed(admin, job.group_id(stage), tps)
+        return committed, partitions
     finally:
         await admin.close()
-    await _check_drained(settings, job, committed, partitions)
 
+
+async def _write(
+    settings: Settings,
+    job: Job,
+    path: Path,
+    committed: dict[str, dict[TopicPartition, _Committed]],
+    partitions: dict[str, int],
+) -> dict[str, Any]:
     source = job.stages[0]
     header: dict[str, Any] = {
         "id": uuid.uuid4().hex[:12],
@@ -155,8 +232,6 @@ async def create_savepoint(
     except BaseException:
         writer.abort()
         raise
-    if stop:
-        await clear_drain(settings, job)  # a later start of the job is not drained again
     log.info("savepoint %s of job %r written to %s", header["id"], job.name, path)
     return header
 

@@ -74,6 +74,13 @@ async def run_until_counted(job: Job, s: Settings, sink: str, expected: Counter[
     await run_worker_until(job, s, counted)
 
 
+async def feed(bootstrap: str, source: str, lines: list[str]) -> None:
+    """``lines`` over ~6 s, 20 at a time."""
+    for i in range(0, len(lines), 20):
+        await produce_lines(bootstrap, source, lines[i : i + 20])
+        await asyncio.sleep(0.2)
+
+
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 async def test_a_word_count_saved_and_rescaled_4_8_3_behind_its_key_by_stays_exact(
     kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path, guarantee: str
@@ -87,24 +94,38 @@ async def test_a_word_count_saved_and_rescaled_4_8_3_behind_its_key_by_stays_exa
     rng = random.Random(16)
     base = f"sp-{uuid.uuid4().hex[:6]}"
     expected: Counter[str] = Counter()
-    previous: set[str] = set()
+    saved = produced = 0
     names = [f"{base}-a", f"{base}-b", f"{base}-c"]
     layouts = [(4, "counts"), (8, "counts"), (3, "totals")]
     for round_, (name, (partitions, op)) in enumerate(zip(names, layouts, strict=True)):
-        lines = [" ".join(rng.choices(WORDS, k=5)) for _ in range(300)]
+        lines = [" ".join(rng.choices(WORDS, k=5)) for _ in range(600)]
         expected.update(w for line in lines for w in line.split())
         job = wordcount(name, source, sink, partitions, op)
         if round_:
             mapping = {"counts": "totals"} if op == "totals" else {}
             report = await load_savepoint(s, job, tmp_path / f"sp{round_ - 1}.hrsp", mapping)
             assert report.partitions == {op: partitions}
-            assert report.entries[op] == len(previous)  # every word saved, once
-        await produce_lines(bootstrap, source, lines)
-        await run_until_counted(job, s, sink, expected)
-        header = await create_savepoint(s, job, tmp_path / f"sp{round_}.hrsp")
+            assert report.entries[op] == saved  # every saved word, once
+        if round_ == len(names) - 1:
+            await produce_lines(bootstrap, source, lines)
+            await run_until_counted(job, s, sink, expected)
+            header = await create_savepoint(s, job, tmp_path / f"sp{round_}.hrsp")
+            break
+        # while data flows: stop-with-savepoint half-way through this round's input (the rest
+        # is counted by the next round, from the savepoint's offsets)
+        worker = Worker(job, s)
+        running = asyncio.create_task(worker.run())
+        feeding = asyncio.create_task(feed(bootstrap, source, lines))
+        await asyncio.sleep(2.5)
+        header = await create_savepoint(
+            s, job, tmp_path / f"sp{round_}.hrsp", stop=True, wait_s=120
+        )
+        await asyncio.wait_for(running, 60)
+        await feeding
+        produced += len(lines)
+        assert sum(header["sources"].values()) < produced, "the savepoint came after the input"
         assert len(header["operators"][op]["entries"]) == partitions
-        assert sum(header["operators"][op]["entries"]) == len(expected)
-        previous = set(expected)
+        saved = sum(header["operators"][op]["entries"])
 
     final = await outputs(bootstrap, sink)
     assert {w: v[-1] for w, v in final.items()} == dict(expected)
@@ -117,32 +138,67 @@ async def test_a_word_count_saved_and_rescaled_4_8_3_behind_its_key_by_stays_exa
     assert "totals/" in summary  # the key's entry is printed
 
 
-async def test_a_savepoint_is_refused_from_a_running_job_and_into_a_job_with_state(
+async def test_a_savepoint_of_a_job_that_keeps_running_is_a_consistent_cut(
     kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path
 ) -> None:
-    s = Settings(bootstrap_servers=kafka_bootstrap_servers, checkpoint_interval_ms=200)
+    """``savepoint create`` on a running word count while input arrives: the workers pause
+    their input, the savepoint is taken at a complete aligned checkpoint cut after the pause
+    with nothing in flight, and the job goes on (its counts stay exact). The savepoint, loaded
+    into another job (8 partitions, its own sink), counts the rest of the input exactly.
+    Loading it into a job with state, or without mapping a renamed operator, is refused."""
+    bootstrap = kafka_bootstrap_servers
+    s = Settings(bootstrap_servers=bootstrap, checkpoint_interval_ms=200)
     source = await topic_factory("sp-lines", partitions=2)
     sink = await topic_factory("sp-counts", partitions=2)
+    other_sink = await topic_factory("sp-counts-b", partitions=2)
     job = wordcount(f"sp-{uuid.uuid4().hex[:6]}", source, sink, 2)
-    await produce_lines(kafka_bootstrap_servers, source, ["a b", "b"])
+    rng = random.Random(5)
+    lines = [" ".join(rng.choices(WORDS, k=4)) for _ in range(1000)]
+    expected = Counter(w for line in lines for w in line.split())
+
+    async def feed() -> None:  # ~10 s of input: the savepoint lands in the middle
+        for i in range(0, len(lines), 20):
+            await produce_lines(bootstrap, source, lines[i : i + 20])
+            await asyncio.sleep(0.2)
+
+    async def counted(out: str) -> bool:
+        seen = await outputs(bootstrap, out)
+        return {w: v[-1] for w, v in seen.items()} == dict(expected)
+
     worker = Worker(job, s)
     running = asyncio.create_task(worker.run())
+    feeding = asyncio.create_task(feed())
     try:
-        for _ in range(120):
+        await asyncio.sleep(3)
+        header = await create_savepoint(s, job, tmp_path / "sp.hrsp", wait_s=120)
+        assert not running.done() and not feeding.done(), "the savepoint came too late"
+        await feeding
+        for _ in range(240):
             await asyncio.sleep(0.5)
-            if (await outputs(kafka_bootstrap_servers, sink)).get("b", [0])[-1] == 2:
+            assert not running.done(), running.result()
+            if await counted(sink):
                 break
-        with pytest.raises(SavepointError, match="is running"):
-            await create_savepoint(s, job, tmp_path / "sp.hrsp")
     finally:
         worker.stop()
         await running
-    await create_savepoint(s, job, tmp_path / "sp.hrsp")
+    final = await outputs(bootstrap, sink)
+    assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), final
+    saved = sum(sum(d["entries"]) for d in header["operators"].values())
+    assert 0 < saved <= len(expected)
+
     with pytest.raises(SavepointError, match="already has state"):
         await load_savepoint(s, job, tmp_path / "sp.hrsp")
-    other = wordcount(f"{job.name}-x", source, sink, 2, "renamed")
+    renamed = wordcount(f"{job.name}-x", source, other_sink, 8, "renamed")
     with pytest.raises(SavepointError, match=r"(?s)operator 'counts' removed or renamed.*--map"):
-        await load_savepoint(s, other, tmp_path / "sp.hrsp")
+        await load_savepoint(s, renamed, tmp_path / "sp.hrsp")
+    other = wordcount(f"{job.name}-y", source, other_sink, 8)
+    await load_savepoint(s, other, tmp_path / "sp.hrsp")
+    await run_until_counted(other, s, other_sink, expected)
+    # the loaded job's outputs continue the saved counts: each word's last value is exact,
+    # and its first output is one more than the savepoint's count of it
+    final_b = await outputs(bootstrap, other_sink)
+    assert {w: v[-1] for w, v in final_b.items()} == dict(expected)
+    assert all(v == list(range(v[0], expected[w] + 1)) for w, v in final_b.items()), final_b
 
 
 def test_a_truncated_or_corrupted_savepoint_is_refused(tmp_path: Path) -> None:
