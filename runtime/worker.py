@@ -71,6 +71,8 @@ class Worker:
         self._stop = asyncio.Event()
         self.runners: list[StageRunner] = []
         self.layout: TopicLayout | None = None
+        #: follows <job>.control (runtime/kafka/control.py) while the stages run
+        self.control: ControlWatcher | None = None
         #: the job's incarnation (runtime/kafka/identity.py): local state lives under it
         self.incarnation = "unchecked"
         self.admin: AIOKafkaAdminClient | None = None
@@ -193,6 +195,8 @@ class Worker:
                 await self._start_shared_producer()
             for r in self.runners:
                 await r.start()
+            self.control = ControlWatcher(self.settings, self.job)
+            await self.control.start()
             loops = [
                 asyncio.create_task(r.loop(), name=f"loop-{r.stage.name}") for r in self.runners
             ]
@@ -222,6 +226,9 @@ class Worker:
                     else:
                         log.warning("shutdown of stage %s after a failure: %r", r.stage.name, exc)
         finally:
+            if self.control is not None:
+                with contextlib.suppress(Exception):
+                    await self.control.stop()
             await self.ops.stop()
             if self.shared_producer is not None:
                 await self.shared_producer.stop()
@@ -233,29 +240,25 @@ class Worker:
     async def _watch_control(self) -> None:
         """Follow ``<job>.control`` (runtime/kafka/control.py): on a drain request stop reading
         input, and stop once everything in flight is processed (stop-with-savepoint)."""
-        watcher = ControlWatcher(self.settings, self.job)
-        await watcher.start()
-        try:
-            calm = 0
-            while not self.stopping:
-                await asyncio.sleep(1.0)
-                request = await watcher.drain_request()
-                if request is None:
-                    for r in self.runners:
-                        r.undrain()  # a savepoint of the running job is taken: go on
-                    continue
+        watcher = self.control
+        assert watcher is not None
+        calm = 0
+        # started and stopped by _run: a cancel never leaves its consumer half started
+        while not self.stopping:
+            await asyncio.sleep(1.0)
+            request = await watcher.drain_request()
+            if request is None:
                 for r in self.runners:
-                    r.drain()
-                if not request.get("stop", True):
-                    continue
-                calm = calm + 1 if await self.drained() else 0
-                if calm >= 3:  # three looks a second apart: nothing came in between
-                    log.info(
-                        "worker %s drained for a stop-with-savepoint: stopping", self.worker_id
-                    )
-                    self.stop()
-        finally:
-            await watcher.stop()
+                    r.undrain()  # a savepoint of the running job is taken: go on
+                continue
+            for r in self.runners:
+                r.drain()
+            if not request.get("stop", True):
+                continue
+            calm = calm + 1 if await self.drained() else 0
+            if calm >= 3:  # three looks a second apart: nothing came in between
+                log.info("worker %s drained for a stop-with-savepoint: stopping", self.worker_id)
+                self.stop()
 
     async def drained(self) -> bool:
         """Nothing left in flight for this worker's tasks: no restore under way, no record
