@@ -155,23 +155,30 @@ def summarize(path: Path, key: str | None = None, limit: int = 20) -> str:
         f"  partitions per stage: {header['stages']}",
         f"  source offsets: {header['sources']}",
     ]
+    # per operator and state: entries and bytes (key + value), from one pass over the file
+    sizes: dict[tuple[str, str], list[int]] = {}
+    wanted = None if key is None else key.encode()
+    found: list[str] = []
+    for op, p, entries in sections(path):
+        for suffix, raw in entries:
+            state, user_key, map_key = split_state_suffix(suffix)
+            counted = sizes.setdefault((op, state), [0, 0])
+            counted[0] += 1
+            counted[1] += len(suffix) + len(raw)
+            if user_key == wanted and len(found) < limit:
+                mk = "" if map_key is None else f" [{map_key!r}]"
+                found.append(f"  {op}/{p} {state}{mk}: {len(raw)} bytes {bytes(raw)[:60]!r}")
     for op, doc in header["operators"].items():
         states = header["job"]["operators"][op]["states"]
-        described = ", ".join(f"{n} ({s['kind']}, {s['serde']})" for n, s in states.items())
+        described = ", ".join(
+            f"{n} ({s['kind']}, {s['serde']}: {sizes.get((op, n), [0, 0])[0]:,} entries, "
+            f"{sizes.get((op, n), [0, 0])[1]:,} bytes)"
+            for n, s in states.items()
+        )
         lines.append(
             f"  operator {op!r} ({doc['stage']}): {sum(doc['entries']):,} entries over "
             f"{len(doc['entries'])} partitions; states {described}"
         )
-    if key is not None:
-        wanted = key.encode()
-        shown = 0
-        for op, p, entries in sections(path):
-            for suffix, raw in entries:
-                state, user_key, map_key = split_state_suffix(suffix)
-                if user_key == wanted and shown < limit:
-                    shown += 1
-                    mk = "" if map_key is None else f" [{map_key!r}]"
-                    lines.append(f"  {op}/{p} {state}{mk}: {len(raw)} bytes {bytes(raw)[:60]!r}")
-        if not shown:
-            lines.append(f"  no entries for key {key!r}")
+    if wanted is not None:
+        lines.extend(found or [f"  no entries for key {key!r}"])
     return "\n".join(lines)

@@ -135,6 +135,7 @@ async def test_a_word_count_saved_and_rescaled_4_8_3_behind_its_key_by_stays_exa
         }
     summary = summarize(tmp_path / "sp2.hrsp", key="w1")
     assert "operator 'totals' (stage1)" in summary and "3 partitions" in summary
+    assert "entries, " in summary and " bytes)" in summary  # per state: entries and bytes
     assert "totals/" in summary  # the key's entry is printed
 
 
