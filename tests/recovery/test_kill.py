@@ -8,6 +8,7 @@ the middle of a restore), then checks output and changelog state against the rep
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from scenario import MakeRun, WordcountRun
@@ -49,8 +50,15 @@ async def test_kill9_at_random_and_inside_checkpoints_loses_and_duplicates_nothi
     report = await run.finish_and_verify()
     run.assert_ok(report)
     if backend == "rocksdb":
+        # A restart in a killed worker's slot finds that worker's RocksDB stores. Whether it may
+        # reuse them depends on where the kill landed (stores flushed by a checkpoint that never
+        # committed are rebuilt), so either decision is right here; reuse itself is pinned
+        # deterministically by the test below.
         logs = run.driver.logs()
-        assert "reusing local state" in logs, run.diagnostics()
+        found = re.search(
+            r"reusing local state of|local state of \S+ is past the committed checkpoint", logs
+        )
+        assert found, run.diagnostics()
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
