@@ -49,6 +49,8 @@ from headrace.operators.state import (
     ValueState,
     ValueStateDescriptor,
 )
+from headrace.operators.time import MIN_WATERMARK, TimerService, Watermarks
+from headrace.operators.windows import Hopping, Session, Tumbling
 
 if TYPE_CHECKING:
     from headrace.runtime.testing import JobTester
@@ -71,6 +73,7 @@ __all__ = [
     "FLOAT",
     "INT",
     "JSON",
+    "MIN_WATERMARK",
     "MSGPACK",
     "SAME_KEY",
     "STR",
@@ -79,6 +82,7 @@ __all__ = [
     "AggregatingStateDescriptor",
     "Context",
     "ErrorPolicy",
+    "Hopping",
     "Job",
     "JobDefinitionError",
     "JobTester",
@@ -94,11 +98,15 @@ __all__ = [
     "ReducingStateDescriptor",
     "Serde",
     "SerdeError",
+    "Session",
     "StateDescriptor",
     "StateNotBoundError",
     "Stream",
+    "TimerService",
+    "Tumbling",
     "ValueState",
     "ValueStateDescriptor",
+    "Watermarks",
     "pickle_serde",
     "serde_for",
 ]

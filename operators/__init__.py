@@ -38,12 +38,15 @@ from headrace.operators.state import (
     ValueState,
     ValueStateDescriptor,
 )
+from headrace.operators.time import MIN_WATERMARK, TimerService, Watermarks
+from headrace.operators.windows import Hopping, Session, Tumbling
 
 __all__ = [
     "BYTES",
     "FLOAT",
     "INT",
     "JSON",
+    "MIN_WATERMARK",
     "MSGPACK",
     "SAME_KEY",
     "STR",
@@ -52,6 +55,7 @@ __all__ = [
     "AggregatingStateDescriptor",
     "Context",
     "ErrorPolicy",
+    "Hopping",
     "Job",
     "JobDefinitionError",
     "KeyedState",
@@ -66,11 +70,15 @@ __all__ = [
     "ReducingStateDescriptor",
     "Serde",
     "SerdeError",
+    "Session",
     "StateDescriptor",
     "StateNotBoundError",
     "Stream",
+    "TimerService",
+    "Tumbling",
     "ValueState",
     "ValueStateDescriptor",
+    "Watermarks",
     "pickle_serde",
     "serde_for",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 from headrace.operators.operator import Operator
 from headrace.operators.serde import BYTES, JSON, Serde
+from headrace.operators.time import Watermarks
 
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -83,6 +84,10 @@ class SourceSpec:
     key_serde: Serde[Any]
     value_serde: Serde[Any]
     internal: bool = False  #: a repartition topic written by the previous stage
+    #: event time (ms) of a record from its deserialized value (None: the Kafka timestamp)
+    timestamp: Callable[[Any], int] | None = None
+    #: how the watermark follows the records (None: no out-of-orderness, never idle)
+    watermarks: Watermarks | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +211,30 @@ class Stream:
         op = aggregate_operator(function, serde)
         return self._process(op, name, "aggregate", "aggregate(name=...)")
 
+    def window(
+        self,
+        windows: Any,
+        *,
+        allowed_lateness: float = 0.0,
+        emit: str = "final",
+        late_topic: str | None = None,
+    ) -> Any:
+        """Group the keyed stream into event-time windows (``Tumbling``, ``Hopping``,
+        ``Session``); follow with ``count``/``sum``/``reduce``/``aggregate``.
+
+        A window ``[start, end)`` closes when the watermark reaches ``end + allowed_lateness``
+        (seconds): its state is deleted then. ``emit="final"`` emits one result per window when
+        it closes; ``emit="update"`` emits the running result on every record. A record that
+        only falls into closed windows is *late*: it is counted and, with ``late_topic``,
+        written there as it arrived with headers naming the windows and the watermark; without
+        one it is counted as skipped and logged, never silently dropped.
+        """
+        from headrace.operators.windows import WindowedStream
+
+        if late_topic is not None:
+            _check_topic(late_topic)
+        return WindowedStream(self, windows, allowed_lateness, emit, late_topic)
+
     def key_by(
         self,
         fn: Callable[[Any], Any],
@@ -254,11 +283,17 @@ class Job:
         *topics: str,
         key_serde: Serde[Any] = BYTES,
         value_serde: Serde[Any] = BYTES,
+        timestamp: Callable[[Any], int] | None = None,
+        watermarks: Watermarks | None = None,
     ) -> Stream:
         """Read one topic, or several co-partitioned topics (same partition count).
 
         Partition ``p`` of every topic goes to the same task, so state keyed by the record key
         sees all topics' records of that key.
+
+        Event time: ``timestamp`` returns a record's event time in milliseconds from its value
+        (default: the Kafka record timestamp); ``watermarks`` says how far out of order records
+        may arrive and when a quiet partition stops holding the watermark back.
         """
         if self.stages:
             raise JobDefinitionError("a job has one source; use key_by to add stages")
@@ -266,7 +301,12 @@ class Job:
             raise JobDefinitionError("source() needs at least one topic")
         for t in topics:
             _check_topic(t)
-        stage = Stage(0, "stage0", SourceSpec(tuple(topics), key_serde, value_serde))
+        if timestamp is not None and not callable(timestamp):
+            raise JobDefinitionError("timestamp= takes a function of the value returning ms")
+        spec = SourceSpec(
+            tuple(topics), key_serde, value_serde, timestamp=timestamp, watermarks=watermarks
+        )
+        stage = Stage(0, "stage0", spec)
         self.stages.append(stage)
         return Stream(self, stage)
 
@@ -291,6 +331,35 @@ class Job:
 
     def transactional_id(self, stage: Stage, partition: int) -> str:
         return f"{self.name}.{stage.name}.{partition}"
+
+    def output_topics(self) -> list[str]:
+        """Topics the job writes to that it does not own: sinks and late-data side outputs
+        (they must exist before the job starts)."""
+        topics = [s.output.topic for s in self.stages if isinstance(s.output, SinkSpec)]
+        for stage in self.stages:
+            for step in stage.process_steps():
+                side = getattr(step.prototype, "late_topic", None)
+                if isinstance(side, str) and side not in topics:
+                    topics.append(side)
+        return topics
+
+    @property
+    def event_time(self) -> bool:
+        """Whether the job tracks watermarks: its source extracts event time or configures
+        watermarks, or an operator has timers. Jobs that do not pay nothing for it."""
+        source = self.stages[0].source if self.stages else None
+        if source is not None and (source.timestamp is not None or source.watermarks):
+            return True
+        return any(
+            type(step.prototype).on_timer is not Operator.on_timer
+            for stage in self.stages
+            for step in stage.process_steps()
+        )
+
+    @property
+    def watermarks(self) -> Watermarks:
+        source = self.stages[0].source if self.stages else None
+        return (source.watermarks if source else None) or Watermarks()
 
     def stateful_operators(self) -> list[tuple[Stage, ProcessStep]]:
         from headrace.operators.state import declared_state

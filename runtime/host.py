@@ -409,6 +409,7 @@ class StageHost:
             positions=dict(start.positions),
             skip=meta.skip if meta else None,
             seen=meta.seen if meta else None,
+            watermark=meta.watermark if meta else None,
         )
         io.restored = True
 

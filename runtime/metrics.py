@@ -162,8 +162,11 @@ class _TaskCollector(Collector):
             "checkpoints": families[4],
             "unaligned_checkpoints": families[5],
             "deduplicated": families[6],
+            "late": families[13],
         }
         tasks, restored, restore_total, lag, ready, broker = families[7:13]
+        watermark, watermark_lag = families[14:16]
+        now_ms = time.time() * 1000
         for snap in worker.stage_snapshots():
             stage = snap.name
             for state, count in (
@@ -176,6 +179,9 @@ class _TaskCollector(Collector):
                 labels = [job, stage, str(p)]
                 for name, family in counters.items():
                     family.add_metric(labels, getattr(c, name))
+                if c.watermark is not None:
+                    watermark.add_metric(labels, c.watermark)
+                    watermark_lag.add_metric(labels, (now_ms - c.watermark) / 1000)
             for t in snap.restores:
                 labels = [job, stage, str(t.partition), t.changelog]
                 restored.add_metric(labels, t.restored)
@@ -251,6 +257,22 @@ class _TaskCollector(Collector):
                 "0 while the broker cannot be reached: connection errors for 1 s or more, "
                 "until 5 s pass without one.",
                 labels=["job"],
+            ),
+            CounterMetricFamily(
+                "headrace_late_records",
+                "Records that fell only into closed event-time windows (kept in the late topic, "
+                "or counted as skipped).",
+                labels=task_labels,
+            ),
+            GaugeMetricFamily(
+                "headrace_watermark_ms",
+                "The task's event-time watermark (ms since the epoch).",
+                labels=task_labels,
+            ),
+            GaugeMetricFamily(
+                "headrace_watermark_lag_seconds",
+                "How far the task's watermark is behind the wall clock.",
+                labels=task_labels,
             ),
         ]
 

@@ -72,6 +72,9 @@ def worker_snapshot(worker: WorkerView, lag: InputLag) -> dict[str, Any]:
                 for t in snap.restores
             },
             "records_in": {str(p): c.records_in for p, c in snap.running.items()},
+            "watermarks": {
+                str(p): c.watermark for p, c in snap.running.items() if c.watermark is not None
+            },
             "member_id": snap.member_id,
         }
     return {
@@ -370,6 +373,7 @@ def render(status: JobStatus) -> str:
         )
         lines.append(header.rstrip())
         restores: list[str] = []
+        watermarks: list[str] = []
         for w in status.workers:
             age = (status.now_ms - int(w.get("timestamp_ms", 0))) / 1000
             seen = f"{age:.0f}s ago"
@@ -386,12 +390,21 @@ def render(status: JobStatus) -> str:
             ready = "stale" if _stale(w, status.now_ms) else "yes" if w.get("ready") else "no"
             lines.append(f"  {w['worker']:<28} {ready:<6} {seen:>8}  " + "  ".join(cells))
             for s, st in w.get("stages", {}).items():
+                for partition, wm in sorted(st.get("watermarks", {}).items()):
+                    behind = (status.now_ms - int(wm)) / 1000
+                    watermarks.append(
+                        f"  {s}/{partition:<6} {int(wm):>16}  {behind:>10.1f}s behind the clock"
+                    )
                 for key, prog in sorted(st.get("restores", {}).items()):
                     partition, _, changelog = key.partition(":")
                     restores.append(
                         f"  {w['worker']:<28} {s}/{partition:<4} {changelog:<36} "
                         + progress_bar(int(prog["restored"]), int(prog["total"]))
                     )
+        if watermarks:
+            lines.append("")
+            lines.append("event-time watermarks (ms)")
+            lines += watermarks
         if restores:
             lines.append("")
             lines.append("restores under way")

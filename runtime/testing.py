@@ -21,11 +21,8 @@ commit (and for ever after an abort), and committed offsets with metadata.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import tempfile
 import zlib
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,220 +30,21 @@ from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
 from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.config import Guarantee
 from headrace.runtime.host import StageHost, TaskIO
-from headrace.runtime.kafka.producer import Delivery, OutRecord
 from headrace.runtime.kafka.topics import plan_layout
+from headrace.runtime.memory_kafka import (
+    MemoryChangelogReader,
+    MemoryLog,
+    MemoryRecord,
+    _MemoryConsumer,
+    _MemoryProducer,
+    _MemorySender,
+    _SimulatedCrash,
+)
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
 
 __all__ = ["JobTester", "MemoryRecord"]
-
-
-@dataclass(slots=True)
-class MemoryRecord:
-    """A record in the in-memory log; has the shape of aiokafka's ConsumerRecord."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-    timestamp: int = 0
-    txn: int | None = None  #: transaction id; None for non-transactional writes
-
-
-@dataclass(slots=True)
-class _Metadata:
-    offset: int
-
-
-class _SimulatedCrash(Exception):
-    """Raised at a commit phase to simulate the process dying there."""
-
-
-class MemoryLog:
-    """Topics, transactions and committed offsets, in memory."""
-
-    def __init__(self) -> None:
-        self.topics: dict[str, list[list[MemoryRecord]]] = {}
-        self.committed: dict[str, dict[tuple[str, int], tuple[int, str]]] = {}
-        self.txn_state: dict[int, str] = {}  # txn id -> "open" | "committed" | "aborted"
-        self._txn_ids = itertools.count(1)
-
-    def create(self, topic: str, partitions: int) -> None:
-        self.topics.setdefault(topic, [[] for _ in range(partitions)])
-
-    def append(self, rec: OutRecord, partition: int, txn: int | None) -> int:
-        topic, _, key, value, headers = rec
-        log = self.topics[topic][partition]
-        offset = len(log)
-        log.append(MemoryRecord(topic, partition, offset, key, value, list(headers), txn=txn))
-        return offset
-
-    def visible(self, rec: MemoryRecord, committed_only: bool) -> bool:
-        return rec.txn is None or not committed_only or self.txn_state[rec.txn] == "committed"
-
-    def read(
-        self, topic: str, partition: int, start: int, *, committed_only: bool
-    ) -> list[MemoryRecord]:
-        """Records from ``start`` up to the last stable offset (like read_committed)."""
-        out = []
-        for rec in self.topics[topic][partition][start:]:
-            if rec.txn is not None and committed_only and self.txn_state[rec.txn] == "open":
-                break  # the last stable offset: nothing past an open transaction is readable
-            if self.visible(rec, committed_only):
-                out.append(rec)
-        return out
-
-
-class MemoryChangelogReader:
-    """The consumer calls :func:`headrace.runtime.checkpoint.restore.restore` makes, over the
-    memory log: so the tester restores through the production restore code.
-
-    Like a ``read_committed`` consumer under exactly-once: records of aborted transactions are
-    skipped (the position still moves past them), and nothing past an open transaction is
-    returned (the end offset is the last stable offset).
-    """
-
-    def __init__(self, log: MemoryLog, *, committed_only: bool) -> None:
-        self.log = log
-        self.committed_only = committed_only
-        self._positions: dict[Any, int] = {}
-        self._paused: set[Any] = set()
-
-    def _records(self, tp: Any) -> list[MemoryRecord]:
-        return self.log.topics[tp.topic][tp.partition]
-
-    def _stable_end(self, tp: Any) -> int:
-        records = self._records(tp)
-        if self.committed_only:
-            for r in records:
-                if r.txn is not None and self.log.txn_state[r.txn] == "open":
-                    return r.offset
-        return len(records)
-
-    def assign(self, tps: Iterable[Any]) -> None:
-        self._positions = {tp: 0 for tp in tps}
-        self._paused.clear()
-
-    async def end_offsets(self, tps: Iterable[Any]) -> dict[Any, int]:
-        return {tp: self._stable_end(tp) for tp in tps}
-
-    async def beginning_offsets(self, tps: Iterable[Any]) -> dict[Any, int]:
-        return dict.fromkeys(tps, 0)  # the memory log keeps everything
-
-    async def seek_to_beginning(self, tp: Any) -> None:
-        self._positions[tp] = 0
-
-    def seek(self, tp: Any, offset: int) -> None:
-        self._positions[tp] = offset
-
-    def pause(self, *tps: Any) -> None:
-        self._paused.update(tps)
-
-    async def position(self, tp: Any) -> int:
-        return self._positions[tp]
-
-    async def getmany(
-        self, *tps: Any, timeout_ms: int = 0, max_records: int | None = None
-    ) -> dict[Any, list[MemoryRecord]]:
-        out: dict[Any, list[MemoryRecord]] = {}
-        for tp in tps or list(self._positions):
-            if tp in self._paused:
-                continue
-            end = self._stable_end(tp)
-            position = self._positions[tp]
-            batch: list[MemoryRecord] = []
-            for r in self._records(tp)[position:end]:
-                if max_records is not None and len(batch) >= max_records:
-                    break
-                position = r.offset + 1
-                if self.log.visible(r, self.committed_only):
-                    batch.append(r)
-            self._positions[tp] = position
-            if batch:
-                out[tp] = batch
-        return out
-
-
-class _MemorySender:
-    """Stands in for BatchSender: same ``send`` contract, writes to the memory log."""
-
-    def __init__(self, log: MemoryLog, producer: _MemoryProducer | None) -> None:
-        self.log = log
-        self.producer = producer
-        self._round_robin = itertools.count()
-
-    async def send(self, records: Iterable[OutRecord]) -> list[Delivery]:
-        deliveries: list[Delivery] = []
-        txn = self.producer.txn if self.producer is not None else None
-        loop = asyncio.get_running_loop()
-        for rec in records:
-            partitions = len(self.log.topics[rec[0]])
-            p = rec[1]
-            if p is None:
-                key = rec[2]
-                p = (zlib.crc32(key) if key is not None else next(self._round_robin)) % partitions
-            fut: asyncio.Future[Any] = loop.create_future()
-            fut.set_result(_Metadata(self.log.append(rec, p, txn)))
-            deliveries.append((fut, 1))
-        return deliveries
-
-    async def send_pairs(
-        self,
-        topic: str,
-        partition: int,
-        pairs: Iterable[tuple[bytes | None, bytes | None]],
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> list[Delivery]:
-        """BatchSender.send_pairs: (key, value) pairs to one partition, shared headers."""
-        h = headers or []
-        return await self.send([(topic, partition, k, v, h) for k, v in pairs])
-
-
-class _MemoryProducer:
-    """A transactional producer: commit/abort flip the visibility of everything it wrote."""
-
-    def __init__(self, log: MemoryLog) -> None:
-        self.log = log
-        self.txn: int | None = None
-        self._offsets: dict[tuple[str, int], tuple[int, str]] = {}
-        self._group = ""
-
-    async def begin_transaction(self) -> None:
-        self.txn = next(self.log._txn_ids)
-        self.log.txn_state[self.txn] = "open"
-        self._offsets = {}
-
-    async def send_offsets_to_transaction(self, offsets: dict[Any, Any], group_id: str) -> None:
-        self._group = group_id
-        self._offsets = {
-            (tp.topic, tp.partition): (om.offset, om.metadata) for tp, om in offsets.items()
-        }
-
-    async def commit_transaction(self) -> None:
-        assert self.txn is not None
-        self.log.txn_state[self.txn] = "committed"
-        self.log.committed.setdefault(self._group, {}).update(self._offsets)
-        self.txn = None
-
-    def abort(self) -> None:
-        if self.txn is not None:
-            self.log.txn_state[self.txn] = "aborted"
-            self.txn = None
-
-
-class _MemoryConsumer:
-    """The at-least-once offset commit."""
-
-    def __init__(self, log: MemoryLog, group: str) -> None:
-        self.log, self.group = log, group
-
-    async def commit(self, offsets: dict[Any, Any]) -> None:
-        self.log.committed.setdefault(self.group, {}).update(
-            {(tp.topic, tp.partition): (om.offset, om.metadata) for tp, om in offsets.items()}
-        )
 
 
 class JobTester:
@@ -272,7 +70,7 @@ class JobTester:
         self.batch_size = batch_size
         self.now = 1_000_000.0  # a fake clock, in seconds; only checkpoint() moves it
         self.log = MemoryLog()
-        sinks = {s.output.topic: partitions for s in job.stages if isinstance(s.output, SinkSpec)}
+        sinks = dict.fromkeys(job.output_topics(), partitions)
         self.layout = plan_layout(job, partitions, sinks)
         for topic in job.stages[0].source.topics:
             self.log.create(topic, partitions)
@@ -292,8 +90,16 @@ class JobTester:
         return self.guarantee is Guarantee.EXACTLY_ONCE
 
     # -- input and output ----------------------------------------------------------------------
-    def send(self, topic: str, value: Any, key: Any = None, partition: int | None = None) -> None:
-        """Append an input record, serialized with the job's source serdes."""
+    def send(
+        self,
+        topic: str,
+        value: Any,
+        key: Any = None,
+        partition: int | None = None,
+        timestamp: int | None = None,
+    ) -> None:
+        """Append an input record, serialized with the job's source serdes. ``timestamp``:
+        its Kafka timestamp in ms (default: the tester's clock, like a producer's "now")."""
         source = self.job.stages[0].source
         kb = None if key is None else source.key_serde.serialize(key)
         vb = source.value_serde.serialize(value)
@@ -301,11 +107,12 @@ class JobTester:
         if partition is None:
             partition = (zlib.crc32(kb) if kb is not None else self._sent) % parts
         self._sent += 1
-        self.log.append((topic, partition, kb, vb, []), partition, None)
+        ts = int(self.now * 1000) if timestamp is None else timestamp
+        self.log.append((topic, partition, kb, vb, [], ts), partition, None)
 
     def send_raw(self, topic: str, value: bytes | None, key: bytes | None, partition: int) -> None:
         """Append bytes as they are (for bad-input tests)."""
-        self.log.append((topic, partition, key, value, []), partition, None)
+        self.log.append((topic, partition, key, value, [], None), partition, None)
 
     def output(self, topic: str) -> list[tuple[Any, Any]]:
         """Committed output records (exactly-once: read_committed), decoded, per partition order."""
@@ -319,6 +126,19 @@ class JobTester:
             for p in range(len(self.log.topics[topic]))
             for r in self.log.read(topic, p, 0, committed_only=self.exactly_once)
         ]
+
+    def records(self, topic: str) -> list[MemoryRecord]:
+        """Committed records of any topic as written (bytes, headers, timestamps)."""
+        return [
+            r
+            for p in range(len(self.log.topics[topic]))
+            for r in self.log.read(topic, p, 0, committed_only=self.exactly_once)
+        ]
+
+    def output_with_timestamps(self, topic: str) -> list[tuple[Any, Any, int]]:
+        """Like :meth:`output`, with each record's timestamp (its event time)."""
+        records = self.records(topic)
+        return [(k, v, r.timestamp) for (k, v), r in zip(self.output(topic), records, strict=True)]
 
     def latest(self, topic: str) -> dict[Any, Any]:
         """The last committed output value per key."""
@@ -348,6 +168,32 @@ class JobTester:
         """Move the clock past the next barrier boundary and run until the checkpoint settled."""
         self.now += self.interval_ms / 1000
         self.run()
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move processing time forward and run: processing-time timers that are due fire,
+        idle inputs turn idle (and, with ``advance_when_idle``, move the watermark)."""
+        self.now += seconds
+        self.run()
+
+    def advance_watermark(self, watermark: int) -> None:
+        """Move every task's watermark to ``watermark`` (ms; never back) and run: the
+        event-time timers it passes fire, in the order of the stages."""
+        if self._dead:
+            self._loop.run_until_complete(self._start())
+        for stage in self.job.stages:
+            for (name, _), io in self.tasks.items():
+                if name == stage.name and io.task.time is not None:
+                    io.task.time.advance(watermark, -1)
+        self.run()
+
+    def watermark(self, stage: str = "stage0", partition: int = 0) -> int:
+        """A task's current watermark (ms)."""
+        if self._dead:
+            self._loop.run_until_complete(self._start())
+        time = self.tasks[(stage, partition)].task.time
+        if time is None:
+            raise ValueError(f"job {self.job.name!r} does not use event time")
+        return int(time.watermark)
 
     def crash_during_next_checkpoint(self, phase: str) -> None:
         """Make the next commit die at ``phase`` (see :mod:`headrace.runtime.faults`), then crash

@@ -70,6 +70,7 @@ class BarrierAligner:
         "_held",
         "_passed",
         "_skip",
+        "_watermarks",
         "channels",
         "last_checkpoint",
         "position",
@@ -85,6 +86,7 @@ class BarrierAligner:
         skip: dict[int, int] | None = None,
         timeout: float = 60.0,
         clock: Callable[[], float],
+        watermark: int = -(2**63),
     ) -> None:
         self.channels = channels
         self.last_checkpoint = last_checkpoint
@@ -97,16 +99,21 @@ class BarrierAligner:
         self._held: list[deque[tuple[int, Any, int | None]]] = [deque() for _ in range(channels)]
         self._skip = dict(skip or {})
         self._align_started: float | None = None
+        #: event-time jobs: per channel the watermark of the last barrier that passed, or None
+        #: while the channel is idle; all start at the restored watermark
+        self._watermarks: list[int | None] = [watermark] * channels
 
     def add_channels(self, count: int) -> None:
         """More upstream channels than at start (partitions were added to the upstream stage's
         input while the job runs). A new channel starts like every channel at a task's start:
         it has passed the last checkpoint and nothing after it, so its records are processed
         until its first barrier, and an alignment under way waits for that barrier too."""
+        current = self.watermark()
         for _ in range(self.channels, count):
             self._passed.append(self.last_checkpoint)
             self._barrier_offset.append(-1)
             self._held.append(deque())
+            self._watermarks.append(current)
         self.channels = max(self.channels, count)
 
     # -- feeding -------------------------------------------------------------------------------
@@ -132,15 +139,37 @@ class BarrierAligner:
             return False
         return True
 
-    def on_barrier(self, channel: int, offset: int, checkpoint_id: int) -> None:
-        """A barrier record of ``channel``; may make the aligner :attr:`ready`."""
+    def on_barrier(
+        self, channel: int, offset: int, checkpoint_id: int, watermark: bytes | None = None
+    ) -> None:
+        """A barrier record of ``channel``; may make the aligner :attr:`ready`.
+        ``watermark``: the upstream task's (``b"<ms>"`` or ``b"idle"``), taken when it passes."""
         if self._passed[channel] > self.last_checkpoint:
-            # The channel is already blocked: its later barriers wait in line with its records.
-            self._held[channel].append((offset, None, checkpoint_id))
+            # The channel is already blocked: its later barriers wait in line with its records
+            # (the item slot of a held barrier carries its watermark).
+            self._held[channel].append((offset, watermark, checkpoint_id))
             return
-        self._pass(channel, offset, checkpoint_id)
+        self._pass(channel, offset, checkpoint_id, watermark)
 
-    def _pass(self, channel: int, offset: int, checkpoint_id: int) -> None:
+    def watermark(self) -> int | None:
+        """The minimum watermark over the channels that are not idle (None: all idle).
+
+        A channel's watermark moves only when its barrier *passes* (not when it is read and
+        held): records held behind it have not been processed yet, and they must not look late.
+        """
+        active = [w for w in self._watermarks if w is not None]
+        return min(active) if active else None
+
+    def _pass(
+        self, channel: int, offset: int, checkpoint_id: int, watermark: bytes | None = None
+    ) -> None:
+        if watermark is not None:
+            if watermark == b"idle":
+                self._watermarks[channel] = None
+            else:
+                previous = self._watermarks[channel]
+                value = int(watermark)
+                self._watermarks[channel] = value if previous is None else max(previous, value)
         if checkpoint_id <= self._passed[channel]:
             return  # a stale or repeated barrier (an upstream replay): nothing to align
         self._passed[channel] = checkpoint_id
@@ -206,7 +235,7 @@ class BarrierAligner:
                 if barrier is None:
                     released.append(item)
                 else:
-                    self._pass(c, offset, barrier)
+                    self._pass(c, offset, barrier, item)
         return released
 
     def held_count(self) -> int:

@@ -20,6 +20,11 @@ from collections.abc import Sequence
 CHANNEL_HEADER = "hr.ch"
 BARRIER_HEADER = "hr.barrier"
 SEQUENCE_HEADER = "hr.seq"
+#: event-time jobs: a data record's event time (ms), and a barrier's watermark ("idle": the
+#: writing task has no input that holds the watermark; runtime/task/timers.py)
+TIME_HEADER = "hr.ts"
+WATERMARK_HEADER = "hr.wm"
+IDLE = b"idle"
 
 # At-least-once dedupe across a repartition hop.
 #
@@ -84,5 +89,20 @@ def read_internal(
     return int(channel), barrier, seq
 
 
-def barrier_headers(channel: int, checkpoint_id: int) -> list[tuple[str, bytes]]:
-    return [(CHANNEL_HEADER, b"%d" % channel), (BARRIER_HEADER, b"%d" % checkpoint_id)]
+def barrier_headers(
+    channel: int, checkpoint_id: int, watermark: bytes | None = None
+) -> list[tuple[str, bytes]]:
+    """A barrier's headers; ``watermark`` (event-time jobs): ``b"<ms>"`` or :data:`IDLE`."""
+    headers = [(CHANNEL_HEADER, b"%d" % channel), (BARRIER_HEADER, b"%d" % checkpoint_id)]
+    if watermark is not None:
+        headers.append((WATERMARK_HEADER, watermark))
+    return headers
+
+
+def read_header(headers: Sequence[tuple[str, bytes]], name: str) -> bytes | None:
+    """The value of header ``name`` (the last one, if several), else None."""
+    found = None
+    for n, value in headers:
+        if n == name:
+            found = value
+    return found

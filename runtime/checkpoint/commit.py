@@ -213,6 +213,7 @@ class Committer:
             pending.skip,
             {op: off for op, off in io.changelog_last.items() if off is not None},
             pending.seen,
+            watermark=pending.watermark,
         ).encode()
         if len(document) <= METADATA_LIMIT or io.cuts_topic is None:
             return document
@@ -244,4 +245,4 @@ class Committer:
             changed_keys=changed,
         )
         key, value = ack.encode()
-        return (self.job.checkpoint_topic, 0, key, value, [])
+        return (self.job.checkpoint_topic, 0, key, value, [], None)

@@ -10,6 +10,8 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
   :mod:`headrace.runtime.checkpoint.alignment`);
 * ``seen``: at-least-once only, per (channel, input topic) slot the highest repartition
   sequence number processed (see :mod:`headrace.runtime.checkpoint.barrier`);
+* ``wm``: event-time jobs only, the task's watermark at the cut (a restored task goes on from
+  it; see :mod:`headrace.runtime.task.timers`);
 * ``cl``: per stateful operator, the changelog offset after this checkpoint's writes. Under
   at-least-once the changelog may hold writes of a checkpoint that never committed its offsets;
   restore treats records past ``cl`` as stale (ARCHITECTURE.md section 5.5).
@@ -59,6 +61,8 @@ class CheckpointMetadata:
     #: the offset, in the stage's cuts topic, of the record holding this checkpoint's whole
     #: document (None: the metadata holds it); see the module docstring
     spilled_at: int | None = None
+    #: the task's watermark at the cut (event-time jobs)
+    watermark: int | None = None
 
     @staticmethod
     def reference(checkpoint_id: int, offset: int) -> str:
@@ -73,6 +77,8 @@ class CheckpointMetadata:
             doc["cl"] = self.changelog_offsets
         if self.seen:
             doc["seen"] = {str(c): x for c, x in self.seen.items()}
+        if self.watermark is not None:
+            doc["wm"] = self.watermark
         return orjson.dumps(doc).decode()
 
     @classmethod
@@ -101,6 +107,7 @@ class CheckpointMetadata:
                 {int(c): int(x) for c, x in doc.get("skip", {}).items()},
                 {str(k): int(v) for k, v in doc.get("cl", {}).items()},
                 {int(c): int(x) for c, x in doc.get("seen", {}).items()},
+                watermark=None if doc.get("wm") is None else int(doc["wm"]),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointMetadataError(

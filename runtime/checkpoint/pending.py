@@ -37,6 +37,8 @@ class PendingCheckpoint:
     #: barrier records for every partition of the repartition output, if any
     barriers: list[OutRecord] = field(default_factory=list)
     alignment_seconds: float = 0.0
+    #: the task's watermark at the cut (event-time jobs; None otherwise)
+    watermark: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

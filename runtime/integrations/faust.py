@@ -86,6 +86,7 @@ from aiokafka.structs import TopicPartition
 from headrace.operators.operator import SAME_KEY, Operator
 from headrace.operators.record import Record
 from headrace.operators.serde import BYTES, Serde
+from headrace.operators.time import MIN_WATERMARK
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.kafka.topics import topic_config, topic_partitions
 from headrace.runtime.state.backend import BACKEND_KINDS, open_backend
@@ -126,16 +127,32 @@ class BridgeStats:
 class _BridgeContext:
     """The :class:`headrace.operators.operator.Context` of one partition's operator."""
 
-    __slots__ = ("key", "operator_id", "out", "partition")
+    __slots__ = ("key", "operator_id", "out", "partition", "timestamp")
 
     def __init__(self, operator_id: str, partition: int) -> None:
         self.operator_id = operator_id
         self.partition = partition
         self.key: Any = None
+        self.timestamp: int = -1
         self.out: list[tuple[Any, Any]] = []
 
-    def emit(self, value: Any, key: Any = SAME_KEY) -> None:
+    def emit(self, value: Any, key: Any = SAME_KEY, timestamp: int | None = None) -> None:
         self.out.append((self.key if key is SAME_KEY else key, value))
+
+    # Event time (watermarks, timers, side outputs) runs on headrace's own workers only.
+    @property
+    def watermark(self) -> int:
+        return MIN_WATERMARK
+
+    @property
+    def timers(self) -> Any:
+        raise NotImplementedError("timers are not available in the faust bridge")
+
+    def processing_time(self) -> int:
+        return int(time.time() * 1000)
+
+    def side_output(self, topic: str, headers: list[tuple[str, bytes]]) -> None:
+        raise NotImplementedError("side outputs are not available in the faust bridge")
 
 
 @dataclass(slots=True)

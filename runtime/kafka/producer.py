@@ -21,7 +21,10 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 Headers = list[tuple[str, bytes]]
 #: A record to write: (topic, partition or None for the sink's partitioner, key bytes, value
 #: bytes, headers). Tasks produce them; the sender writes them.
-OutRecord = tuple[str, int | None, bytes | None, bytes | None, Headers]
+#: (topic, partition or None, key, value, headers, timestamp in ms or None). The timestamp is
+#: the record's event time (None: the broker's "now" through the producer); see
+#: runtime/task/timers.py
+OutRecord = tuple[str, int | None, bytes | None, bytes | None, Headers, int | None]
 
 
 _M = 0x5BD1E995
@@ -194,11 +197,11 @@ class BatchSender:
         n = 0
         if not pairs:
             for rec in records:
-                if append(n, None, rec[2], rec[3], rec[4]) is None:
+                if append(n, rec[5], rec[2], rec[3], rec[4]) is None:
                     await self._submit_raw(futures, batch, topic, partition, n, full=True)
                     batch = create()
                     append = _raw_append(batch)
-                    if append is None or append(0, None, rec[2], rec[3], rec[4]) is None:
+                    if append is None or append(0, rec[5], rec[2], rec[3], rec[4]) is None:
                         raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
                     n = 0
                 n += 1
@@ -249,12 +252,12 @@ class BatchSender:
         count = 0
         shared = headers
         for rec in records:
-            key, value, headers = (rec[0], rec[1], shared) if pairs else rec[2:5]
-            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            key, value, headers, ts = (rec[0], rec[1], shared, None) if pairs else rec[2:6]
+            if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
                 futures.append(await self._submit(batch, topic, partition, count))
                 batch = producer.create_batch()
                 count = 0
-                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
                     raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
             count += 1
         if count:

@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
+from headrace.operators.job import Job, RepartitionSpec, Stage
 from headrace.operators.state import declared_state
 from headrace.runtime.kafka.clients import MAX_REQUEST_SIZE
 
@@ -155,13 +155,14 @@ async def ensure_topics(
     """Check sources and sinks, create missing internal topics, verify existing ones."""
     job.validate()
     sources = list(job.stages[0].source.topics)
-    sink_topics = [s.output.topic for s in job.stages if isinstance(s.output, SinkSpec)]
+    sink_topics = job.output_topics()  # sinks and late-data topics
     found = await topic_partitions(admin, sources + sink_topics)
     missing = [t for t in sources + sink_topics if t not in found]
     if missing:
         raise TopicConfigError(
             f"job {job.name!r}: topic(s) {', '.join(missing)} do not exist; create the source "
-            "and sink topics before starting the job (headrace only creates its own topics)"
+            "and sink topics (and late topics) before starting the job (headrace only creates "
+            "its own topics)"
         )
     counts = {t: found[t] for t in sources}
     if len(set(counts.values())) > 1:

@@ -32,7 +32,12 @@ from headrace.operators.job import (
 )
 from headrace.operators.operator import Operator
 from headrace.operators.record import Record, describe_key
-from headrace.runtime.checkpoint.barrier import SEQUENCE_HEADER, channel_headers, sequence
+from headrace.runtime.checkpoint.barrier import (
+    SEQUENCE_HEADER,
+    TIME_HEADER,
+    channel_headers,
+    sequence,
+)
 from headrace.runtime.state.handles import ABSENT, MISS
 from headrace.runtime.task.fusion import (
     builtin_handle,
@@ -51,12 +56,14 @@ from headrace.runtime.task.records import (
     Step,
     TaskContext,
 )
+from headrace.runtime.task.timers import compile_timed_feed
 
 if TYPE_CHECKING:
     from headrace.operators.job import Job, Stage
     from headrace.runtime.kafka.producer import OutRecord
     from headrace.runtime.state.store import OperatorStateStore
     from headrace.runtime.task.errors import RecordErrors
+    from headrace.runtime.task.timers import TaskTime
 
 #: the compiled loop over ``records[start:end]``
 Feed = Callable[[Sequence[RawRecord], int, int], None]
@@ -82,8 +89,14 @@ class ChainOwner(Protocol):
     #: index of the next output of the record being processed (at-least-once sequences)
     out_index: int
     compiled: list[tuple[Operator, TaskContext]]
+    #: event time: watermark and timers (None: the job does not use event time)
+    time: TaskTime | None
 
     def record_limit(self, topic: str) -> int: ...
+
+    def side_output(
+        self, topic: str | None, headers: list[tuple[str, bytes]], raw: Any, late: bool
+    ) -> None: ...
 
 
 def compile_chain(task: ChainOwner) -> tuple[Step, list[tuple[Operator, TaskContext]]]:
@@ -131,6 +144,11 @@ def compile_step(
         if store is not None:
             store.bind_operator(op)
         ctx = TaskContext(step.operator_id, task.partition, nxt)
+        ctx._side = task.side_output
+        if task.time is not None:
+            ctx.time = task.time
+            if store is not None and type(op).on_timer is not Operator.on_timer:
+                task.time.add_operator(op, ctx, store)
         compiled.append((op, ctx))
         if store is not None:
             builtin = builtin_step(op, store, nxt)
@@ -196,7 +214,8 @@ def compile_output(task: ChainOwner) -> Step:
             # send, where it used to stop the worker with a bare MessageSizeTooLargeError).
             if len(vb) > room or (kb is not None and len(vb) + len(kb) > room):
                 raise RecordTooLargeError(topic, len(vb) + len(kb or b""), limit)
-            out_append((topic, None, kb, vb, NO_HEADERS))
+            # the output's Kafka timestamp is its event time: the input's, or what emit() set
+            out_append((topic, None, kb, vb, NO_HEADERS, r.timestamp))
 
         return sink
     if isinstance(output, RepartitionSpec):
@@ -216,22 +235,34 @@ def compile_output(task: ChainOwner) -> Step:
             vb = rvser(v)
             if len(vb) > rroom - len(kb):
                 raise RecordTooLargeError(rtopic, len(vb) + len(kb), rlimit)
-            out_append((rtopic, crc32(kb) % n, kb, vb, headers))
+            out_append((rtopic, crc32(kb) % n, kb, vb, headers, None))
 
-        if not task.sequence_outputs:
-            return repartition
         channel = headers[0]
+        timed = task.time is not None
+        if not task.sequence_outputs and not timed:
+            return repartition
         topic_index = task.topic_index
+        sequenced = task.sequence_outputs
 
+        # Event time crosses the hop in a header (hr.ts), not as the Kafka timestamp: a
+        # repartition topic deletes by retention, and old event times (a backfill) would make
+        # the broker delete records nobody has read yet.
         def repartition_sequenced(r: Any, kb: Any, k: Any, v: Any) -> None:
-            seq = sequence(r.offset, task.out_index, topic_index[r.topic])
-            task.out_index += 1
             kb = rkser(key_fn(v))
             vb = rvser(v)
             if len(vb) > rroom - len(kb):
                 raise RecordTooLargeError(rtopic, len(vb) + len(kb), rlimit)
-            seq_header = (SEQUENCE_HEADER, b"%d" % seq)
-            out_append((rtopic, crc32(kb) % n, kb, vb, [channel, seq_header]))
+            h = [channel]
+            # a timer fired between batches (offset -1) has no input position to derive a
+            # sequence from: its outputs are not deduplicated (they may repeat under
+            # at-least-once, like sink outputs)
+            if sequenced and r.offset >= 0:
+                seq = sequence(r.offset, task.out_index, topic_index[r.topic])
+                task.out_index += 1
+                h.append((SEQUENCE_HEADER, b"%d" % seq))
+            if timed:
+                h.append((TIME_HEADER, b"%d" % r.timestamp))
+            out_append((rtopic, crc32(kb) % n, kb, vb, h, None))
 
         return repartition_sequenced
 
@@ -249,6 +280,8 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
     serde calls, one store attribute write per stateful operator and the chain's calls.
     ``try`` is free on Python 3.11+ until something raises.
     """
+    if task.time is not None:
+        return compile_timed_feed(task, head, _state_guard(task, head))
     fused = compile_count_to_sink(task, [op for op, _ in task.compiled])
     if fused is not None:
         return fused
@@ -400,7 +433,7 @@ def compile_count_to_sink(task: ChainOwner, operators: list[Operator]) -> Feed |
             except Exception as exc:
                 on_error(r, "processing", exc)
                 continue
-            out_append((topic, None, kb, vb, NO_HEADERS))
+            out_append((topic, None, kb, vb, NO_HEADERS, r.timestamp))
         if end > start:
             store.current_key = sk
 

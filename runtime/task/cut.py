@@ -27,8 +27,11 @@ from headrace.runtime.checkpoint.barrier import (
     BARRIER_HEADER,
     CHANNEL_HEADER,
     SEQUENCE_HEADER,
+    TIME_HEADER,
+    WATERMARK_HEADER,
     barrier_id,
     dedupe_slot,
+    read_header,
     read_internal,
 )
 from headrace.runtime.task.records import RawRecord
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
     from headrace.runtime.checkpoint.pending import PendingCheckpoint
     from headrace.runtime.task.chain import Feed
     from headrace.runtime.task.records import TaskCounters
+    from headrace.runtime.task.timers import TaskTime
 
 log = logging.getLogger("headrace.runtime.task")
 
@@ -54,6 +58,7 @@ class CutOwner(Protocol):
     counters: TaskCounters
     seen: dict[int, int]
     run: Feed
+    time: TaskTime | None
 
     def prepare(self, *, force: bool, final: bool, checkpoint_id: int | None = None) -> None: ...
 
@@ -96,10 +101,15 @@ class ClockCut:
             last = records[-1]
             self.positions[(last.topic, last.partition)] = last.offset + 1
             task.counters.records_in += n - start
+            if task.time is not None:
+                task.time.batch_seen(last.topic)
         return n
 
     def tick(self, now: float) -> None:
         task = self.task
+        if task.time is not None:
+            task.time.tick_source(now)
+            task.time.fire_processing(now)
         n = barrier_id(now, task.checkpoint_interval_ms)
         if n > task.last_checkpoint:
             task.prepare(force=False, final=False, checkpoint_id=n)
@@ -127,6 +137,7 @@ class AlignedCut:
         self.aligner = self._aligner(0, None)
 
     def _aligner(self, position: int, skip: dict[int, int] | None) -> BarrierAligner:
+        time = self.task.time
         return BarrierAligner(
             self.upstream_partitions,
             last_checkpoint=self.task.last_checkpoint,
@@ -134,6 +145,7 @@ class AlignedCut:
             skip=skip,
             timeout=self.timeout,
             clock=self.task.clock,
+            **({"watermark": time.watermark} if time is not None else {}),
         )
 
     def open(
@@ -160,6 +172,7 @@ class AlignedCut:
         """
         aligner = self.aligner
         fresh = self._fresh
+        time = self.task.time
         n = len(records)
         i = start
         batch: list[RawRecord] = []
@@ -187,11 +200,21 @@ class AlignedCut:
                 continue
             if channel >= aligner.channels:  # the upstream stage gained partitions
                 aligner.add_channels(channel + 1)
+            if time is not None and barrier is None:
+                # event time: a data record's comes in hr.ts, a barrier's watermark in hr.wm
+                ts = read_header(headers, TIME_HEADER)
+                if ts is not None:
+                    r.timestamp = int(ts)  # type: ignore[misc]
             if barrier is not None:
                 if batch:
                     self.task.run(batch, 0, len(batch))
                     batch = []
-                aligner.on_barrier(channel, r.offset, int(barrier))
+                if time is None:
+                    aligner.on_barrier(channel, r.offset, int(barrier))
+                else:
+                    wm = read_header(headers, WATERMARK_HEADER)
+                    aligner.on_barrier(channel, r.offset, int(barrier), wm)
+                    self._follow_watermark()
                 if aligner.ready:
                     self.task.prepare(force=False, final=False)
                     break
@@ -214,7 +237,18 @@ class AlignedCut:
             task.seen[slot] = seq
         return True
 
+    def _follow_watermark(self) -> None:
+        """The task's watermark is the minimum over its channels (event-time jobs)."""
+        time = self.task.time
+        assert time is not None
+        low = self.aligner.watermark()
+        time.idle = low is None
+        if low is not None:
+            time.advance(low, -1)
+
     def tick(self, now: float) -> None:
+        if self.task.time is not None:
+            self.task.time.fire_processing(now)
         if self.aligner.timed_out():
             task = self.task
             log.warning(
@@ -249,5 +283,7 @@ class AlignedCut:
                 batch.append(r)
         if batch:
             self.task.run(batch, 0, len(batch))
+        if self.task.time is not None:
+            self._follow_watermark()  # held barriers passed
         if self.aligner.ready:
             self.task.prepare(force=False, final=False)

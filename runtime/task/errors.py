@@ -76,5 +76,5 @@ class RecordErrors:
             # masked: an error message can quote a secret, and this header leaves the process
             ("hr.error.message", mask(f"{type(exc).__name__}: {exc}")[:1000].encode()),
         ]
-        self.out.append((self.dead_letter_topic, None, r.key, r.value, headers))
+        self.out.append((self.dead_letter_topic, None, r.key, r.value, headers, None))
         log.warning("dead-lettered record at %s after %s error: %r", where, kind, exc)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from time import time as _wall
 from typing import Any, Protocol
 
 from headrace.operators.operator import SAME_KEY
 from headrace.operators.record import describe_key
+from headrace.operators.time import MIN_WATERMARK
 from headrace.runtime.kafka.producer import Headers
 
 #: A compiled step of a stage's chain: ``step(raw, key_bytes, key, value)``. ``raw`` is the
@@ -131,6 +133,11 @@ class TaskCounters:
     unaligned_checkpoints: int = 0
     #: at-least-once: repartition records dropped as replays of records seen before
     deduplicated: int = 0
+    #: event time: records that fell only into closed windows (kept in a late topic, or
+    #: counted as skipped too)
+    late: int = 0
+    #: event time: the task's watermark (ms; None: the job has no event time, or none yet)
+    watermark: int | None = None
 
 
 class TaskContext:
@@ -140,7 +147,17 @@ class TaskContext:
     :data:`Step`), so that ``emit`` passes them on without the task keeping per-record state.
     """
 
-    __slots__ = ("_kb", "_next", "_raw", "key", "operator_id", "partition")
+    __slots__ = (
+        "_kb",
+        "_next",
+        "_raw",
+        "_side",
+        "key",
+        "operator_id",
+        "partition",
+        "time",
+        "timers",
+    )
 
     def __init__(self, operator_id: str, partition: int, nxt: Step):
         self.operator_id = operator_id
@@ -149,9 +166,54 @@ class TaskContext:
         self._kb: Any = None
         self._raw: Any = None
         self._next = nxt
+        #: the task's TaskTime (event-time jobs) and this operator's timers (if it has on_timer)
+        self.time: Any = None
+        self.timers: Any = None
+        #: ``side(topic, headers, raw, late)``: the task's side output (set by the task)
+        self._side: Callable[..., None] | None = None
 
-    def emit(self, value: Any, key: Any = SAME_KEY) -> None:
+    def emit(self, value: Any, key: Any = SAME_KEY, timestamp: int | None = None) -> None:
+        raw = self._raw
+        if timestamp is not None and timestamp != raw.timestamp:
+            raw = restamped(raw, timestamp)
         if key is SAME_KEY or key is self.key:
-            self._next(self._raw, self._kb, self.key, value)
+            self._next(raw, self._kb, self.key, value)
         else:
-            self._next(self._raw, KEY_CHANGED, key, value)
+            self._next(raw, KEY_CHANGED, key, value)
+
+    @property
+    def timestamp(self) -> int:
+        return int(self._raw.timestamp)
+
+    @property
+    def watermark(self) -> int:
+        time = self.time
+        return MIN_WATERMARK if time is None else int(time.watermark)
+
+    def processing_time(self) -> int:
+        time = self.time
+        return int((time.clock() if time is not None else _wall()) * 1000)
+
+    def side_output(self, topic: str, headers: list[tuple[str, bytes]]) -> None:
+        assert self._side is not None
+        self._side(topic, headers, self._raw, False)
+
+    def late(self, topic: str | None, headers: list[tuple[str, bytes]]) -> None:
+        """A late record: counted, and written to ``topic`` (or skipped and logged)."""
+        assert self._side is not None
+        self._side(topic, headers, self._raw, True)
+
+
+class _Restamped:
+    """A raw record with another event time (``ctx.emit(..., timestamp=...)``)."""
+
+    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, raw: Any, timestamp: int) -> None:
+        self.topic, self.partition, self.offset = raw.topic, raw.partition, raw.offset
+        self.key, self.value, self.headers = raw.key, raw.value, raw.headers
+        self.timestamp = timestamp
+
+
+def restamped(raw: Any, timestamp: int) -> Any:
+    return _Restamped(raw, timestamp)

@@ -10,6 +10,7 @@ prepares, so both run exactly this code. The parts live next to it: the compiled
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +33,9 @@ from headrace.runtime.task.records import (
     TaskContext,
     TaskCounters,
 )
+from headrace.runtime.task.timers import TaskTime
+
+log = logging.getLogger("headrace.runtime.task")
 
 
 class StageTask:
@@ -82,6 +86,19 @@ class StageTask:
         self.topic_index = {t: i for i, t in enumerate(stage.source.topics)}
         #: at-least-once: highest sequence processed per upstream slot (part of the cut)
         self.seen: dict[int, int] = {}
+        #: event time: the watermark and the operators' timers (None: the job has none)
+        self.time: TaskTime | None = None
+        if job.event_time:
+            self.time = TaskTime(
+                watermarks=job.watermarks,
+                topic=stage.source.topics[0],
+                partition=partition,
+                clock=clock,
+                key_deserialize=self.key_deserialize,
+                stores=stores,
+                errors=self.errors,
+                out=self.out,
+            )
         self.cut: ClockCut | AlignedCut
         if stage.source.internal:
             if not upstream_partitions:
@@ -97,6 +114,27 @@ class StageTask:
         #: the compiled per-record loop over ``records[start:end]``
         self.run = compile_feed(self, head)
 
+    def side_output(
+        self, topic: str | None, headers: list[tuple[str, bytes]], raw: Any, late: bool
+    ) -> None:
+        """Write the input record as it arrived to ``topic`` (late data, an operator's rejects),
+        in this checkpoint like every output. A late record without a topic is counted as
+        skipped and logged: never dropped without a trace."""
+        if late:
+            self.counters.late += 1
+        if topic is None:
+            self.counters.skipped += 1
+            log.warning(
+                "late record at topic %r partition %d offset %d skipped (%s); name a late_topic "
+                "in window() to keep late records",
+                raw.topic,
+                raw.partition,
+                raw.offset,
+                ", ".join(f"{n}={v.decode(errors='replace')}" for n, v in headers),
+            )
+            return
+        self.out.append((topic, None, raw.key, raw.value, headers, raw.timestamp))
+
     def record_limit(self, topic: str) -> int:
         """The largest record (bytes) ``topic`` takes from this task's producer."""
         return self.record_limits.get(topic, DEFAULT_RECORD_LIMIT)
@@ -109,10 +147,15 @@ class StageTask:
         positions: dict[tuple[str, int], int] | None = None,
         skip: dict[int, int] | None = None,
         seen: dict[int, int] | None = None,
+        watermark: int | None = None,
     ) -> None:
-        """Start after restore: ``positions`` are the committed offsets per input partition."""
+        """Start after restore: ``positions`` are the committed offsets per input partition,
+        ``watermark`` the committed cut's (event-time jobs)."""
         self.last_checkpoint = last_checkpoint
         self.seen = dict(seen or {})
+        if self.time is not None:
+            inputs = [] if self.stage.source.internal else list(self.stage.source.topics)
+            self.time.open(inputs, watermark)
         self.cut.open(dict(positions or {}), skip)
         for op, ctx in zip(self.operators, self._contexts, strict=True):
             op.open(ctx)
@@ -183,10 +226,15 @@ class StageTask:
         self.out.clear()
         barriers: list[OutRecord] = []
         output = self.stage.output
+        watermark = None if self.time is None else self.time.watermark
         if isinstance(output, RepartitionSpec) and self.downstream_partitions:
-            headers = barrier_headers(self.partition, cut.checkpoint_id)
+            wm = None
+            if self.time is not None:
+                wm = b"idle" if self.time.idle else b"%d" % self.time.watermark
+            headers = barrier_headers(self.partition, cut.checkpoint_id, wm)
             barriers = [
-                (output.topic, p, None, b"", headers) for p in range(self.downstream_partitions)
+                (output.topic, p, None, b"", headers, None)
+                for p in range(self.downstream_partitions)
             ]
         self.pending = PendingCheckpoint(
             cut.checkpoint_id,
@@ -199,6 +247,7 @@ class StageTask:
             outputs,
             barriers,
             cut.alignment_seconds,
+            watermark,
         )
 
     def _check_fits(self, op_id: str, changes: list[tuple[bytes, bytes | None]]) -> None:

@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "headrace.runtime.stage_runner",
             "headrace.runtime.worker",
             "headrace.runtime.testing",
+            "headrace.runtime.memory_kafka",
             "headrace.runtime.integrations",
         ),
     ),

@@ -57,9 +57,9 @@ def outputs(n: int) -> list[Any]:
     for i in range(n):
         key = None if i % 7 == 0 else b"key-%d" % (i % 13)
         if i % 5 == 0:
-            recs.append(("rep", i % 3, key, b"v" * (i % 50), [("hr.c", b"%d" % i)]))
+            recs.append(("rep", i % 3, key, b"v" * (i % 50), [("hr.c", b"%d" % i)], None))
         else:
-            recs.append(("out", None, key, b"%d" % i, []))
+            recs.append(("out", None, key, b"%d" % i, [], None))
     return recs
 
 
@@ -98,6 +98,6 @@ def test_batches_are_those_the_public_append_builds(max_batch_size: int) -> None
 
 def test_a_full_batch_is_closed_before_it_is_submitted() -> None:
     producer = StubProducer(256)
-    send(producer, [("out", 0, b"k", b"x" * 100, [])] * 5, [])
+    send(producer, [("out", 0, b"k", b"x" * 100, [], None)] * 5, [])
     assert len(producer.sent) >= 2
     assert all(batch.closed() for _, _, batch in producer.sent[:-1])

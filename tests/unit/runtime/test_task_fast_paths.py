@@ -194,7 +194,7 @@ def make_task(job: Job) -> StageTask:
 
 
 def records(pairs: list[tuple[Any, Any]]) -> list[MemoryRecord]:
-    return [MemoryRecord("in", 0, i, k, v) for i, (k, v) in enumerate(pairs)]
+    return [MemoryRecord("in", 0, i, k, v, timestamp=1000 + i) for i, (k, v) in enumerate(pairs)]
 
 
 def encode(kserde: Serde[Any], vserde: Serde[Any], n: int) -> list[tuple[Any, Any]]:
@@ -262,9 +262,10 @@ def test_count_to_sink_is_one_inlined_loop_with_s1_results() -> None:
     assert make_task(build("count-other-key-serde", False)).run.__name__ == "run"
     result = run(build("count", False), records([(b"a", b"x"), (b"b", b""), (b"a", b"y")]))
     assert result["out"] == [
-        ("o", None, b"a", INT.serialize(1), []),
-        ("o", None, b"b", INT.serialize(1), []),
-        ("o", None, b"a", INT.serialize(2), []),
+        # each output carries its input's timestamp (its event time)
+        ("o", None, b"a", INT.serialize(1), [], 1000),
+        ("o", None, b"b", INT.serialize(1), [], 1001),
+        ("o", None, b"a", INT.serialize(2), [], 1002),
     ]
 
 
@@ -389,8 +390,8 @@ def test_a_bytearray_key_is_deserialized_and_written_by_the_serdes() -> None:
     task, task2 = make_task(job), make_task(job2)
     task.feed(records([(bytearray(b"k"), b"v")]))
     task2.feed(records([(b"k", b"v")]))
-    assert task.out == [("o", None, bytearray(b"k"), b"V", [])]  # the key bytes as they came
-    assert task2.out == [("o", None, b"kv", b"v", [])]  # a new key: serialized
+    assert task.out == [("o", None, bytearray(b"k"), b"V", [], 1000)]  # key bytes as they came
+    assert task2.out == [("o", None, b"kv", b"v", [], 1000)]  # a new key: serialized
 
 
 def test_errors_are_the_serdes_own() -> None:
