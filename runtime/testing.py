@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Stage
+from headrace.operators.operator import Operator
 from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.config import Guarantee
 from headrace.runtime.host import StageHost, TaskIO
@@ -43,6 +44,7 @@ from headrace.runtime.memory_kafka import (
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task.timers import EVENT, parse_timer_key
 
 __all__ = ["JobTester", "MemoryRecord"]
 
@@ -145,14 +147,21 @@ class JobTester:
         return dict(self.output(topic))
 
     def state(self, operator_id: str) -> dict[tuple[str, Any], Any]:
-        """Current state of an operator across tasks: (state name, key) -> value."""
+        """Current state of an operator across tasks: (state name, key) -> value. Timers are
+        listed as ``("hr.timers", ("event" | "processing", time, key))``."""
         out: dict[tuple[str, Any], Any] = {}
         stage, _ = self.job.find_operator(operator_id)
+        des = stage.source.key_serde.deserialize
         for (stage_name, _), io in self.tasks.items():
             if stage_name != stage.name or operator_id not in io.task.stores:
                 continue
             for name, user_key, map_key, value in io.task.stores[operator_id].dump():
-                key = stage.source.key_serde.deserialize(user_key) if user_key else None
+                if name == Operator.TIMER_STATE:
+                    domain, ts, sk = parse_timer_key(user_key)
+                    kind = "event" if domain == EVENT else "processing"
+                    out[(name, (kind, ts, des(sk) if sk else None))] = value
+                    continue
+                key = des(user_key) if user_key else None
                 out[(name, key if map_key is None else (key, map_key))] = value
         return out
 
@@ -176,14 +185,13 @@ class JobTester:
         self.run()
 
     def advance_watermark(self, watermark: int) -> None:
-        """Move every task's watermark to ``watermark`` (ms; never back) and run: the
-        event-time timers it passes fire, in the order of the stages."""
-        if self._dead:
-            self._loop.run_until_complete(self._start())
+        """Process the input sent so far, then move every task's watermark to ``watermark``
+        (ms; never back) and run: the event-time timers it passes fire, stage by stage."""
+        self.run()
         for stage in self.job.stages:
             for (name, _), io in self.tasks.items():
                 if name == stage.name and io.task.time is not None:
-                    io.task.time.advance(watermark, -1)
+                    io.task.time.advance(watermark)
         self.run()
 
     def watermark(self, stage: str = "stage0", partition: int = 0) -> int:

@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from headrace.operators.job import Job
+from headrace.operators.operator import Operator
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.config import Settings
 from headrace.runtime.faults import maybe_crash
@@ -171,15 +172,18 @@ async def _write_state(
         for suffix, raw in entries:
             if routed or plans:
                 state, user_key, _ = split_state_suffix(suffix)
+                # a timer's key ends with the record key it belongs to (task/timers.py): it
+                # moves with that key's state
+                route = user_key[9:] if state == Operator.TIMER_STATE else user_key
             if stage.source.internal:
-                p = zlib.crc32(user_key) % n  # the repartitioner's rule (task/chain.py)
+                p = zlib.crc32(route) % n  # the repartitioner's rule (task/chain.py)
             elif n == saved[old_op]:
                 p = old_partition
             else:
                 # The source gained partitions: producers now send a key where Kafka's
                 # default partitioner (murmur2 of the key bytes, as in the Java client and
                 # aiokafka) puts it; its state goes there too (topics.SOURCE_GREW).
-                p = default_partition(user_key, n)
+                p = default_partition(route, n)
             group = groups.get(p)
             if group is None:
                 group = groups[p] = []

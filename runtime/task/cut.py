@@ -110,6 +110,8 @@ class ClockCut:
         if task.time is not None:
             task.time.tick_source(now)
             task.time.fire_processing(now)
+            if task.time.overdue:
+                task.time.fire_overdue()
         n = barrier_id(now, task.checkpoint_interval_ms)
         if n > task.last_checkpoint:
             task.prepare(force=False, final=False, checkpoint_id=n)
@@ -222,6 +224,8 @@ class AlignedCut:
                 batch.append(r)
         if batch:
             self.task.run(batch, 0, len(batch))
+        if time is not None and time.overdue:
+            time.fire_overdue()
         return i
 
     def _fresh(self, r: RawRecord, channel: int, seq_header: bytes | None) -> bool:
@@ -244,11 +248,13 @@ class AlignedCut:
         low = self.aligner.watermark()
         time.idle = low is None
         if low is not None:
-            time.advance(low, -1)
+            time.advance(low)
 
     def tick(self, now: float) -> None:
         if self.task.time is not None:
             self.task.time.fire_processing(now)
+            if self.task.time.overdue:
+                self.task.time.fire_overdue()
         if self.aligner.timed_out():
             task = self.task
             log.warning(

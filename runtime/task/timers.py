@@ -77,11 +77,12 @@ class TimerRecord:
 class OperatorTimers:
     """The timers of one operator of one task (``ctx.timers``): scoped to the store's key."""
 
-    __slots__ = ("_heaps", "_registered", "handle", "store")
+    __slots__ = ("_heaps", "_registered", "handle", "store", "time")
 
-    def __init__(self, handle: Any, store: OperatorStateStore) -> None:
+    def __init__(self, handle: Any, store: OperatorStateStore, time: TaskTime) -> None:
         self.handle = handle
         self.store = store
+        self.time = time
         self._heaps: tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]] = ([], [])
         self._registered: set[bytes] = set()
 
@@ -104,6 +105,10 @@ class OperatorTimers:
         self._registered.add(key)
         self.handle.put(key, 1)
         heapq.heappush(self._heaps[domain], (int(timestamp), sk))
+        if domain == EVENT and timestamp <= self.time.watermark:
+            # already due: it fires right after the record (or batch) that set it, not at the
+            # next advance, which might never come (a watermark at the end of time)
+            self.time.overdue = True
 
     def _delete(self, domain: int, timestamp: int) -> None:
         key = timer_key(domain, int(timestamp), self.store.current_key)
@@ -172,12 +177,13 @@ class TaskTime:
         #: True when every input is idle (published on barriers as "idle")
         self.idle = False
         self.timers: list[tuple[OperatorTimers, Operator, TaskContext]] = []
-        self.late = 0
+        #: an event-time timer was set at or below the watermark: fire it after this record
+        self.overdue = False
 
     # -- opening -------------------------------------------------------------------------------
     def add_operator(self, op: Operator, ctx: TaskContext, store: OperatorStateStore) -> None:
         handle = store.handles()[Operator.TIMER_STATE]
-        timers = OperatorTimers(handle, store)
+        timers = OperatorTimers(handle, store, self)
         ctx.timers = timers
         ctx.time = self
         self.timers.append((timers, op, ctx))
@@ -199,6 +205,8 @@ class TaskTime:
         """After a record ran: its event time may move the watermark (and fire timers)."""
         topic = r.topic
         if ts <= self.max_ts.get(topic, MIN_WATERMARK):
+            if self.overdue:
+                self.fire_overdue(r)
             return
         self.max_ts[topic] = ts
         max_ts = self.max_ts
@@ -207,9 +215,16 @@ class TaskTime:
         else:
             active = [max_ts.get(t, MIN_WATERMARK) for t in self.inputs if not self._idle(t)]
             low = min(active) if active else ts
-        if low == MIN_WATERMARK:
-            return
-        self.advance(low - self.ooo, r.offset)
+        if low != MIN_WATERMARK:
+            self.advance(low - self.ooo, r)
+        if self.overdue:
+            self.fire_overdue(r)
+
+    def fire_overdue(self, after: Any = None) -> None:
+        """Fire event-time timers that were set at or below the current watermark."""
+        self.overdue = False
+        if self.timers:
+            self._fire(0, self.watermark, after)
 
     def batch_seen(self, topic: str) -> None:
         self.last_seen[topic] = self.clock()
@@ -226,29 +241,37 @@ class TaskTime:
         if all(self._idle(t) for t in self.inputs):
             self.idle = True
             if self.advance_when_idle:
-                self.advance(int(now * 1000) - self.idle_ms - self.ooo, -1)
+                self.advance(int(now * 1000) - self.idle_ms - self.ooo)
         elif len(self.inputs) > 1:
             # an idle input stops holding the others back
             active = [self.max_ts.get(t, MIN_WATERMARK) for t in self.inputs if not self._idle(t)]
             if active and min(active) > MIN_WATERMARK:
-                self.advance(min(active) - self.ooo, -1)
+                self.advance(min(active) - self.ooo)
 
     # -- any task --------------------------------------------------------------------------------
-    def advance(self, watermark: int, offset: int) -> None:
+    def advance(self, watermark: int, after: Any = None) -> None:
         """Move the watermark forward (never back) and fire the event-time timers it passes.
-        ``offset``: the input record after which this happens (-1: between batches)."""
+
+        ``after``: the input record after which this happens (None: between batches). Under
+        at-least-once the outputs of those timers are sequenced as further outputs of that
+        record (same topic, same offset), which is what makes them deduplicable after a hop:
+        a replay of one input partition from the committed cut (whose watermark it restores)
+        moves the watermark at the same records, or later where the original run had moved it
+        between batches (idle), so a replayed timer output never takes a sequence number below
+        one the downstream task has seen unless it is a replay itself.
+        """
         if watermark <= self.watermark:
             return
         self.watermark = watermark
         self.errors.counters.watermark = watermark
         if self.timers:
-            self._fire(0, watermark, offset)
+            self._fire(0, watermark, after)
 
     def fire_processing(self, now: float) -> None:
         if self.timers:
-            self._fire(1, int(now * 1000), -1)
+            self._fire(1, int(now * 1000), None)
 
-    def _fire(self, domain: int, until: int, offset: int) -> None:
+    def _fire(self, domain: int, until: int, after: Any) -> None:
         errors = self.errors
         out = self.out
         for timers, op, ctx in self.timers:
@@ -260,7 +283,16 @@ class TaskTime:
                 for store in self.stores:
                     store.current_key = sk
                 kb = None if sk == b"" else sk
-                raw = TimerRecord(self.topic, self.partition, offset, ts, kb)
+                if after is None or len(self.inputs) > 1:
+                    # Not sequenced (its replays are not recognised after a hop: they may
+                    # repeat under at-least-once, never go missing). Between batches there is
+                    # no input position; and with several co-partitioned inputs the watermark
+                    # depends on how their batches interleave, which a replay does not repeat,
+                    # so a timer could fire at another record and take a sequence number that
+                    # belongs to an output already seen: dropped, i.e. lost.
+                    raw = TimerRecord(self.topic, self.partition, -1, ts, kb)
+                else:
+                    raw = TimerRecord(after.topic, after.partition, after.offset, ts, kb)
                 mark = len(out)
                 try:
                     key = None if kb is None else self.key_deserialize(kb)
