@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import Job, JobDefinitionError
+from headrace.operators.operator import Operator
 from headrace.runtime.checkpoint.log import CheckpointAck, CheckpointSummary, summarize
 from headrace.runtime.checkpoint.restore import RestoreTarget, restore
 from headrace.runtime.config import Settings
@@ -26,6 +27,7 @@ from headrace.runtime.kafka.topics import plan_layout, topic_partitions
 from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
+from headrace.runtime.task.timers import EVENT, parse_timer_key
 
 
 async def _layout_tasks(job: Job, admin: AIOKafkaAdminClient) -> dict[str, int]:
@@ -177,7 +179,13 @@ async def read_state(
         committed=settings.exactly_once,
     ):
         for state_name, user_key, map_key, value in store.dump():
-            decoded = _decode_key(stage.source.key_serde, user_key)
+            if state_name == Operator.TIMER_STATE:
+                # a timer: shown under its record key, with its domain and time as the map key
+                domain, ts, sk = parse_timer_key(user_key)
+                decoded = _decode_key(stage.source.key_serde, sk)
+                map_key = f"{'event' if domain == EVENT else 'processing'} time {ts}"
+            else:
+                decoded = _decode_key(stage.source.key_serde, user_key)
             if key is not None and str(decoded) != key:
                 continue
             entries.append(StateEntry(p, state_name, decoded, map_key, value))

@@ -155,8 +155,12 @@ async def test_windows_are_exact_through_kill9_and_crashes_inside_checkpoints(
     async def complete() -> bool:
         return set(await results()) >= set(expected)
 
-    # the last windows close once the quiet input lets the watermark follow the wall clock
+    # the last windows close once the quiet input lets the watermark follow the wall clock:
+    # the last window ends at most 10 s after the last view, and closes 3 s (idle) + 2 s
+    # (out-of-orderness) + 2 s (lateness) after that in wall-clock time
+    quiet_since = time.monotonic()
     await wait_for(complete, 120, driver)
+    closed_after = time.monotonic() - quiet_since
     codes = await driver.stop_all()
     assert all(c == 0 for c in codes.values()), f"{codes}\n{driver.summary()}"
     got = await results()
@@ -165,6 +169,8 @@ async def test_windows_are_exact_through_kill9_and_crashes_inside_checkpoints(
     )
     got_late = Counter((k, v["ts"]) for _, _, k, v, _ in late_rows)
     assert driver.count("kill9") + driver.count("phase-crash") >= 3
+    assert late_rows, "no late record reached the late topic"
+    assert closed_after < 45, f"the last windows closed {closed_after:.0f} s after the input"
     if committed:
         assert got == expected, driver.summary()
         assert got_late == late
@@ -173,3 +179,70 @@ async def test_windows_are_exact_through_kill9_and_crashes_inside_checkpoints(
         assert set(got_late) == set(late)
     headers = dict(late_rows[0][4])
     assert {"hr.late.windows", "hr.late.watermark", "hr.late.operator"} <= set(headers)
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_processing_time_timers_fire_once_per_quiet_user_through_kill9(
+    topic_factory: TopicFactory,
+    fault_driver: Callable[..., FaultDriver],
+    kafka_bootstrap_servers: str,
+    guarantee: str,
+) -> None:
+    """``examples.windows`` with a processing-time timer per user (emit the user's views after
+    3 s of quiet): which views an emission holds depends on the wall clock, but every view is
+    in exactly one committed emission under exactly_once (a timer that fired twice would count
+    views twice, a lost one would lose them), and in at least one under at_least_once."""
+    source = await topic_factory("views", partitions=PARTITIONS)
+    sink = await topic_factory("quiet", partitions=PARTITIONS)
+    late_topic = await topic_factory("late", partitions=1)
+    env = {
+        "WINDOWS_JOB": f"quiet-{uuid.uuid4().hex[:8]}",
+        "WINDOWS_SOURCE": source,
+        "WINDOWS_SINK": sink,
+        "WINDOWS_LATE": late_topic,
+        "WINDOWS_KIND": "inactivity",
+        "HEADRACE_GUARANTEE": guarantee,
+        "HEADRACE_CHECKPOINT_INTERVAL_MS": "500",
+        **ZOMBIE_ENV,
+    }
+    driver = fault_driver("examples.windows:job()", env=env, seed=23, cwd=REPO)
+    values, keys = views(2_000, rate=250, seed=23)
+    # bursts: users go quiet in between, so timers fire while the workers are being killed
+    rng = random.Random(23)
+    for i in range(len(keys)):
+        keys[i] = b"user-%d" % ((i // 200) * 5 + rng.randint(0, 4))
+    producer = asyncio.create_task(
+        produce_paced(kafka_bootstrap_servers, source, values, rate=250, key_of=lambda i: keys[i])
+    )
+    driver.start_worker()
+    driver.start_worker()
+    await driver.random_kills(1, interval=(2.0, 3.0))
+    await driver.crash_at_phase("after-changelog", after=2)
+    await driver.random_kills(1, interval=(1.0, 2.0))
+    await producer
+    while len(driver.alive()) < 2:
+        driver.start_worker()
+    expected = Counter(k.decode() for k in keys)
+    committed = guarantee == "exactly_once"
+
+    async def emitted() -> Counter[str]:
+        out = await read_topic(
+            kafka_bootstrap_servers, sink, committed=committed, key_serde=STR, value_serde=JSON
+        )
+        total: Counter[str] = Counter()
+        for _, _, k, v, _ in out:
+            total[k] += v["value"]
+        return total
+
+    async def complete() -> bool:
+        got = await emitted()
+        return all(got[k] >= n for k, n in expected.items())
+
+    await wait_for(complete, 120, driver)
+    codes = await driver.stop_all()
+    assert all(c == 0 for c in codes.values()), f"{codes}\n{driver.summary()}"
+    got = await emitted()
+    if committed:
+        assert got == expected, driver.summary()
+    else:
+        assert all(got[k] >= n for k, n in expected.items()), driver.summary()
