@@ -194,25 +194,29 @@ async def produce(
     topic: str,
     records: list[tuple[bytes | None, bytes]],
     partitions: int = PARTITIONS,
+    timestamps: list[int] | None = None,
 ) -> None:
-    """Write records fast (BatchBuilder per partition), keyed ones with Kafka's partitioner."""
+    """Write records fast (BatchBuilder per partition), keyed ones with Kafka's partitioner;
+    ``timestamps``: each record's Kafka timestamp (ms; default: now)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=10, max_batch_size=1024 * 1024
     )
     await producer.start()
     try:
-        groups: dict[int, list[tuple[bytes | None, bytes]]] = {p: [] for p in range(partitions)}
+        groups: dict[int, list[tuple[bytes | None, bytes, int | None]]] = {
+            p: [] for p in range(partitions)
+        }
         for i, (k, v) in enumerate(records):
             p = i % partitions if k is None else partition_of(k, partitions)
-            groups[p].append((k, v))
+            groups[p].append((k, v, None if timestamps is None else timestamps[i]))
         futs = []
         for p, recs in groups.items():
             batch = producer.create_batch()
-            for k, v in recs:
-                if batch.append(key=k, value=v, timestamp=None) is None:
+            for k, v, ts in recs:
+                if batch.append(key=k, value=v, timestamp=ts) is None:
                     futs.append(await producer.send_batch(batch, topic, partition=p))
                     batch = producer.create_batch()
-                    batch.append(key=k, value=v, timestamp=None)
+                    batch.append(key=k, value=v, timestamp=ts)
             futs.append(await producer.send_batch(batch, topic, partition=p))
         for f in futs:
             await f
@@ -437,6 +441,47 @@ async def verify_counts(
     if len(records) != total:
         return False, f"{len(records)} output records for {total} inputs"
     return True, ""
+
+
+async def verify_windows(
+    bootstrap: str, output: str, expected: Counter[str], fmt: str, *, isolation: str
+) -> tuple[bool, str]:
+    """S7: exactly one final result per (key, window) with the right count. ``fmt``: ``int64``
+    (key ``<key>@<window start>``, int64 count) or ``json-window`` (key = the key, value =
+    ``{"start", "end", "value"}``, Quix's shape)."""
+    records = await read_topic(bootstrap, output, isolation=isolation)
+    got: Counter[str] = Counter()
+    counts: dict[str, int] = {}
+    for k, v in records:
+        if k is None or v is None:
+            return False, "output record without a key or value"
+        if fmt == "json-window":
+            doc = json.loads(v)
+            name, n = f"{k.decode()}@{doc['start']}", int(doc["value"])
+        else:
+            name, n = k.decode(), decode_count(v, fmt)
+        got[name] += 1
+        counts[name] = n
+    repeated = [w for w, c in got.items() if c > 1]
+    if repeated:
+        return False, f"{len(repeated)} windows emitted more than once (e.g. {repeated[0]})"
+    if counts != dict(expected):
+        wrong = [w for w in set(counts) | set(expected) if counts.get(w) != expected.get(w)]
+        sample = ", ".join(f"{w}: {counts.get(w)} != {expected.get(w)}" for w in wrong[:5])
+        return False, f"{len(wrong)} windows with wrong counts ({sample})"
+    return True, ""
+
+
+def ensure_kstreams() -> Path:
+    """The Kafka Streams peer's jar (bench/systems/kstreams), built with Maven when missing or
+    older than its sources; its dependencies land in target/lib."""
+    project = BENCH / "systems" / "kstreams"
+    jar = project / "target" / "kstreams-bench.jar"
+    sources = [project / "pom.xml", *project.rglob("*.java")]
+    if not jar.exists() or jar.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        print("[bench] building the Kafka Streams peer with Maven ...", flush=True)
+        subprocess.run(["mvn", "-q", "-B", "package", "-DskipTests"], cwd=project, check=True)
+    return jar
 
 
 async def verify_prefix(

@@ -36,14 +36,30 @@ SYSTEMS = [
     "headrace-eos-rocks",
     "faust",
     "quix",
+    "kstreams-alo-mem",
+    "kstreams-eos-mem",
+    "kstreams-alo-rocks",
+    "kstreams-eos-rocks",
 ]
-SCENARIOS = ["s1", "s2", "s3", "s4", "s5", "s6"]
+SCENARIOS = ["s1", "s2", "s3", "s4", "s5", "s6", "s7"]
 #: the script of the floor (system "plain") per throughput scenario
-FLOORS = {"s1": "plain.py", "s2": "plain.py", "s5": "plain_twohop.py", "s6": "plain_user.py"}
+FLOORS = {
+    "s1": "plain.py",
+    "s2": "plain.py",
+    "s5": "plain_twohop.py",
+    "s6": "plain_user.py",
+    "s7": "plain_window.py",
+}
 #: headrace_count.py --mode per throughput scenario
-HEADRACE_MODES = {"s1": "keyed", "s2": "keyed", "s5": "lines", "s6": "user"}
+HEADRACE_MODES = {"s1": "keyed", "s2": "keyed", "s5": "lines", "s6": "user", "s7": "window"}
 #: scenarios each peer has a program for (the others are skipped for it, and said so)
-PEER_SCENARIOS = {"faust": {"s1", "s2"}, "quix": {"s1", "s2"}}
+PEER_SCENARIOS = {
+    "faust": {"s1", "s2"},
+    "quix": {"s1", "s2", "s7"},
+    "kstreams": {"s1", "s2", "s7"},
+}
+#: Kafka Streams' topology per scenario (bench/systems/kstreams)
+KSTREAMS_TOPOLOGY = {"s1": "count", "s2": "count", "s7": "window"}
 LOGS = h.RUN_DIR / "logs"
 STATE = h.RUN_DIR / "state"
 
@@ -60,7 +76,7 @@ def system_cmd(
     if system == "plain":
         argv = h.system_argv(h.PROJECT_PY, FLOORS[scenario], **io, group=tag)
         return argv, "int64", "read_uncommitted"
-    if scenario not in PEER_SCENARIOS.get(system, set(HEADRACE_MODES)):
+    if scenario not in PEER_SCENARIOS.get(system.split("-")[0], set(HEADRACE_MODES)):
         raise Unsupported(f"{system} has no program for {scenario}")
     state_dir = STATE / tag
     if system.startswith("headrace-"):
@@ -84,8 +100,25 @@ def system_cmd(
         return argv, "json", "read_uncommitted"
     if system == "quix":
         py = h.ensure_venv("quix")
-        argv = h.system_argv(py, "quix_count.py", **io, group=tag, state_dir=state_dir)
-        return argv, "json", "read_uncommitted"
+        script = "quix_window.py" if scenario == "s7" else "quix_count.py"
+        argv = h.system_argv(py, script, **io, group=tag, state_dir=state_dir)
+        return argv, "json-window" if scenario == "s7" else "json", "read_uncommitted"
+    if system.startswith("kstreams-"):
+        _, g, b = system.split("-")
+        jar = h.ensure_kstreams()
+        classpath = f"{jar}:{jar.parent / 'lib'}/*"
+        argv = ["java", "-cp", classpath, "headrace.bench.KStreamsBench"]
+        flags = {
+            **io,
+            "app": tag,
+            "state-dir": state_dir,
+            "scenario": KSTREAMS_TOPOLOGY[scenario],
+            "guarantee": {"alo": "at_least_once", "eos": "exactly_once"}[g],
+            "backend": {"mem": "memory", "rocks": "rocksdb"}[b],
+        }
+        for name, value in flags.items():
+            argv += ["--" + name, str(value)]
+        return argv, "int64", ("read_committed" if g == "eos" else "read_uncommitted")
     raise ValueError(system)
 
 
@@ -114,6 +147,10 @@ class Workload:
 
     records: list[tuple[bytes | None, bytes]]
     expected: Counter[str]
+    #: Kafka timestamps of the records (None: now)
+    timestamps: list[int] | None = None
+    #: one output per (key, window) of ``expected`` (S7), not one per unit of work
+    windowed: bool = False
 
 
 def keyed_workload(keys: list[str]) -> Workload:
@@ -146,6 +183,36 @@ def user_workload(n: int, *, categories: int = 20, seed: int = 7) -> Workload:
     return Workload(records, expected)
 
 
+def window_workload(n: int, *, seed: int = 7, vocab: int = 1000) -> Workload:
+    """S7: ``n`` records of ``vocab`` keys whose Kafka timestamps advance 1 ms per record (1M
+    records: 1,000 s, 100 windows of 10 s), each up to 1.5 s early (out of order, within the
+    2 s every system allows); then one record per partition 60 s later, which closes every
+    window before it (its own never closes). Output: per (key, window) its count."""
+    rng = random.Random(seed)
+    keys = h.keys_low_cardinality(n, seed=seed, vocab=vocab)
+    base = int(time.time() * 1000) - n - 600_000
+    base -= base % 10_000
+    records: list[tuple[bytes | None, bytes]] = []
+    stamps: list[int] = []
+    expected: Counter[str] = Counter()
+    for i, k in enumerate(keys):
+        ts = base + i - rng.randint(0, 1_500)
+        records.append((k.encode(), h.pad_value(k, i)))
+        stamps.append(ts)
+        expected[f"{k}@{ts - ts % 10_000}"] += 1
+    flush_at = base + n + 60_000
+    flushed: set[int] = set()
+    j = 0
+    while len(flushed) < h.PARTITIONS:
+        key = b"~flush-%d" % j
+        j += 1
+        if h.partition_of(key) not in flushed:
+            flushed.add(h.partition_of(key))
+            records.append((key, b"flush"))
+            stamps.append(flush_at)
+    return Workload(records, expected, stamps, windowed=True)
+
+
 # -- S1 / S2 / S5 / S6 (and S3 after S2) -----------------------------------------------------------
 async def throughput_scenario(
     broker: h.Broker,
@@ -159,9 +226,10 @@ async def throughput_scenario(
     inp = f"bench.{scenario}.input.{nonce}"
     await h.create_topics(bootstrap, [inp])
     print(f"[{scenario}] producing {len(workload.records):,} records to {inp}", flush=True)
-    await h.produce(bootstrap, inp, workload.records)
+    await h.produce(bootstrap, inp, workload.records, timestamps=workload.timestamps)
     expected = workload.expected
-    outputs = sum(expected.values())
+    outputs = len(expected) if workload.windowed else sum(expected.values())
+    verify = h.verify_windows if workload.windowed else h.verify_counts
     systems = []
     for system in args.systems:
         try:
@@ -195,10 +263,10 @@ async def throughput_scenario(
                 r.records, r.seconds = m["records"], m["seconds"]
                 r.records_per_s, r.cpu_s_per_m = m["records_per_s"], m["cpu_s_per_m"]
                 r.extra["startup_s"] = m["startup_s"]
-                r.correct, r.error = await h.verify_counts(
+                r.correct, r.error = await verify(
                     bootstrap, out, expected, fmt, isolation=isolation
                 )
-            elif m.get("partial"):
+            elif m.get("partial") and not workload.windowed:
                 r.records, r.seconds = m["records"], m["seconds"]
                 r.records_per_s, r.cpu_s_per_m = m["records_per_s"], m["cpu_s_per_m"]
                 r.extra.update(startup_s=m["startup_s"], partial=True)
@@ -559,6 +627,15 @@ async def amain(args: argparse.Namespace) -> Path:
                     "s6",
                     lambda: throughput_scenario(
                         broker, args, "s6", user_workload(args.records), results
+                    ),
+                )
+            )
+        if "s7" in args.scenarios:
+            steps.append(
+                (
+                    "s7",
+                    lambda: throughput_scenario(
+                        broker, args, "s7", window_workload(args.records), results
                     ),
                 )
             )

@@ -4,6 +4,9 @@
 ``--mode lines`` (issue 4, S5): the examples.wordcount job shape (flat_map split, key_by, count).
 ``--mode user`` (S6): a user operator with a ValueState (the user's record count) and a MapState
 (category -> count), keyed by user; emits ``("<user>:<category>", count)`` per record.
+``--mode window`` (S7): count per key per 10 s tumbling window of the record timestamp (2 s
+out-of-orderness, no lateness), one final result per window, re-keyed to
+``"<key>@<window start>"`` with an int64 count like the other systems.
 ``--restore-only``: join the group, restore, print ``RESTORED <seconds>`` once ready, exit.
 """
 
@@ -25,6 +28,8 @@ from headrace.operators.operator import Context, Operator
 from headrace.operators.record import Record
 from headrace.operators.serde import BYTES, INT, STR
 from headrace.operators.state import MapStateDescriptor, ValueStateDescriptor
+from headrace.operators.time import Watermarks
+from headrace.operators.windows import Tumbling
 from headrace.runtime.config import Guarantee, Settings
 from headrace.runtime.worker import Worker
 
@@ -63,6 +68,26 @@ def user_job(name: str, source: str, sink: str) -> Job:
     return job
 
 
+class WindowKey(Operator):
+    """S7: a window result ``{"start", "end", "value"}`` as ``("<key>@<start>", count)``."""
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        result = record.value
+        ctx.emit(result["value"], key=f"{record.key}@{result['start']}")
+
+
+def window_job(name: str, source: str, sink: str) -> Job:
+    job = Job(name)
+    (
+        job.source(source, key_serde=STR, value_serde=BYTES, watermarks=Watermarks(2.0))
+        .window(Tumbling(10.0))
+        .count(name="per-window")
+        .process(WindowKey())
+        .sink(sink, key_serde=STR, value_serde=INT)
+    )
+    return job
+
+
 class _RestoreTimes(logging.Handler):
     pattern = re.compile(r"restored task\(s\) .* in ([0-9.]+)s")
 
@@ -82,7 +107,7 @@ async def main() -> None:
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--job", required=True)
-    ap.add_argument("--mode", choices=["keyed", "lines", "user"], default="keyed")
+    ap.add_argument("--mode", choices=["keyed", "lines", "user", "window"], default="keyed")
     ap.add_argument("--guarantee", default="at_least_once")
     ap.add_argument("--backend", default="memory")
     ap.add_argument("--state-dir", default=".headrace/bench-state")
@@ -97,6 +122,8 @@ async def main() -> None:
         job = keyed_job(a.job, a.input, a.output)
     elif a.mode == "user":
         job = user_job(a.job, a.input, a.output)
+    elif a.mode == "window":
+        job = window_job(a.job, a.input, a.output)
     else:
         job = build_wordcount(a.job, a.input, a.output)
     settings = Settings(
