@@ -50,7 +50,7 @@ from headrace.operators.state import (
     ValueStateDescriptor,
 )
 from headrace.operators.time import MIN_WATERMARK, TimerService, Watermarks
-from headrace.operators.windows import Hopping, Session, Tumbling
+from headrace.operators.windows import Hopping, Session, Sliding, Tumbling
 
 if TYPE_CHECKING:
     from headrace.runtime.testing import JobTester
@@ -99,6 +99,7 @@ __all__ = [
     "Serde",
     "SerdeError",
     "Session",
+    "Sliding",
     "StateDescriptor",
     "StateNotBoundError",
     "Stream",

@@ -39,7 +39,7 @@ from headrace.operators.state import (
     ValueStateDescriptor,
 )
 from headrace.operators.time import MIN_WATERMARK, TimerService, Watermarks
-from headrace.operators.windows import Hopping, Session, Tumbling
+from headrace.operators.windows import Hopping, Session, Sliding, Tumbling
 
 __all__ = [
     "BYTES",
@@ -71,6 +71,7 @@ __all__ = [
     "Serde",
     "SerdeError",
     "Session",
+    "Sliding",
     "StateDescriptor",
     "StateNotBoundError",
     "Stream",

@@ -16,6 +16,9 @@ record (so that the outcome depends only on the order of the input, not on batch
   contains ``t``. A window is *closed* once ``w >= end + L``: a timer at ``end + L`` emits its
   final result (``emit="final"``) and deletes its state (a tombstone in the changelog). A record
   is late for a window that is already closed; it still counts in its open windows.
+* **Sliding** (size ``s``): one window ``[t - s, t]`` per distinct record time ``t`` of a key; it
+  closes once ``w >= t + L``. A record is late when its own window is closed; it then counts in
+  no window (so results equal a batch computation over the records that were not late).
 * **Session** (gap ``g``): a record at ``t`` opens ``[t, t + g)`` and merges with every session it
   overlaps; a session closes once ``w >= end + L``. A record is late when ``t < w - L``: any
   session it could touch may have closed already, and merging into a result that was emitted
@@ -78,6 +81,19 @@ class Hopping:
 
 
 @dataclass(frozen=True, slots=True)
+class Sliding:
+    """One window per record, ending at it: ``[t - size, t]`` (both ends included), i.e. "the
+    last ``size`` seconds at every event" (a per-key rolling aggregate). Records with the same
+    time share their window. (Flink calls hopping windows "sliding": that is :class:`Hopping`.)
+    """
+
+    size: float
+
+    def __post_init__(self) -> None:
+        _ms(self.size, "window size")
+
+
+@dataclass(frozen=True, slots=True)
 class Session:
     """Per key, records closer than ``gap`` seconds to each other form one session."""
 
@@ -128,8 +144,10 @@ class WindowedStream:
     def __init__(
         self, stream: Any, windows: Any, lateness: float, emit: str, late_topic: str | None
     ) -> None:
-        if not isinstance(windows, Tumbling | Hopping | Session):
-            raise TypeError(f"window() takes Tumbling, Hopping or Session, got {windows!r}")
+        if not isinstance(windows, Tumbling | Hopping | Sliding | Session):
+            raise TypeError(
+                f"window() takes Tumbling, Hopping, Sliding or Session, got {windows!r}"
+            )
         if emit not in ("final", "update"):
             raise ValueError(f'emit must be "final" or "update", got {emit!r}')
         self._stream = stream
@@ -181,7 +199,11 @@ class WindowedStream:
         # session, whose end moves). Declared on a generated class, like the built-in
         # aggregations, so the runtime sees ordinary declared state.
         desc = MapStateDescriptor[int, Any](key_serde=INT, serde=JSON if session else serde)
-        base = _SessionWindow if session else _FixedWindow
+        base: type[_WindowOperator] = _FixedWindow
+        if session:
+            base = _SessionWindow
+        elif isinstance(self._windows, Sliding):
+            base = _SlidingWindow
         cls = type(f"Window{kind.capitalize()}", (base,), {"windows": desc})
         op = cls(self._windows, self._lateness, self._updates, self._late_topic, agg, serde)
         how = f"window(...).{kind}(name=...)"
@@ -279,6 +301,55 @@ class _FixedWindow(_WindowOperator):
             if not self.updates:
                 self._result(start, end, state.get(start), ctx)
             state.remove(start)
+
+
+class _SlidingWindow(_WindowOperator):
+    """Sliding windows: per key, record time -> accumulator of the records at that time.
+
+    The window ending at ``t`` closes (a timer at ``t + L`` emits it) once the watermark reaches
+    ``t + L``; the entry of ``t`` is kept until no open window can contain it (a timer at
+    ``t + size + L`` deletes it). A record whose own window is already closed is late and counts
+    nowhere, so the results are those of a batch computation over the records that were not.
+    """
+
+    def process(self, record: Record[Any, Any], ctx: Context) -> None:
+        t = record.timestamp
+        lateness = self.lateness
+        size = _ms(self.assigner.size, "window size")
+        if ctx.watermark >= t + lateness:
+            self._late(record, ctx, [(t - size, t)])
+            return
+        state, agg = self.windows, self.agg
+        acc = state.get(t)
+        if acc is None:
+            acc = agg.create_accumulator()
+            ctx.timers.register_event_time(t + lateness)
+            ctx.timers.register_event_time(t + size + lateness)
+        state.put(t, agg.add(record.value, acc))
+        if self.updates:  # every window that contains t changed
+            for end in sorted(e for e in state if t <= e <= t + size):
+                self._emit_window(end, size, ctx)
+
+    def _emit_window(self, end: int, size: int, ctx: Context) -> None:
+        state, agg = self.windows, self.agg
+        acc = agg.create_accumulator()
+        for s in state:
+            if end - size <= s <= end:
+                acc = agg.merge(acc, state.get(s))
+        self._result(end - size, end, acc, ctx)
+
+    def on_timer(self, key: Any, timestamp: int, ctx: Context) -> None:
+        state = self.windows
+        size = _ms(self.assigner.size, "window size")
+        lateness = self.lateness
+        stored = sorted(state.keys())
+        if not self.updates:
+            for t in stored:
+                if t + lateness == timestamp:
+                    self._emit_window(t, size, ctx)
+        for t in stored:
+            if t + size + lateness <= timestamp:
+                state.remove(t)
 
 
 class _SessionWindow(_WindowOperator):

@@ -25,6 +25,7 @@ from headrace import (
     JobTester,
     Operator,
     Session,
+    Sliding,
     Tumbling,
     ValueStateDescriptor,
     Watermarks,
@@ -156,6 +157,50 @@ def test_session_windows_equal_the_batch_computation(
         assert emitted(tester) == expected
         assert late_records(tester) == late
         assert tester.state("per-window") == {}
+
+
+def sliding_model(
+    events: list[tuple[str, int]], size: int
+) -> tuple[Counter[tuple[str, int, int, int]], list[tuple[str, int]]]:
+    """Per key and distinct time t of a record that was not late: the records in [t - size, t]
+    (a record is late when the watermark before it reached t + lateness)."""
+    wm, highest = MIN_WATERMARK, MIN_WATERMARK
+    kept: dict[str, list[int]] = {}
+    late = []
+    for key, ts in events:
+        if wm >= ts + LATENESS_MS:
+            late.append((key, ts))
+        else:
+            kept.setdefault(key, []).append(ts)
+        highest = max(highest, ts)
+        wm = max(wm, highest - OOO_MS)
+    out: Counter[tuple[str, int, int, int]] = Counter()
+    for key, stamps in kept.items():
+        for t in set(stamps):
+            out[(key, t - size, t, sum(1 for s in stamps if t - size <= s <= t))] += 1
+    return out, late
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=events_strategy, crashes=crash_strategy)
+def test_sliding_windows_equal_the_batch_computation(
+    events: list[tuple[str, int]], crashes: set[int]
+) -> None:
+    expected, late = sliding_model(events, 5_000)
+    with run_stream(window_job(Sliding(5.0)), events, crashes, "exactly_once") as tester:
+        assert emitted(tester) == expected
+        assert late_records(tester) == late
+        assert tester.state("per-window") == {}
+
+
+def test_sliding_windows_in_update_mode_emit_every_window_a_record_changes() -> None:
+    with JobTester(window_job(Sliding(5.0), emit="update"), partitions=1) as tester:
+        for ts in (10_000, 12_000, 11_000):
+            tester.send("views", {"ts": ts}, key="a")
+        tester.checkpoint()
+        out = [(v["end"], v["value"]) for _, v in tester.output("counts")]
+        # 11 s arrives last: its own window and the one ending at 12 s change
+        assert out == [(10_000, 1), (12_000, 2), (11_000, 2), (12_000, 3)]
 
 
 def test_at_least_once_final_results_are_right_and_may_repeat() -> None:
