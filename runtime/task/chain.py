@@ -56,7 +56,6 @@ from headrace.runtime.task.records import (
     Step,
     TaskContext,
 )
-from headrace.runtime.task.timers import compile_timed_feed
 
 if TYPE_CHECKING:
     from headrace.operators.job import Job, Stage
@@ -279,12 +278,20 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
     One closure per task with everything it touches in locals: per record it costs the
     serde calls, one store attribute write per stateful operator and the chain's calls.
     ``try`` is free on Python 3.11+ until something raises.
+
+    Event time (runtime/task/timers.py) adds two steps, each a test of a local that is None
+    for jobs without it: the source's ``timestamp=`` extractor before the chain (its result
+    becomes the record's timestamp, so operators, sinks and the hop see it), and, in a source
+    stage, the watermark update after the record ran, which fires the event-time timers it
+    passes right there: what is late depends only on the order of the input.
     """
-    if task.time is not None:
-        return compile_timed_feed(task, head, _state_guard(task, head))
-    fused = compile_count_to_sink(task, [op for op, _ in task.compiled])
-    if fused is not None:
-        return fused
+    time = task.time
+    extract = task.stage.source.timestamp if time is not None else None
+    observe = time.observe if time is not None and not task.stage.source.internal else None
+    if time is None:
+        fused = compile_count_to_sink(task, [op for op, _ in task.compiled])
+        if fused is not None:
+            return fused
     out = task.out
     stores = tuple(task.stores.values())
     single = stores[0] if len(stores) == 1 else None
@@ -313,6 +320,12 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
                 value = deserialize_failed(r, exc, vfast, vdes, v)
                 if value is FAILED:
                     continue
+            if extract is not None:
+                try:
+                    r.timestamp = int(extract(value))  # type: ignore[misc]
+                except Exception as exc:
+                    on_error(r, "timestamp extraction", exc)
+                    continue
             sk = b"" if kb is None else kb
             if single is not None:
                 single.current_key = sk
@@ -332,6 +345,8 @@ def compile_feed(task: ChainOwner, head: Step) -> Feed:
                 # be taken back and stay (as in Flink/Kafka Streams with skip-style handlers).
                 del out[mark:]
                 on_error(r, "processing", exc)
+            if observe is not None:
+                observe(r, r.timestamp)
 
     return run
 

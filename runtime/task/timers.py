@@ -32,14 +32,11 @@ from __future__ import annotations
 import heapq
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from headrace.operators.job import RepartitionSpec
 from headrace.operators.operator import Operator
 from headrace.operators.time import MIN_WATERMARK, Watermarks
-from headrace.runtime.task.fusion import fast_serde_function
-from headrace.runtime.task.records import FAILED
 
 if TYPE_CHECKING:
     from headrace.runtime.state.store import OperatorStateStore
@@ -304,70 +301,3 @@ class TaskTime:
 
     def pending_timers(self) -> int:
         return sum(t.pending() for t, _, _ in self.timers)
-
-
-def compile_timed_feed(
-    task: Any, head: Any, guarded: Callable[..., None]
-) -> Callable[[Sequence[Any], int, int], None]:
-    """The per-record loop of a job that uses event time (runtime/task/timers.py).
-
-    Per record, beyond :func:`compile_feed`'s loop: the source's ``timestamp=`` extractor
-    (its result becomes the record's timestamp, so operators, sinks and the hop see it) and,
-    in a source stage, the watermark update after the record ran (which fires the event-time
-    timers it passes, right there: so what is late depends only on the input's order).
-    """
-    time = task.time
-    assert time is not None
-    out = task.out
-    stores = tuple(task.stores.values())
-    kdes, vdes = task.key_deserialize, task.value_deserialize
-    kfast, vfast = fast_serde_function(kdes), fast_serde_function(vdes)
-    deserialize_failed = task.errors.deserialize_failed
-    on_error = task.errors.on_error
-    sequenced = task.sequence_outputs and isinstance(task.stage.output, RepartitionSpec)
-    watched = task.watched
-    source = task.stage.source
-    extract = source.timestamp
-    observe = None if source.internal else time.observe
-
-    def run_timed(records: Sequence[Any], start: int, end: int) -> None:
-        for i in range(start, end):
-            r = records[i]
-            kb = r.key
-            try:
-                key = None if kb is None else kfast(kb)
-            except Exception as exc:
-                key = deserialize_failed(r, exc, kfast, kdes, kb)
-                if key is FAILED:
-                    continue
-            v = r.value
-            try:
-                value = vfast(v)
-            except Exception as exc:
-                value = deserialize_failed(r, exc, vfast, vdes, v)
-                if value is FAILED:
-                    continue
-            if extract is not None:
-                try:
-                    r.timestamp = int(extract(value))
-                except Exception as exc:
-                    on_error(r, "timestamp extraction", exc)
-                    continue
-            sk = b"" if kb is None else kb
-            for store in stores:
-                store.current_key = sk
-            if sequenced:
-                task.out_index = 0
-            mark = len(out)
-            try:
-                if watched and sk in watched:
-                    guarded(r, kb, key, value, sk)
-                else:
-                    head(r, kb, key, value)
-            except Exception as exc:
-                del out[mark:]
-                on_error(r, "processing", exc)
-            if observe is not None:
-                observe(r, r.timestamp)
-
-    return run_timed

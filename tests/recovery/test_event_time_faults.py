@@ -103,6 +103,31 @@ async def wait_for(check: Callable[[], Any], wait_s: float, driver: FaultDriver)
         await asyncio.sleep(1.0)
 
 
+async def start_example(
+    topic_factory: TopicFactory,
+    fault_driver: Callable[..., FaultDriver],
+    kind: str,
+    guarantee: str,
+    seed: int,
+) -> tuple[str, str, str, FaultDriver]:
+    """Fresh topics and a fault driver for ``examples.windows`` (nothing started yet)."""
+    source = await topic_factory("views", partitions=PARTITIONS)
+    sink = await topic_factory(kind, partitions=PARTITIONS)
+    late_topic = await topic_factory("late", partitions=1)
+    env = {
+        "WINDOWS_JOB": f"{kind}-{uuid.uuid4().hex[:8]}",
+        "WINDOWS_SOURCE": source,
+        "WINDOWS_SINK": sink,
+        "WINDOWS_LATE": late_topic,
+        "WINDOWS_KIND": kind,
+        "HEADRACE_GUARANTEE": guarantee,
+        "HEADRACE_CHECKPOINT_INTERVAL_MS": "500",
+        **ZOMBIE_ENV,
+    }
+    driver = fault_driver("examples.windows:job()", env=env, seed=seed, cwd=REPO)
+    return source, sink, late_topic, driver
+
+
 @pytest.mark.parametrize(
     ("guarantee", "kind"),
     [("exactly_once", "tumbling"), ("at_least_once", "tumbling"), ("exactly_once", "session")],
@@ -114,20 +139,9 @@ async def test_windows_are_exact_through_kill9_and_crashes_inside_checkpoints(
     guarantee: str,
     kind: str,
 ) -> None:
-    source = await topic_factory("views", partitions=PARTITIONS)
-    sink = await topic_factory("windows", partitions=PARTITIONS)
-    late_topic = await topic_factory("late", partitions=1)
-    env = {
-        "WINDOWS_JOB": f"win-{uuid.uuid4().hex[:8]}",
-        "WINDOWS_SOURCE": source,
-        "WINDOWS_SINK": sink,
-        "WINDOWS_LATE": late_topic,
-        "WINDOWS_KIND": kind,
-        "HEADRACE_GUARANTEE": guarantee,
-        "HEADRACE_CHECKPOINT_INTERVAL_MS": "500",
-        **ZOMBIE_ENV,
-    }
-    driver = fault_driver("examples.windows:job()", env=env, seed=17, cwd=REPO)
+    source, sink, late_topic, driver = await start_example(
+        topic_factory, fault_driver, kind, guarantee, seed=17
+    )
     values, keys = views(3_000, rate=300, seed=17)
     producer = asyncio.create_task(
         produce_paced(kafka_bootstrap_servers, source, values, rate=300, key_of=lambda i: keys[i])
@@ -194,20 +208,9 @@ async def test_processing_time_timers_fire_once_per_quiet_user_through_kill9(
     3 s of quiet): which views an emission holds depends on the wall clock, but every view is
     in exactly one committed emission under exactly_once (a timer that fired twice would count
     views twice, a lost one would lose them), and in at least one under at_least_once."""
-    source = await topic_factory("views", partitions=PARTITIONS)
-    sink = await topic_factory("quiet", partitions=PARTITIONS)
-    late_topic = await topic_factory("late", partitions=1)
-    env = {
-        "WINDOWS_JOB": f"quiet-{uuid.uuid4().hex[:8]}",
-        "WINDOWS_SOURCE": source,
-        "WINDOWS_SINK": sink,
-        "WINDOWS_LATE": late_topic,
-        "WINDOWS_KIND": "inactivity",
-        "HEADRACE_GUARANTEE": guarantee,
-        "HEADRACE_CHECKPOINT_INTERVAL_MS": "500",
-        **ZOMBIE_ENV,
-    }
-    driver = fault_driver("examples.windows:job()", env=env, seed=23, cwd=REPO)
+    source, sink, _, driver = await start_example(
+        topic_factory, fault_driver, "inactivity", guarantee, seed=23
+    )
     values, keys = views(2_000, rate=250, seed=23)
     # bursts: users go quiet in between, so timers fire while the workers are being killed
     rng = random.Random(23)

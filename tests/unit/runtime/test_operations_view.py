@@ -88,6 +88,20 @@ def test_a_member_that_stopped_publishing_is_shown_stale() -> None:
     assert row.split()[1] == "stale" and "0,1" in row, row
 
 
+def test_event_time_watermarks_are_shown_per_task_with_their_lag() -> None:
+    groups = [GroupStatus("wc.stage0", "stage0", "Stable", [Member("m0", "c", "h", [])])]
+    w = _worker(
+        "pod-3",
+        99_000,
+        stage0={"member_id": "m0", "running": [0, 1], "watermarks": {"0": 88_000, "1": 40_000}},
+    )
+    live, _ = live_workers([w], groups, now_ms=100_000)
+    out = render(JobStatus("wc", groups, live, [], 100_000)).splitlines()
+    at = out.index("event-time watermarks (ms)")
+    assert out[at + 1].split()[:3] == ["stage0/0", "88000", "12.0s"], out
+    assert out[at + 2].split()[:3] == ["stage0/1", "40000", "60.0s"], out
+
+
 class FakeWorker(SimpleNamespace):
     def __init__(self, **kw: Any) -> None:
         defaults: dict[str, Any] = dict(
@@ -123,7 +137,7 @@ class FakeWorker(SimpleNamespace):
     ],
 )
 def test_why_ready_says_no(worker: FakeWorker, expected: str) -> None:
-    reason = unready_reason(worker)  # type: ignore[arg-type]
+    reason = unready_reason(worker)
     assert reason.startswith(expected) if expected else reason == ""
 
 
@@ -139,3 +153,27 @@ async def test_health_stays_200_naming_the_outage_and_ready_turns_503() -> None:
     assert status.startswith("503") and body == f"not ready: {outage}\n".encode()
     server = OpsServer(FakeWorker(failure=RuntimeError("x")), SimpleNamespace(), 0)  # type: ignore[arg-type]
     assert (await server._route("GET", "/health"))[0].startswith("503")
+
+
+def test_metrics_export_watermarks_and_late_records_per_task() -> None:
+    from headrace.runtime.metrics import _TaskCollector
+    from headrace.runtime.task.records import TaskCounters
+    from headrace.runtime.view import StageSnapshot
+
+    timed = TaskCounters(late=3, watermark=1_000)
+    plain = TaskCounters()
+    view = SimpleNamespace(
+        stage_snapshots=lambda: [StageSnapshot("stage0", running={0: timed, 1: plain})],
+        ready=lambda: True,
+        broker_connected=lambda: True,
+    )
+    collector = _TaskCollector(SimpleNamespace(worker=view, job="j", lag={}))  # type: ignore[arg-type]
+    found = {
+        (s.name, s.labels.get("partition")): s.value
+        for family in collector.collect()
+        for s in family.samples
+    }
+    assert found[("headrace_watermark_ms", "0")] == 1_000
+    assert ("headrace_watermark_ms", "1") not in found  # no event time: no watermark sample
+    assert found[("headrace_late_records_total", "0")] == 3
+    assert found[("headrace_watermark_lag_seconds", "0")] > 1_000_000
