@@ -53,6 +53,8 @@ class _Owner:
     processed: list[tuple[bytes | None, bytes | None]] = field(default_factory=list)
     checkpoints: int = 0
     cut: Any = None
+    #: no event time: the cut reads no watermarks
+    time: Any = None
 
     def clock(self) -> float:
         return 0.0
