@@ -250,6 +250,14 @@ class _WindowOperator(Operator):
         self.agg = agg
         self.serde = serde
 
+    @property
+    def state_layout(self) -> str:
+        """What the job identity records about this operator's state beyond its declared
+        states: the window assigner and the lateness (state keys are window starts and
+        timers sit at ``end + lateness``, so changing either on existing state would mix
+        windows or leave them open for ever: refused, runtime/kafka/identity.py)."""
+        return f"{self.assigner!r} lateness={self.lateness}ms"
+
     def _result(self, start: int, end: int, acc: Any, ctx: Context) -> None:
         ctx.emit({"start": start, "end": end, "value": self.agg.get_result(acc)}, timestamp=end)
 

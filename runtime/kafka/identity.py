@@ -96,6 +96,12 @@ def describe(job: Job) -> dict[str, Any]:
             "class": type(step.prototype).__name__,
             "states": states,
         }
+        # How an operator lays its state out, where that is configuration rather than its
+        # declared states (a window's assigner and lateness: its keys are window starts and its
+        # timers are at end + lateness). Only present where an operator says so.
+        layout = getattr(step.prototype, "state_layout", None)
+        if isinstance(layout, str):
+            operators[step.operator_id]["layout"] = layout
     doc = {
         "job": job.name,
         "sources": list(job.stages[0].source.topics) if job.stages else [],
@@ -201,6 +207,12 @@ def compare(
             refused.append(f"operator {op_id!r} moved from {old['stage']} to {new['stage']}")
         if old["class"] != new["class"]:
             safe.append(f"operator {op_id!r}: class {old['class']} -> {new['class']}")
+        if old.get("layout") != new.get("layout"):
+            refused.append(
+                f"operator {op_id!r} lays its state out differently: {old.get('layout')} -> "
+                f"{new.get('layout')} (its state was made for the first; give the changed "
+                "operator a new name, or reset the job)"
+            )
         for state in sorted(old["states"].keys() | new["states"].keys()):
             was, now = old["states"].get(state), new["states"].get(state)
             if was is None:

@@ -105,3 +105,27 @@ def test_unnamed_stateful_operators_are_named_after_their_kind_and_never_shift()
     stream.count(name="second")
     stream.process(Visits())
     assert [s.operator_id for s in j.stages[0].process_steps()] == ["count", "second", "visits"]
+
+
+def window_job(windows: Any, lateness: float = 0.0, emit: str = "final") -> dict[str, Any]:
+    j = Job("site")
+    j.source("clicks", key_serde=STR, value_serde=JSON).window(
+        windows, allowed_lateness=lateness, emit=emit
+    ).count(name="per-minute").sink("out")
+    return describe(j)
+
+
+def test_a_window_that_changes_size_or_lateness_is_refused_and_emit_mode_is_safe() -> None:
+    from headrace import Hopping, Tumbling
+
+    before = window_job(Tumbling(60))
+    assert compare(before, window_job(Tumbling(60), emit="update")).refused == []
+    for changed in (
+        window_job(Tumbling(30)),
+        window_job(Tumbling(60), lateness=5),
+        window_job(Hopping(60, 30)),
+    ):
+        refused = compare(before, changed).refused
+        assert any("lays its state out differently" in line for line in refused), refused
+    # timers are a state of their own: adding on_timer to an operator is a safe change
+    assert "_hr_timers" in before["operators"]["per-minute"]["states"]
