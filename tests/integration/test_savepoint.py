@@ -541,3 +541,59 @@ async def test_stop_with_savepoint_while_data_flows_then_rescale_is_exact(
     assert {w: v[-1] for w, v in final.items()} == dict(expected)
     if eos:
         assert all(v == list(range(1, expected[w] + 1)) for w, v in final.items()), final
+
+
+def user_windows(name: str, source: str, sink: str, partitions: int) -> Job:
+    from headrace import Tumbling
+
+    job = Job(name)
+    job.source(source, value_serde=JSON, timestamp=lambda v: v["ts"]).key_by(
+        lambda v: v["user"], key_serde=STR, value_serde=JSON, partitions=partitions
+    ).window(Tumbling(10.0)).count(name="per-window").sink(sink, key_serde=STR, value_serde=JSON)
+    return job
+
+
+async def test_windows_and_their_timers_move_with_their_keys_when_rescaled(
+    kafka_bootstrap_servers: str, topic_factory: TopicFactory, tmp_path: Path
+) -> None:
+    """A windowed count behind a key_by, saved with windows still open (their state and the
+    timers that will close them) and loaded with 3 partitions instead of 4: each timer must
+    land in the task that now holds its key's window, or that window never closes."""
+    bootstrap = kafka_bootstrap_servers
+    s = Settings(
+        bootstrap_servers=bootstrap, processing_guarantee="exactly_once", checkpoint_interval_ms=200
+    )
+    source = await topic_factory("spw-views", partitions=2)
+    sink = await topic_factory("spw-windows", partitions=2)
+    base = f"spw-{uuid.uuid4().hex[:6]}"
+    views = [{"user": f"u{i % 20}", "ts": 1_000_000 + i * 100} for i in range(400)]
+    flush = [{"user": "flush", "ts": 2_000_000}] * 2  # one per source partition: closes all
+    expected = Counter((v["user"], v["ts"] - v["ts"] % 10_000) for v in views)
+
+    async def emitted() -> Counter[tuple[str, int, int]]:
+        rows = await read_topic(bootstrap, sink, key_serde=STR, value_serde=JSON)
+        return Counter((k, v["start"], v["value"]) for _, _, k, v, _ in rows)
+
+    async def produce(batch: list[dict[str, Any]]) -> None:
+        await produce_lines(bootstrap, source, [JSON.serialize(v).decode() for v in batch])
+
+    first = user_windows(f"{base}-a", source, sink, 4)
+    await produce(views)  # four windows per user; the last, [1,030,000, 1,040,000), stays open
+
+    async def three_windows_out() -> bool:
+        return sum((await emitted()).values()) == 60
+
+    await run_worker_until(first, s, three_windows_out)
+    header = await create_savepoint(s, first, tmp_path / "windows.hrsp")
+    assert sum(header["operators"]["per-window"]["entries"]) > 0
+    second = user_windows(f"{base}-b", source, sink, 3)
+    await load_savepoint(s, second, tmp_path / "windows.hrsp", {})
+    # no more views of these users: only each window's own timer can close it
+    await produce(flush)
+
+    async def all_out() -> bool:
+        return sum((await emitted()).values()) >= len(expected)
+
+    await run_worker_until(second, s, all_out, settle_s=1.0)
+    got = await emitted()
+    assert got == Counter({(u, start, n): 1 for (u, start), n in expected.items()})
