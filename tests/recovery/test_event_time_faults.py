@@ -130,7 +130,12 @@ async def start_example(
 
 @pytest.mark.parametrize(
     ("guarantee", "kind"),
-    [("exactly_once", "tumbling"), ("at_least_once", "tumbling"), ("exactly_once", "session")],
+    [
+        ("exactly_once", "tumbling"),
+        ("at_least_once", "tumbling"),
+        ("exactly_once", "session"),
+        pytest.param("at_least_once", "session", marks=pytest.mark.soak),
+    ],
 )
 async def test_windows_are_exact_through_kill9_and_crashes_inside_checkpoints(
     topic_factory: TopicFactory,
