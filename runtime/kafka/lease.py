@@ -184,3 +184,10 @@ class ProducerGuard:
         for tp in list(queued):
             for batch in queued.pop(tp):
                 batch.failure(exception=failure)
+                # Mark the outcome seen on the batch's future and its drain waiter: a delivery
+                # that a task had not registered yet (a commit under way) or the waiter nobody
+                # awaits would otherwise print "Future exception was never retrieved" when
+                # collected. Whoever awaits them still gets the exception.
+                for fut in (getattr(batch, "future", None), getattr(batch, "_drain_waiter", None)):
+                    if fut is not None and fut.done() and not fut.cancelled():
+                        fut.exception()
