@@ -56,8 +56,15 @@ class Tumbling:
 
     size: float
 
+    def __post_init__(self) -> None:
+        _ms(self.size, "window size")
+
+    @property
+    def size_ms(self) -> int:
+        return _ms(self.size, "window size")
+
     def assign(self, t: int) -> list[tuple[int, int]]:
-        size = _ms(self.size, "window size")
+        size = self.size_ms
         start = t - t % size
         return [(start, start + size)]
 
@@ -74,8 +81,12 @@ class Hopping:
         if _ms(self.advance, "advance") > _ms(self.size, "window size"):
             raise ValueError("a hopping window's advance must not exceed its size")
 
+    @property
+    def size_ms(self) -> int:
+        return _ms(self.size, "window size")
+
     def assign(self, t: int) -> list[tuple[int, int]]:
-        size, advance = _ms(self.size, "window size"), _ms(self.advance, "advance")
+        size, advance = self.size_ms, _ms(self.advance, "advance")
         last = t - t % advance
         return [(s, s + size) for s in range(last, t - size, -advance)][::-1]
 
@@ -244,6 +255,9 @@ class _WindowOperator(Operator):
         serde: Serde[Any],
     ) -> None:
         self.assigner = assigner
+        #: the window size or session gap in ms, computed once (not per record)
+        self.span = _ms(getattr(assigner, "size", getattr(assigner, "gap", 0)), "window span")
+        self.tumbling = isinstance(assigner, Tumbling)
         self.lateness = lateness_ms
         self.updates = updates
         self.late_topic = late_topic
@@ -284,7 +298,12 @@ class _FixedWindow(_WindowOperator):
         missed = []
         state = self.windows
         agg = self.agg
-        for start, end in self.assigner.assign(t):
+        if self.tumbling:  # one window: no list to build
+            start = t - t % self.span
+            windows: Any = ((start, start + self.span),)
+        else:
+            windows = self.assigner.assign(t)
+        for start, end in windows:
             if w >= end + lateness:
                 missed.append((start, end))
                 continue
@@ -301,7 +320,7 @@ class _FixedWindow(_WindowOperator):
 
     def on_timer(self, key: Any, timestamp: int, ctx: Context) -> None:
         state = self.windows
-        size = _ms(self.assigner.size, "window size")
+        size = self.span
         for start in sorted(state.keys()):
             end = start + size
             if end + self.lateness > timestamp:
@@ -323,7 +342,7 @@ class _SlidingWindow(_WindowOperator):
     def process(self, record: Record[Any, Any], ctx: Context) -> None:
         t = record.timestamp
         lateness = self.lateness
-        size = _ms(self.assigner.size, "window size")
+        size = self.span
         if ctx.watermark >= t + lateness:
             self._late(record, ctx, [(t - size, t)])
             return
@@ -348,7 +367,7 @@ class _SlidingWindow(_WindowOperator):
 
     def on_timer(self, key: Any, timestamp: int, ctx: Context) -> None:
         state = self.windows
-        size = _ms(self.assigner.size, "window size")
+        size = self.span
         lateness = self.lateness
         stored = sorted(state.keys())
         if not self.updates:
@@ -367,7 +386,7 @@ class _SessionWindow(_WindowOperator):
         t = record.timestamp
         w = ctx.watermark
         lateness = self.lateness
-        gap = _ms(self.assigner.gap, "session gap")
+        gap = self.span
         if w != _MIN and t < w - lateness:
             self._late(record, ctx, [(t, t + gap)])
             return
