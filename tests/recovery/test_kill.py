@@ -8,7 +8,6 @@ the middle of a restore), then checks output and changelog state against the rep
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
 from scenario import MakeRun, WordcountRun
@@ -49,16 +48,11 @@ async def test_kill9_at_random_and_inside_checkpoints_loses_and_duplicates_nothi
     await _kill_storm(run, lines=2400, rate=400)
     report = await run.finish_and_verify()
     run.assert_ok(report)
-    if backend == "rocksdb":
-        # A restart in a killed worker's slot finds that worker's RocksDB stores. Whether it may
-        # reuse them depends on where the kill landed (stores flushed by a checkpoint that never
-        # committed are rebuilt), so either decision is right here; reuse itself is pinned
-        # deterministically by the test below.
-        logs = run.driver.logs()
-        found = re.search(
-            r"reusing local state of|local state of \S+ is past the committed checkpoint", logs
-        )
-        assert found, run.diagnostics()
+    # Nothing here asserts that a restart *reused* RocksDB stores: whether a restart in a killed
+    # worker's slot is assigned a partition that worker had flushed a store for depends on where
+    # the random kills and rebalances landed (CI saw both outcomes on the same seed). Reuse is
+    # pinned deterministically by the test below; the storm checks that with whatever stores the
+    # slots held, the data invariant is exact.
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
