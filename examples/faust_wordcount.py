@@ -6,9 +6,10 @@ Both steps are headrace operators run by ``headrace.runtime.integrations.faust.h
 faust
 runs the worker, the consumer group and the topics; headrace gives the operators their declared
 state, changelog checkpoints and restore. ``WordCount`` keeps one ``ValueState`` per word.
-``SplitWords`` is stateless, but its bridge still checkpoints where it is, and its outputs carry
-the ``hr.fseq`` header that lets the counting bridge drop what a replay sends again. Counts stay
-exact when a worker is killed (see the guarantee in ``runtime/integrations/faust.py``).
+``SplitWords`` is stateless, but its bridge still checkpoints where it is; ``words`` is a hop
+between the two bridges (headrace's repartition hop: barriers, alignment and the ``hr.seq``
+numbers that let the counting bridge drop what a replay sends again). Counts stay exact when a
+worker is killed (see the guarantee in ``runtime/integrations/faust/__init__.py``).
 
     python -m examples.faust_wordcount worker -l info
 
