@@ -230,6 +230,7 @@ class FaustBridge:
             for p in closing:
                 await self._close(p, final=self._failed is None)
         if closing:
+            self._refresh_stats()
             log.info("headrace[%s]: partitions %s revoked (%s)", self.name, closing, self.stats)
 
     async def _on_shutdown(self, sender: Any = None, **_: Any) -> None:
@@ -360,14 +361,15 @@ class FaustBridge:
                     await self._stream.ack(event)
                     return
                 del self._expect[p]
-            io = self.tasks[p]
+            io, committer = self.tasks[p], self.committer
+            assert committer is not None  # a task exists: the clients are started
             if msg.offset < io.task.position(msg.topic):
                 self.stats.replayed_skipped += 1
             self.events[p].append(event)
             try:
                 # outputs wait in the task and go out with its next checkpoint, in batches:
                 # sent one event at a time they would cost a produce request each
-                await StageHost.feed(io, [_Raw(msg)], self._committer(), self._observe)
+                await StageHost.feed(io, [_Raw(msg)], committer, self._observe)
             except Exception as exc:
                 self._fail(exc)
                 raise
@@ -405,10 +407,6 @@ class FaustBridge:
                 len(keys),
             )
             io.task.stores[op].force_dirty(keys)
-
-    def _committer(self) -> Committer:
-        assert self.committer is not None
-        return self.committer
 
     def _observe(self, result: CommitResult) -> None:
         self.stats.checkpoints += 1
@@ -481,7 +479,7 @@ class FaustBridge:
         async with self._lock:
             if self._failed is not None:
                 return
-            committer = self._committer() if self.tasks else None
+            committer = self.committer
             for p, io in list(self.tasks.items()):
                 assert committer is not None
                 await StageHost.settle(io, committer, time.time(), self._observe)
