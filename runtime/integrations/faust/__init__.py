@@ -12,7 +12,9 @@ The bridge registers a faust agent (concurrency 1) over ``topic``. The agent is 
 **stage** (:mod:`.plan`): every source partition is a task assembled, restored, claimed, opened,
 fed and checkpointed by the task host (:class:`~headrace.runtime.host.StageHost`), exactly as in
 a headrace worker; ``current_key`` is the raw record key. ``ctx.emit(value, key=...)`` writes
-to ``sink`` (a faust topic or a topic name). :mod:`.bridge` is the faust glue: how faust hands
+to ``sink`` (a faust topic or a topic name), in batches with the task's next checkpoint (so an
+output waits up to ``checkpoint_interval``: faust hands over one event at a time, and a send per
+event would cost a produce request each). :mod:`.bridge` is the faust glue: how faust hands
 records and partitions to the host.
 
 Guarantee: exact state, at-least-once output
@@ -47,6 +49,11 @@ sequence number, so its state is exact too. The hop topic is written with headra
 partitioner (crc32 of the key bytes) and carries headrace's barrier records (empty value,
 ``hr.barrier`` header), so other readers of it must skip those. As in headrace, this needs a
 deterministic upstream operator, and only the first hop after a source bridge is deduplicated.
+
+Upgrading from the first bridge, which kept its checkpoints as markers in the changelog and
+its offsets in faust's group: a task whose bridge group has no committed offset takes over the
+last marker of a source-fed bridge, and a hop-fed bridge with such state refuses to start
+(:mod:`.legacy` says why).
 
 What does *not* hold:
 

@@ -39,6 +39,7 @@ from headrace.runtime.checkpoint.pending import CommitResult
 from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
 from headrace.runtime.host import StageHost, StartPoint, TaskIO, commit_checkpoint
 from headrace.runtime.integrations.faust.clients import CheckpointGroup, client_kwargs, stop_reader
+from headrace.runtime.integrations.faust.legacy import adopt_legacy_checkpoints
 from headrace.runtime.integrations.faust.plan import BridgePlan, BridgeSpec, build_plan
 from headrace.runtime.kafka.clients import PRODUCER_SETTINGS
 from headrace.runtime.kafka.producer import BatchSender, abandon
@@ -257,6 +258,17 @@ class FaustBridge:
             for tp, om in found.items()
             if om is not None and om.offset >= 0
         }
+        if host.stateful:
+            await adopt_legacy_checkpoints(
+                self._reader,
+                bridge=self.name,
+                source=self.topic_name,
+                changelog=self.spec.changelog_topic,
+                operator_id=self.name,
+                hop_fed=host.stage.source.internal,
+                committed=committed,
+                partitions=partitions,
+            )
         ios = {p: host.create(p, self.sender) for p in partitions}
         starts = {p: host.start_point(p, committed) for p in partitions}
         targets: dict[int, RestoreTarget] = {}
