@@ -38,7 +38,12 @@ from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.checkpoint.pending import CommitResult
 from headrace.runtime.checkpoint.restore import RestoreTarget, read_keys
 from headrace.runtime.host import StageHost, StartPoint, TaskIO, commit_checkpoint
-from headrace.runtime.integrations.faust.clients import CheckpointGroup, client_kwargs, stop_reader
+from headrace.runtime.integrations.faust.clients import (
+    CheckpointGroup,
+    FaustRecord,
+    client_kwargs,
+    stop_reader,
+)
 from headrace.runtime.integrations.faust.legacy import adopt_legacy_checkpoints
 from headrace.runtime.integrations.faust.plan import BridgePlan, BridgeSpec, build_plan
 from headrace.runtime.kafka.clients import PRODUCER_SETTINGS
@@ -67,23 +72,6 @@ class BridgeStats:
     checkpoints: int = 0
     restores: int = 0
     restored_records: int = 0
-
-
-class _Raw:
-    """A faust message as the task reads it (:class:`~headrace.runtime.task.RawRecord`):
-    faust gives timestamps in seconds, headrace in milliseconds."""
-
-    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "value")
-
-    def __init__(self, msg: Any) -> None:
-        self.topic: str = msg.topic
-        self.partition: int = msg.partition
-        self.offset: int = msg.offset
-        ts = msg.timestamp
-        self.timestamp = -1 if ts is None else int(ts * 1000)
-        self.key: bytes | None = msg.key
-        self.value: bytes | None = msg.value
-        self.headers = tuple(msg.headers or ())
 
 
 class FaustBridge:
@@ -381,7 +369,7 @@ class FaustBridge:
             try:
                 # outputs wait in the task and go out with its next checkpoint, in batches:
                 # sent one event at a time they would cost a produce request each
-                await StageHost.feed(io, [_Raw(msg)], committer, self._observe)
+                await StageHost.feed(io, [FaustRecord(msg)], committer, self._observe)
             except Exception as exc:
                 self._fail(exc)
                 raise

@@ -3,7 +3,8 @@
 The bridge writes and commits through its own clients, not faust's: its producer (the task
 host's sender: outputs, changelog, barriers, the checkpoint log), the consumer that commits
 its checkpoints into the bridge's own group, and a group-less reader for restores. faust's
-consumer stays the group member that fetches the records.
+consumer stays the group member that fetches the records, and :class:`FaustRecord` is how a
+record it fetched reaches the task.
 """
 
 from __future__ import annotations
@@ -56,3 +57,20 @@ async def stop_reader(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
     consumer.assign([tp])
     await consumer.seek_to_end(tp)
     await consumer.stop()
+
+
+class FaustRecord:
+    """A faust message as the task reads it (:class:`~headrace.runtime.task.RawRecord`):
+    faust gives timestamps in seconds, headrace in milliseconds."""
+
+    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "value")
+
+    def __init__(self, msg: Any) -> None:
+        self.topic: str = msg.topic
+        self.partition: int = msg.partition
+        self.offset: int = msg.offset
+        ts = msg.timestamp
+        self.timestamp = -1 if ts is None else int(ts * 1000)
+        self.key: bytes | None = msg.key
+        self.value: bytes | None = msg.value
+        self.headers = tuple(msg.headers or ())
