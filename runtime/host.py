@@ -78,6 +78,13 @@ class TaskIO:
     #: at-least-once: this ownership's writer epoch header for changelog records (None:
     #: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
     epoch_headers: list[tuple[str, bytes]] | None = None
+    #: at-least-once: this ownership's writer epoch (None: exactly-once, or not claimed yet)
+    epoch: int | None = None
+    #: this ownership knows a checkpoint of the task committed (restored from one, or
+    #: committed one); until it does, its changelog records lack ``hr.committed``
+    knows_commit: bool = False
+    #: the claim is to be written again, with ``hr.committed``, at the next checkpoint
+    reclaim: bool = False
     #: changelog ranges (operator id, first, end) that another writer filled between two of
     #: this task's writes: read and rewritten by the worker
     foreign: list[tuple[str, int, int]] = field(default_factory=list)
@@ -144,7 +151,19 @@ async def commit_checkpoint(
 ) -> CommitResult:
     """Commit ``pending`` and apply the result: the task writes the changes into its local
     stores and releases held records; the outputs the commit sent are counted."""
+    if io.reclaim and io.epoch is not None:
+        # An ownership that started without a checkpoint has committed one: its claim goes
+        # out again with hr.committed, so the changelog proves a commit even if this task
+        # writes nothing else (see checkpoint/fencing.py, "Proof that a checkpoint committed").
+        for op, changes in pending.changes.items():
+            changes.append(claim_record(io.task.stores[op].partition_key, io.epoch))
+        io.reclaim = False
     result = await committer.commit(io, pending)
+    if not io.knows_commit and pending.offsets:  # (a task with no input commits no offset)
+        io.knows_commit = True
+        if io.epoch is not None:
+            io.epoch_headers = epoch_headers(io.epoch, committed=True)
+            io.reclaim = True
     io.task.counters.records_out += result.outputs  # the rest count where they are sent
     io.task.checkpoint_committed(result.changelog_offsets)
     if observe is not None:
@@ -305,6 +324,7 @@ class StageHost:
                 target.unverified = ", ".join(
                     f"{t}[{p}] at offset {start.positions[(t, p)]}" for t, p in start.unverified
                 )
+            target.no_offsets = not start.positions
             targets.append(target)
         return targets
 
@@ -343,11 +363,38 @@ class StageHost:
                 "(reset with Kafka's tools, or committed by another program), but changelog "
                 f"{target.topic}[{target.partition}] holds {exc.records:,} record(s) of state",
             ) from exc
+        for io, start in tasks:
+            io.knows_commit = start.meta is not None
+        for _, _, target in by_target:
+            self._refuse_lost_offsets(target)
         read_until: dict[int, dict[str, int]] = {io.task.partition: {} for io, _ in tasks}
         for io, op, target in by_target:
             io.changelog_last[op] = target.last_applied
             read_until[io.task.partition][op] = target.end
         return read_until
+
+    def _refuse_lost_offsets(self, target: RestoreTarget) -> None:
+        """A task without any committed offset whose changelog proves that a checkpoint
+        committed: its offsets were deleted. Starting would count its input again from the
+        reset position on top of the state (exactly-once) or rewrite the state as deleted
+        (at-least-once); nothing has been written yet, so stop here."""
+        if not target.no_offsets:
+            return
+        if target.commit_proof is not None:
+            where = f"a record at offset {target.commit_proof} was written after a commit"
+        elif self.exactly_once and target.start is not None:
+            where = f"the local store holds it up to offset {target.start - 1}"
+        else:
+            return
+        raise CheckpointMissingError(
+            f"{self.stage.name}/{target.partition}",
+            self.group_id,
+            f"no input offset of the task is committed in the group, but changelog "
+            f"{target.topic}[{target.partition}] holds the state of a checkpoint that committed "
+            f"({where}): the group's offsets were deleted (kafka-consumer-groups --delete, or "
+            "the broker expired them after the group stayed empty for offsets.retention.minutes, "
+            "7 days by default; raise it above the longest time the job may be stopped)",
+        )
 
     # -- 4. claim --------------------------------------------------------------------------------
     async def claim(
@@ -373,7 +420,7 @@ class StageHost:
         seen = [e for e in (st.writer_epoch for st in stores.values()) if e is not None]
         generation = lease.generation if lease is not None else None
         epoch = next_epoch(max(seen) if seen else None, generation)
-        headers = epoch_headers(epoch)
+        headers = epoch_headers(epoch, committed=io.knows_commit)
         gaps: list[Gap] = []
         for op in self.stateful:
             deliveries = await io.sender.send_pairs(
@@ -395,7 +442,7 @@ class StageHost:
             # Records in a gap are not state (the caller rewrites their keys): the store is the
             # state at the claim.
             stores[op].apply_changes([], changelog_offset=claimed_at, writer_epoch=epoch)
-        io.epoch_headers = headers
+        io.epoch_headers, io.epoch = headers, epoch
         log.info("task %s claimed writer epoch %d", io.name, epoch)
         return gaps
 

@@ -59,6 +59,19 @@ rewrite comes long before a compaction could remove its earlier record. What rem
 that crashes after a zombie's write and before its next checkpoint, while the segment rolls and
 the cleaner runs before any other worker restores the task (the README's "What does not hold").
 
+Proof that a checkpoint committed
+---------------------------------
+The group's committed offsets are the only record of where a checkpoint ends, and Kafka deletes
+them: ``kafka-consumer-groups --delete``, or the broker expiring the offsets of a group that
+has been empty for ``offsets.retention.minutes`` (7 days by default: a job stopped over a long
+holiday). A task that then finds no offset at all must not take its changelog for the leftovers
+of a first checkpoint that never committed (which are not state, and which it would rewrite as
+deleted). So every changelog record written by an ownership that knows a checkpoint of the task
+committed (it restored from one, or committed one itself) also carries ``hr.committed``; an
+ownership that started without a checkpoint writes its claim once more, with the header, in
+the checkpoint after its first commit. A restore without committed offsets that meets the
+header (:attr:`RestoreTarget.commit_proof`) stops instead of erasing the state.
+
 Records without an ``hr.epoch`` header (exactly-once writes, and changelogs written before
 epochs existed) carry no claim: they are neither skipped nor raise the epoch. Exactly-once
 needs no epochs: transactions already fence, and its changelog writes stay header-free.
@@ -80,10 +93,24 @@ _U64 = struct.Struct(">Q")
 Headers = list[tuple[str, bytes]]
 
 
-def epoch_headers(epoch: int) -> Headers:
-    """The header list every changelog record of an owner with ``epoch`` carries. One list per
-    task, shared by all its records (aiokafka's batch builder only reads it)."""
+#: on the changelog records of an ownership that knows a checkpoint of its task committed
+COMMITTED_HEADER = "hr.committed"
+
+
+def epoch_headers(epoch: int, *, committed: bool = False) -> Headers:
+    """The header list every changelog record of an owner with ``epoch`` carries (``committed``:
+    the owner knows a checkpoint of the task committed). One list per task, shared by all its
+    records (aiokafka's batch builder only reads it)."""
+    if committed:
+        return [(EPOCH_HEADER, _U64.pack(epoch)), (COMMITTED_HEADER, b"1")]
     return [(EPOCH_HEADER, _U64.pack(epoch))]
+
+
+def proves_commit(headers: Sequence[tuple[str, bytes]] | None) -> bool:
+    """Whether a changelog record was written after a checkpoint of its task committed."""
+    if not headers:
+        return False
+    return any(name == COMMITTED_HEADER for name, _ in headers)
 
 
 def epoch_of(headers: Sequence[tuple[str, bytes]] | None) -> int | None:

@@ -45,7 +45,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from headrace.runtime.checkpoint.fencing import EpochFilter
+from headrace.runtime.checkpoint.fencing import EpochFilter, proves_commit
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.state.keys import metadata_prefix, partition_prefix
 from headrace.runtime.state.store import OperatorStateStore
@@ -104,6 +104,13 @@ class RestoreTarget:
     #: the task's committed input offsets carry no headrace checkpoint (named here): its
     #: changelog must hold nothing, or the restore stops before touching the store
     unverified: str | None = None
+    #: the task has no committed input offset at all: look for proof that a checkpoint
+    #: committed all the same (its offsets were deleted; see checkpoint/fencing.py)
+    no_offsets: bool = False
+    #: the changelog offset of the first such proof: under exactly-once any committed state
+    #: record (a transaction commits changelog and offsets together); under at-least-once a
+    #: record with the ``hr.committed`` header
+    commit_proof: int | None = None
     # the write batch being gathered: parallel key/value lists, and its metadata records
     _keys: list[bytes] = field(default_factory=list)
     _values: list[bytes | None] = field(default_factory=list)
@@ -137,8 +144,22 @@ class RestoreTarget:
         values = list(map(_VALUE, records))
         # Epochs first, over the whole batch: a claim past the committed checkpoint still
         # raises the epoch (it is a claim, whether or not its owner ever committed).
-        fenced = self.epochs.split(list(map(_HEADERS, records)))
+        headers = list(map(_HEADERS, records))
+        fenced = self.epochs.split(headers)
         valid_until = self.valid_until
+        if self.no_offsets and self.commit_proof is None:
+            if valid_until is None:
+                # a committed state record: only a checkpoint that committed input offsets in
+                # the same transaction writes one (a task without input writes metadata only)
+                meta = set(meta_at)
+                self.commit_proof = next(
+                    (r.offset for i, r in enumerate(records) if i not in meta), None
+                )
+            else:
+                self.commit_proof = next(
+                    (r.offset for r, h in zip(records, headers, strict=True) if proves_commit(h)),
+                    None,
+                )
         cut = n
         if valid_until is not None and records[-1].offset > valid_until:
             # at-least-once: written by a checkpoint that never committed; not applied

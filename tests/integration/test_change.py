@@ -324,6 +324,42 @@ async def test_offsets_reset_with_kafka_tools_never_erase_state(
     assert [v for *_, v, _ in after[before:]] == list(range(1, 8))
 
 
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+async def test_a_deleted_group_never_double_counts_or_erases_state(
+    kafka_bootstrap_servers: str,
+    kafka_admin: Any,
+    topics: tuple[str, str, str],
+    guarantee: str,
+    tmp_path: Path,
+) -> None:
+    """The group's offsets deleted (``kafka-consumer-groups --delete``, or the broker expiring
+    an empty group's offsets after ``offsets.retention.minutes``): the task finds no offset at
+    all. Exactly-once used to restore the changelog and count the input again from the earliest
+    offset ("a" counted 13, not 7); at-least-once took the changelog for the leftovers of a
+    checkpoint that never committed, rewrote it as deleted and counted again from whatever the
+    input's retention had kept. Now the changelog proves a checkpoint committed and the worker
+    stops before consuming anything."""
+    from aiokafka.protocol.admin import DeleteGroupsRequest
+
+    name, source, sink = topics
+    s = settings(kafka_bootstrap_servers, guarantee, state_backend="rocksdb", state_dir=tmp_path)
+    job = counting(name, source, sink, "counts")
+    await produce(kafka_bootstrap_servers, source, [("a", "x")] * 6)
+    assert await run_until(job, s, sink, lambda c: c == {"a": 6}) == {"a": 6}
+
+    group = job.group_id(job.stages[0])
+    node = await kafka_admin.find_coordinator(group)
+    response = await kafka_admin._send_request_to_node(node, DeleteGroupsRequest([group]))
+    assert [code for _, code in response.results] == [0], response
+
+    await produce(kafka_bootstrap_servers, source, [("a", "x")])
+    message = await refused(job, s)
+    assert "the group's offsets were deleted" in message, message
+    assert f"{name}.counts.changelog[0] holds the state of a checkpoint that committed" in message
+    assert "offsets.retention.minutes" in message and "headrace reset" in message
+    assert await last_counts(kafka_bootstrap_servers, sink) == {"a": 6}  # nothing consumed
+
+
 async def test_reset_is_refused_while_a_worker_runs(
     kafka_bootstrap_servers: str, topics: tuple[str, str, str], tmp_path: Path
 ) -> None:
