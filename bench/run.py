@@ -54,12 +54,12 @@ FLOORS = {
 HEADRACE_MODES = {"s1": "keyed", "s2": "keyed", "s5": "lines", "s6": "user", "s7": "window"}
 #: scenarios each peer has a program for (the others are skipped for it, and said so)
 PEER_SCENARIOS = {
-    "faust": {"s1", "s2"},
-    "quix": {"s1", "s2", "s7"},
-    "kstreams": {"s1", "s2", "s7"},
+    "faust": {"s1", "s2", "s5", "s6"},
+    "quix": {"s1", "s2", "s5", "s6", "s7"},
+    "kstreams": {"s1", "s2", "s5", "s6", "s7"},
 }
 #: Kafka Streams' topology per scenario (bench/systems/kstreams)
-KSTREAMS_TOPOLOGY = {"s1": "count", "s2": "count", "s7": "window"}
+KSTREAMS_TOPOLOGY = {"s1": "count", "s2": "count", "s5": "lines", "s6": "user", "s7": "window"}
 LOGS = h.RUN_DIR / "logs"
 STATE = h.RUN_DIR / "state"
 
@@ -96,12 +96,19 @@ def system_cmd(
         return argv, "int64", ("read_committed" if g == "eos" else "read_uncommitted")
     if system == "faust":
         py = h.ensure_venv("faust")
-        argv = h.system_argv(py, "faust_count.py", **io, app=tag, data_dir=state_dir)
+        argv = h.system_argv(
+            py, "faust_count.py", **io, app=tag, data_dir=state_dir, mode=HEADRACE_MODES[scenario]
+        )
         return argv, "json", "read_uncommitted"
     if system == "quix":
         py = h.ensure_venv("quix")
-        script = "quix_window.py" if scenario == "s7" else "quix_count.py"
-        argv = h.system_argv(py, script, **io, group=tag, state_dir=state_dir)
+        if scenario == "s7":
+            argv = h.system_argv(py, "quix_window.py", **io, group=tag, state_dir=state_dir)
+        else:
+            mode = HEADRACE_MODES[scenario]  # keyed, lines or user: the same workloads
+            argv = h.system_argv(
+                py, "quix_count.py", **io, group=tag, state_dir=state_dir, mode=mode
+            )
         return argv, "json-window" if scenario == "s7" else "json", "read_uncommitted"
     if system.startswith("kstreams-"):
         _, g, b = system.split("-")

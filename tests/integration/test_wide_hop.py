@@ -1,7 +1,7 @@
 """A stage behind a key_by with 256 upstream partitions (issue 15 item 6), on the real broker.
 
 Its checkpoint metadata (a skip entry and, under at-least-once, a dedupe mark per upstream
-channel) is far longer than the broker's ``offset.metadata.max.bytes`` (4096): the commit used
+channel) can grow far past the broker's ``offset.metadata.max.bytes`` (4096): the commit used
 to fail. The document is spilled to ``<job>.stage1.cuts`` and the committed metadata refers to
 it; the job checkpoints, stops, restores from the spilled document and stays exact."""
 
@@ -60,11 +60,13 @@ async def test_a_stage_with_256_upstream_partitions_checkpoints_and_restores_exa
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bootstrap = kafka_bootstrap_servers
-    if guarantee == "exactly_once":
-        # No dedupe marks under exactly-once: 256 skip entries at this test's small offsets
-        # take ~2.7 KB, at a long-running topic's 10-digit offsets ~4.6 KB. Spill earlier, so
-        # that the transactional path of the spill is what this run exercises.
-        monkeypatch.setattr("headrace.runtime.checkpoint.commit.METADATA_LIMIT", 1_000)
+    # How long the document is depends on where the checkpoint fell: a skip entry for every
+    # channel whose barrier came after the committed offset (none when they all came before;
+    # exactly-once then has no per-channel entry at all), and under at-least-once a dedupe mark
+    # per channel. At this test's small offsets 256 of either take ~2.5 KB, at a long-running
+    # topic's 10-digit offsets over 4 KB. Spill every document, so that whichever checkpoint
+    # comes last, the spill is what this run exercises.
+    monkeypatch.setattr("headrace.runtime.checkpoint.commit.METADATA_LIMIT", 0)
     source = await topic_factory("wide-lines", partitions=UPSTREAM)
     sink = await topic_factory("wide-counts")
     job = Job(f"wide-{uuid.uuid4().hex[:6]}")
@@ -88,8 +90,9 @@ async def test_a_stage_with_256_upstream_partitions_checkpoints_and_restores_exa
     assert len(metadata) < 4096 and "x" in orjson.loads(metadata), metadata
     spilled = await read_topic(bootstrap, f"{job.name}.stage1.cuts")
     document = orjson.loads([v for *_, v, _ in spilled if v][-1])
-    assert len(document["skip"]) + len(document.get("seen", {})) >= UPSTREAM - 1
-    assert len(orjson.dumps(document)) > (4096 if guarantee == "at_least_once" else 1_000)
+    assert document["cl"]["counts"] >= 0
+    if guarantee == "at_least_once":
+        assert len(document["seen"]) >= UPSTREAM - 1  # a dedupe mark per upstream channel
 
     # restart: restored from the spilled document (skip list, dedupe marks, changelog offset)
     expected.update(await produce(bootstrap, source, 1))
