@@ -60,7 +60,9 @@ sdf = app.dataframe(source)
 if a.mode == "lines":
     sink = app.topic(a.output, key_serializer="str", value_serializer="json")
     sdf = sdf.apply(lambda line: line.decode().lower().split(), expand=True)
-    sdf = sdf.group_by(lambda word: word, name="words", key_serializer="str")
+    sdf = sdf.group_by(
+        lambda word: word, name="words", key_serializer="str", key_deserializer="str"
+    )
     sdf = sdf.apply(count, stateful=True)
     sdf.to_topic(sink)
 elif a.mode == "user":
