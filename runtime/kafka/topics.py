@@ -183,23 +183,8 @@ async def ensure_topics(
     to_create = [t for name, t in wanted.items() if name not in existing]
     if to_create:
         log.info("creating topics: %s", ", ".join(t.name for t in to_create))
-        resp = await admin.create_topics(
-            [
-                NewTopic(
-                    t.name,
-                    t.partitions,
-                    replication_factor,
-                    topic_configs={
-                        "cleanup.policy": "compact" if t.compact else "delete",
-                        **t.configs,
-                    },
-                )
-                for t in to_create
-            ]
-        )
-        for name, code, *_ in resp.topic_errors:
-            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another worker was first)
-                raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
+        for name, code in await create_internal_topics(admin, to_create, replication_factor):
+            raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
         existing = await _await_metadata(admin, wanted)
     wrong = [
         f"{name} has {existing.get(name)} partitions, expected {t.partitions}"
@@ -262,3 +247,23 @@ async def topic_config(admin: AIOKafkaAdminClient, topics: list[str], name: str)
                 if entry["config_names"] == name:
                     out[res["resource_name"]] = entry["config_value"]
     return out
+
+
+async def create_internal_topics(
+    admin: AIOKafkaAdminClient, topics: list[InternalTopic], replication_factor: int
+) -> list[tuple[str, int]]:
+    """Create ``topics`` (compacted or deleting, with their configs); returns the (name, error
+    code) of those that could not be created. A topic another worker created meanwhile
+    (``TOPIC_ALREADY_EXISTS``, 36) is not an error."""
+    resp = await admin.create_topics(
+        [
+            NewTopic(
+                t.name,
+                t.partitions,
+                replication_factor,
+                topic_configs={"cleanup.policy": "compact" if t.compact else "delete", **t.configs},
+            )
+            for t in topics
+        ]
+    )
+    return [(name, code) for name, code, *_ in resp.topic_errors if code not in (0, 36)]

@@ -71,6 +71,22 @@ class WordCount(Operator):
         raise NotImplementedError
 
 
+def wordcount_env(
+    bootstrap: str, app_id: str, source: str, words: str, sink: str, tmp_path: Path
+) -> dict[str, str]:
+    """The environment of ``examples/faust_wordcount.py`` for one test's topics."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "FAUST_WC_APP": app_id,
+        "FAUST_WC_SOURCE": source,
+        "FAUST_WC_WORDS": words,
+        "FAUST_WC_SINK": sink,
+        "FAUST_WC_DATADIR": str(tmp_path / "faust-data"),
+        "PYTHONPATH": str(ROOT),
+    }
+
+
 class Worker:
     """One ``faust worker`` process of the example app, logging to a file."""
 
@@ -158,6 +174,23 @@ class Output:
     def exact(self) -> bool:
         return self.latest == dict(self.expected)
 
+    async def until_exact(self, worker: Worker, *, deadline: float) -> None:
+        """Read until the newest count of every expected word is exact; fail, naming words that
+        differ, if ``worker`` exits or ``deadline`` (``time.monotonic()``) passes first."""
+        while not self.exact():
+            assert worker.alive(), f"worker exited:\n{worker.text()[-3000:]}"
+            if time.monotonic() > deadline:
+                wrong = {
+                    w: (self.latest.get(w), n)
+                    for w, n in self.expected.items()
+                    if self.latest.get(w) != n
+                }
+                pytest.fail(
+                    f"not exact: {len(wrong)} words differ (newest, expected), e.g. "
+                    f"{list(wrong.items())[:5]}\n{worker.text()[-3000:]}"
+                )
+            await self.poll()
+
 
 async def committed_checkpoints(bootstrap: str, group: str, source: str) -> dict[int, int]:
     """Per source partition, the changelog offset (``cl``) of the checkpoint committed into the
@@ -237,17 +270,8 @@ async def test_faust_worker_killed_mid_run_keeps_exact_counts(
     words = await topic_factory("faust-words", partitions=PARTITIONS)
     sink = await topic_factory("faust-word-counts", partitions=PARTITIONS)
     app_id = "faust-wc-" + source.rsplit("-", 1)[-1]
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers,
-        "FAUST_WC_APP": app_id,
-        "FAUST_WC_SOURCE": source,
-        "FAUST_WC_WORDS": words,
-        "FAUST_WC_SINK": sink,
-        "FAUST_WC_DATADIR": str(tmp_path / "faust-data"),
-        "FAUST_WC_CHECKPOINT_S": "0.5",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = wordcount_env(kafka_bootstrap_servers, app_id, source, words, sink, tmp_path)
+    env["FAUST_WC_CHECKPOINT_S"] = "0.5"
     lines = generate_lines(LINES, seed=13)
     expected = count_words(lines)
     total = sum(expected.values())
@@ -283,19 +307,7 @@ async def test_faust_worker_killed_mid_run_keeps_exact_counts(
             # 2. restart: it restores from the changelogs and catches up
             second = Worker(env, tmp_path / "worker-2.log")
             workers.append(second)
-            while not out.exact():
-                assert second.alive(), f"restarted worker exited:\n{second.text()[-3000:]}"
-                if time.monotonic() - started > BUDGET_S - 15:
-                    wrong = {
-                        w: (out.latest.get(w), n)
-                        for w, n in expected.items()
-                        if out.latest.get(w) != n
-                    }
-                    pytest.fail(
-                        f"not exact after {time.monotonic() - started:.0f}s: {len(wrong)} words "
-                        f"differ (newest, expected), e.g. {list(wrong.items())[:5]}"
-                    )
-                await out.poll()
+            await out.until_exact(second, deadline=started + BUDGET_S - 15)
             caught_up = time.monotonic() - started
             # outputs of records after the last checkpoint may repeat; counts never exceed
             assert out.above_true_count == [], out.above_true_count[:10]
@@ -464,19 +476,7 @@ async def test_upgrade_from_the_first_bridge_format_takes_over_its_checkpoints(
     worker = Worker(env, tmp_path / "worker.log", app)
     try:
         async with Output(kafka_bootstrap_servers, sink, expected_out) as out:
-            while not out.exact():
-                assert worker.alive(), f"worker exited:\n{worker.text()[-3000:]}"
-                if time.monotonic() - started > 60:
-                    wrong = {
-                        w: (out.latest.get(w), n)
-                        for w, n in expected_out.items()
-                        if out.latest.get(w) != n
-                    }
-                    pytest.fail(
-                        f"not exact: {len(wrong)} words differ (newest, expected), e.g. "
-                        f"{list(wrong.items())[:5]}\n{worker.text()[-3000:]}"
-                    )
-                await out.poll()
+            await out.until_exact(worker, deadline=started + 60)
             # only the second halves were processed again: one output per record after a marker
             assert out.above_true_count == [], out.above_true_count[:10]
             assert out.records == sum(len(ws) - len(ws) // 2 for ws in by_partition.values())
@@ -518,16 +518,7 @@ async def test_a_hop_fed_bridge_with_first_format_state_is_refused(
             {1: first_format_checkpoint(1, Counter({"fox": 3}), 5, {})},
         )
         await produce_lines(kafka_bootstrap_servers, source, generate_lines(50, seed=3))
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers,
-            "FAUST_WC_APP": app_id,
-            "FAUST_WC_SOURCE": source,
-            "FAUST_WC_WORDS": words,
-            "FAUST_WC_SINK": sink,
-            "FAUST_WC_DATADIR": str(tmp_path / "faust-data"),
-            "PYTHONPATH": str(ROOT),
-        }
+        env = wordcount_env(kafka_bootstrap_servers, app_id, source, words, sink, tmp_path)
         worker = Worker(env, tmp_path / "worker.log")
         for _ in range(90):  # up to 45 s
             if "LegacyCheckpointError" in worker.text():

@@ -25,13 +25,19 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from headrace.operators.job import Job, ProcessStep, RepartitionSpec, SinkSpec, SourceSpec, Stage
 from headrace.operators.operator import Operator
 from headrace.operators.record import Record
 from headrace.operators.serde import Serde
-from headrace.runtime.kafka.topics import InternalTopic, TopicLayout, topic_config, topic_partitions
+from headrace.runtime.kafka.topics import (
+    InternalTopic,
+    TopicLayout,
+    create_internal_topics,
+    topic_config,
+    topic_partitions,
+)
 
 #: the checkpoint log's retention (as the worker's, see kafka/topics.py plan_layout)
 _CHECKPOINT_RETENTION_MS = 86_400_000
@@ -219,23 +225,8 @@ async def _ensure(
     existing = await topic_partitions(admin, [t.name for t in topics])
     new = [t for t in topics if t.name not in existing]
     if new:
-        resp = await admin.create_topics(
-            [
-                NewTopic(
-                    t.name,
-                    t.partitions,
-                    replication_factor,
-                    topic_configs={
-                        "cleanup.policy": "compact" if t.compact else "delete",
-                        **t.configs,
-                    },
-                )
-                for t in new
-            ]
-        )
-        for topic, code, *_ in resp.topic_errors:
-            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (another worker won)
-                raise RuntimeError(f"headrace[{name}]: could not create {topic!r}: code {code}")
+        for topic, code in await create_internal_topics(admin, new, replication_factor):
+            raise RuntimeError(f"headrace[{name}]: could not create {topic!r}: code {code}")
     compacted = [t for t in topics if t.compact and t.name in existing]
     policies = await topic_config(admin, [t.name for t in compacted], "cleanup.policy")
     for t in compacted:
