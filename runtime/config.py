@@ -94,6 +94,13 @@ SETTINGS: tuple[SettingInfo, ...] = (
         "Changelog records applied per restore step (default 10000).",
     ),
     SettingInfo("max_poll_records", "max-poll-records", "Records fetched per poll (default 2000)."),
+    SettingInfo(
+        "gc_young_threshold",
+        "gc-young-threshold",
+        "Python's young-generation garbage-collector threshold while the worker runs "
+        "(default 20000; Python's own is 700; 0 leaves it alone). Fewer cycle searches "
+        "(runtime/gctuning.py).",
+    ),
     SettingInfo("client_id", "client-id", "Kafka client id prefix (default headrace)."),
     SettingInfo(
         "session_timeout_ms",
@@ -182,6 +189,8 @@ class Settings:
     error_policy: str | None = None  #: overrides the job's policy when set
     restore_batch_size: int = 10_000
     max_poll_records: int = 2000
+    #: the collector's young-generation threshold while a worker runs (runtime/gctuning.py)
+    gc_young_threshold: int = 20_000
     client_id: str = "headrace"
     #: consumer-group session: a member silent for this long is expelled and its tasks move.
     #: It is also the task's write lease (see headrace.runtime.kafka.lease): a worker that has
@@ -363,6 +372,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "error_policy": _choice(ERROR_POLICIES),
     "restore_batch_size": _int(1),
     "max_poll_records": _int(1),
+    "gc_young_threshold": _int(0),
     "client_id": _nonempty,
     "session_timeout_ms": _int(1, unit=" (milliseconds)"),
     "heartbeat_interval_ms": _int(1, unit=" (milliseconds)"),

@@ -40,6 +40,7 @@ from aiokafka.errors import (
 
 from headrace.operators.job import ErrorPolicy, Job
 from headrace.runtime.config import Settings
+from headrace.runtime.gctuning import young_threshold
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.control import ControlWatcher
 from headrace.runtime.kafka.health import BrokerHealth
@@ -171,7 +172,8 @@ class Worker:
         self.broker.install()
         watch = asyncio.create_task(self._watch_broker(), name="broker-health")
         try:
-            await self._run()
+            with young_threshold(s.gc_young_threshold):
+                await self._run()
         finally:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -33,10 +33,11 @@ from headrace.operators.job import (
 from headrace.operators.operator import Operator
 from headrace.operators.record import Record, describe_key
 from headrace.runtime.checkpoint.barrier import (
+    SEQ_INDEX_BITS,
+    SEQ_TOPIC_BITS,
     SEQUENCE_HEADER,
     TIME_HEADER,
     channel_headers,
-    sequence,
 )
 from headrace.runtime.state.handles import ABSENT, MISS
 from headrace.runtime.task.fusion import (
@@ -242,6 +243,7 @@ def compile_output(task: ChainOwner) -> Step:
             return repartition
         topic_index = task.topic_index
         sequenced = task.sequence_outputs
+        index_bits, topic_bits = SEQ_INDEX_BITS, SEQ_TOPIC_BITS
 
         # Event time crosses the hop in a header (hr.ts), not as the Kafka timestamp: a
         # repartition topic deletes by retention, and old event times (a backfill) would make
@@ -251,16 +253,22 @@ def compile_output(task: ChainOwner) -> Step:
             vb = rvser(v)
             if len(vb) > rroom - len(kb):
                 raise RecordTooLargeError(rtopic, len(vb) + len(kb), rlimit)
-            h = [channel]
             # a timer fired between batches (offset -1) has no input position to derive a
             # sequence from: its outputs are not deduplicated (they may repeat under
             # at-least-once, like sink outputs)
-            if sequenced and r.offset >= 0:
-                seq = sequence(r.offset, task.out_index, topic_index[r.topic])
-                task.out_index += 1
-                h.append((SEQUENCE_HEADER, b"%d" % seq))
-            if timed:
-                h.append((TIME_HEADER, b"%d" % r.timestamp))
+            offset = r.offset
+            if sequenced and offset >= 0:
+                index = task.out_index
+                task.out_index = index + 1
+                # barrier.sequence(offset, index, topic), inlined: once per output record
+                seq = (((offset << index_bits) | index) << topic_bits) | topic_index[r.topic]
+                if timed:
+                    ts = b"%d" % r.timestamp
+                    h = [channel, (SEQUENCE_HEADER, b"%d" % seq), (TIME_HEADER, ts)]
+                else:
+                    h = [channel, (SEQUENCE_HEADER, b"%d" % seq)]
+            else:
+                h = [channel, (TIME_HEADER, b"%d" % r.timestamp)] if timed else [channel]
             out_append((rtopic, crc32(kb) % n, kb, vb, h, None))
 
         return repartition_sequenced

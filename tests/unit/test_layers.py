@@ -19,7 +19,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime package", ("headrace.runtime",)),
     (
         "settings and logs",
-        ("headrace.runtime.config", "headrace.runtime.logs", "headrace.runtime.faults"),
+        (
+            "headrace.runtime.config",
+            "headrace.runtime.logs",
+            "headrace.runtime.faults",
+            "headrace.runtime.gctuning",
+        ),
     ),
     ("state", ("headrace.runtime.state",)),
     ("kafka", ("headrace.runtime.kafka",)),

@@ -179,8 +179,12 @@ class MapHandle(BoundState, MapState[Any, Any]):
                 self._touch(uk, mk)
         return uk, entries
 
+    # get and put are a user operator's per-record path: _map and _touch inlined.
     def get(self, key: Any, default: Any = None) -> Any:
-        uk, entries = self._map()
+        uk = self._store.current_key
+        entries = self._cache.get(uk)
+        if entries is None:
+            entries = self._load_map(uk)
         value = entries.get(key, _MISS)
         if value is _MISS:
             return default
@@ -193,10 +197,17 @@ class MapHandle(BoundState, MapState[Any, Any]):
         return value.value
 
     def put(self, key: Any, value: Any) -> None:
-        uk, entries = self._map()
+        uk = self._store.current_key
+        entries = self._cache.get(uk)
+        if entries is None:
+            entries = self._load_map(uk)
         ttl = self._ttl
         entries[key] = value if ttl is None else _Expiring(value, self._clock() + ttl)
-        self._touch(uk, key)
+        keys = self._dirty.get(uk)
+        if keys is None:
+            self._dirty[uk] = {key}
+        else:
+            keys.add(key)
 
     def remove(self, key: Any) -> None:
         uk, entries = self._map()
