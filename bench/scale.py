@@ -152,7 +152,7 @@ async def one(
         "HEADRACE_GUARANTEE": args.guarantee,
         "HEADRACE_STATE_BACKEND": "memory",
         "HEADRACE_CHECKPOINT_INTERVAL_MS": str(args.interval_ms),
-        "HEADRACE_LOG_LEVEL": "WARNING",
+        "HEADRACE_LOG_LEVEL": args.log_level,
     }
     logs = h.RUN_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -227,6 +227,7 @@ def main() -> None:
     ap.add_argument("--idle-s", type=float, default=15.0)
     ap.add_argument("--bootstrap", help="use this broker instead of bench/.run/broker")
     ap.add_argument("--out", help="result JSON path")
+    ap.add_argument("--log-level", default="WARNING", help="the workers' (logs: bench/.run/logs)")
     args = ap.parse_args()
     args.partitions = [int(x) for x in args.partitions.split(",")]
     args.workers = [int(x) for x in args.workers.split(",")]

@@ -115,8 +115,9 @@ class MemoryChangelogReader:
     async def beginning_offsets(self, tps: Iterable[Any]) -> dict[Any, int]:
         return dict.fromkeys(tps, 0)  # the memory log keeps everything
 
-    async def seek_to_beginning(self, tp: Any) -> None:
-        self._positions[tp] = 0
+    async def seek_to_beginning(self, *tps: Any) -> None:
+        for tp in tps:
+            self._positions[tp] = 0
 
     def seek(self, tp: Any, offset: int) -> None:
         self._positions[tp] = offset

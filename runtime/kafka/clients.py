@@ -10,7 +10,10 @@ producer settings of durable writes (``acks=all``, idempotence).
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -106,6 +109,62 @@ def producer(
     return AIOKafkaProducer(
         **settings.kafka_kwargs(), client_id=client_id, **PRODUCER_SETTINGS, **extra
     )
+
+
+class Startable(Protocol):
+    """What :func:`start_producers` needs of a producer."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+ProducerT = TypeVar("ProducerT", bound=Startable)
+
+
+async def start_producers(
+    make: Callable[[int], ProducerT], partitions: list[int]
+) -> dict[int, ProducerT]:
+    """Create and start one producer per partition, concurrently (``InitProducerId`` is a
+    round trip each: one after the other, 256 tasks took minutes to start).
+
+    Nothing leaks: if any start fails, every producer is stopped and the first error raised;
+    if the caller is cancelled half-way (the worker stops, the assignment is revoked while it
+    is being taken over), the producers already started are stopped too, and a start under
+    way stops its own. Before this, a takeover cancelled mid-way left its started producers
+    to the garbage collector ("Unclosed AIOKafkaProducer", their connections open until then).
+    """
+
+    async def start(partition: int) -> ProducerT:
+        producer = make(partition)
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        return producer
+
+    tasks = [asyncio.ensure_future(start(p)) for p in partitions]
+
+    async def stop_started() -> None:
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                with contextlib.suppress(Exception):
+                    await task.result().stop()
+
+    try:
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    except BaseException:  # cancelled: gather cancelled the starts under way
+        await asyncio.gather(*tasks, return_exceptions=True)  # let them stop their own
+        await stop_started()
+        raise
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        await stop_started()
+        raise failed
+    return {
+        p: r for p, r in zip(partitions, results, strict=True) if not isinstance(r, BaseException)
+    }
 
 
 def status_producer(settings: Settings, *, client_id: str) -> AIOKafkaProducer:
