@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from headrace.operators.job import ErrorPolicy, Job, RepartitionSpec, Stage
@@ -35,6 +36,7 @@ from headrace.runtime.task.records import (
 )
 from headrace.runtime.task.timers import TaskTime
 
+_key_of, _value_of = itemgetter(0), itemgetter(1)
 log = logging.getLogger("headrace.runtime.task")
 
 
@@ -275,6 +277,11 @@ class StageTask:
         topic = self.job.changelog_topic(op_id)
         limit = self.record_limit(topic)
         room = limit - RECORD_OVERHEAD
+        # An upper bound first, with C loops (this runs over every change of every checkpoint)
+        longest_key = max(map(len, map(_key_of, changes)))
+        longest_value = max(map(len, filter(None, map(_value_of, changes))), default=0)
+        if longest_key + longest_value <= room // 2:
+            return
         if max(len(k) + len(v or b"") for k, v in changes) <= room // 2:
             return
         scoped = {name for name, h in self.stores[op_id].handles().items() if h.record_scoped}

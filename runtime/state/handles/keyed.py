@@ -108,7 +108,7 @@ class MapHandle(BoundState, MapState[Any, Any]):
     and cached as a dict; each map entry is its own storage entry, so a growing map only
     writes the entries that changed."""
 
-    __slots__ = ("_key_serde",)
+    __slots__ = ("_complete", "_key_serde")
     kind = StateKind.MAP
 
     _cache: dict[bytes, dict[Any, Any]]
@@ -119,6 +119,25 @@ class MapHandle(BoundState, MapState[Any, Any]):
         self._key_serde: Serde[Any] = descriptor.key_serde
         self._cache = {}
         self._dirty = {}
+        # Whether every map of this state that the backend holds is cached too: True when
+        # the state was empty in the backend at its first load and nothing was evicted since
+        # (everything in the backend then came from this cache's checkpoints). A record key
+        # whose map is not cached then has none, and its first touch costs no prefix scan:
+        # a job that meets a new key per record (a new user, a new session) scanned the
+        # backend once per key, and the memory backend re-sorted its keys for the first scan
+        # after every checkpoint (~5 % of S6's CPU, bench/README.md). None: not known yet
+        # (decided at the next load: after a restore the backend holds what was restored).
+        self._complete: bool | None = None
+
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._complete = None
+
+    def evict(self, count: int) -> None:
+        cached = len(self._cache)
+        super().evict(count)
+        if len(self._cache) < cached:
+            self._complete = False  # evicted maps live in the backend only
 
     def dirty_count(self) -> int:
         return sum(len(keys) for keys in self._dirty.values())
@@ -130,13 +149,21 @@ class MapHandle(BoundState, MapState[Any, Any]):
         keys.add(mk)
 
     def _load_map(self, uk: bytes) -> dict[Any, Any]:
+        complete = self._complete
+        if complete is None:
+            scan = self._store.backend.range_scan(self._prefix)
+            complete = self._complete = next(iter(scan), None) is None
+        if complete:
+            entries: dict[Any, Any] = {}
+            self._cache[uk] = entries
+            return entries
         prefix = self._skey(uk)
         start = len(prefix) + 1
         kde = self._key_serde.deserialize
         de = self._serde.deserialize
         ttl = self._ttl
         now = self._clock() if ttl is not None else 0.0
-        entries: dict[Any, Any] = {}
+        entries = {}
         expired = []
         for skey, raw in self._store.backend.range_scan(prefix):
             mkb = skey[start:]

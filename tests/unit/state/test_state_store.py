@@ -615,3 +615,89 @@ def test_str_user_key_serde_in_keyed_state(store: OperatorStateStore) -> None:
     op.t.put("a:b", {"x": [1, 2]})
     changes = state_changes(store)
     assert changes == {("t", b"a:b", None): b'{"x":[1,2]}'}
+
+
+# --- map state: first touches without a backend scan ------------------------------------------
+
+
+class _CountingScans:
+    """Wraps a backend; counts range scans under a prefix."""
+
+    def __init__(self, backend: StateBackend) -> None:
+        self.inner = backend
+        self.scans = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def range_scan(self, prefix: bytes) -> Any:
+        self.scans += 1
+        return self.inner.range_scan(prefix)
+
+
+def test_map_first_touches_of_a_fresh_state_do_not_scan(store: OperatorStateStore) -> None:
+    counting = _CountingScans(store.backend)
+    fresh = OperatorStateStore(counting, PK)
+    op = bound(fresh)
+    for i in range(100):  # a new user per record
+        fresh.current_key = f"user-{i}".encode()
+        assert op.words.get("x") is None
+        op.words.put("x", i)
+    checkpoint(fresh)
+    for i in range(100, 200):
+        fresh.current_key = f"user-{i}".encode()
+        op.words.put("x", i)
+    assert counting.scans == 1  # one look at the state's prefix, not one per user
+    fresh.current_key = b"user-7"
+    assert op.words.get("x") == 7
+
+
+def test_map_loads_from_the_backend_after_an_eviction(store: OperatorStateStore) -> None:
+    small = OperatorStateStore(store.backend, PK, cache_max_entries=5)
+    op = bound(small)
+    for i in range(20):
+        small.current_key = f"user-{i}".encode()
+        op.words.put("a", i)
+        op.words.put("b", -i)
+    checkpoint(small)  # evicts maps: they are in the backend only now
+    assert small.stats().cached_entries <= 5
+    for i in range(20):
+        small.current_key = f"user-{i}".encode()
+        assert dict(op.words.items()) == {"a": i, "b": -i}
+
+
+def test_map_loads_from_the_backend_after_a_restore(make_backend: Any) -> None:
+    source = OperatorStateStore(make_backend(), PK)
+    op = bound(source)
+    source.current_key = b"alice"
+    op.words.put("w", 1)
+    changelog = source.take_changes()
+
+    target = OperatorStateStore(make_backend(), PK)
+    top = bound(target)
+    target.current_key = b"bob"
+    assert top.words.get("w") is None  # decided "complete" while the backend was empty
+    target.restore(iter(changelog))
+    target.current_key = b"alice"
+    assert top.words.get("w") == 1  # a restore makes it look again
+    keys = [k for k, _ in changelog]
+    values = [v for _, v in changelog]
+    other = OperatorStateStore(make_backend(), PK)
+    oop = bound(other)
+    other.current_key = b"carol"
+    assert oop.words.is_empty()
+    other.restore_columns(keys, values)
+    other.current_key = b"alice"
+    assert oop.words.get("w") == 1
+
+
+def test_map_reopened_over_a_backend_with_state_scans(store: OperatorStateStore) -> None:
+    op = bound(store)
+    store.current_key = b"alice"
+    op.words.put("w", 3)
+    checkpoint(store)
+    again, op2 = reopen(store)  # a warm restart: the backend holds alice's map
+    again.current_key = b"bob"
+    assert op2.words.get("w") is None
+    again.current_key = b"alice"
+    assert op2.words.get("w") == 3
