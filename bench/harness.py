@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
 import struct
@@ -77,6 +78,25 @@ def ensure_venv(name: str) -> Path:
 
 
 # -- broker ----------------------------------------------------------------------------------
+def fresh_local_broker(run_dir: Path) -> Any:
+    """The bench's own broker, on an empty cluster unless it is already running.
+
+    Every run leaves its topics behind, and the cluster's size is not neutral: with ~1,000
+    idle partitions left by earlier runs (bench/scale.py creates 256 per topic), headrace's
+    S5 at-least-once CPU per word went from 4.1 to 5.6 s per million while the plain floor's
+    stayed at 3.4 (issue 18, 2026-12-04), which made one session's figures drift run after run.
+    So a broker this harness starts starts empty; one already running (or --bootstrap) is used
+    as it is.
+    """
+    from headrace.runtime.localkafka import LocalBroker
+
+    broker = LocalBroker(run_dir)
+    if not broker.is_running():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        broker = LocalBroker(run_dir)
+    return broker
+
+
 class Broker:
     """Our own LocalBroker in bench/.run/broker (or an external one given by --bootstrap)."""
 
@@ -90,10 +110,9 @@ class Broker:
     def __enter__(self) -> Broker:
         if self.external:
             return self
-        from headrace.runtime.localkafka import LocalBroker
 
         os.environ.setdefault("HEADRACE_KAFKA_JVM_OPTS", "-Xms512m -Xmx1g")
-        self.local = LocalBroker(RUN_DIR / "broker")
+        self.local = fresh_local_broker(RUN_DIR / "broker")
         self.started_here = not self.local.is_running()
         self.local.start()
         self.bootstrap = self.local.bootstrap_servers
