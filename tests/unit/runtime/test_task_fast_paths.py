@@ -466,3 +466,29 @@ def test_compiled_steps_see_state_restored_after_the_task_was_built(name: str) -
         store.apply_changes([])  # evicts every clean cache entry
     task.feed(second)
     assert task.out == reference.out
+
+
+def test_the_inlined_hop_sequence_is_barrier_sequence() -> None:
+    """The at-least-once hop writes ``hr.seq`` inline (chain.repartition_sequenced): it must
+    stay the number barrier.sequence gives, which is what readers of records already in a
+    repartition topic compare against."""
+    from headrace.runtime.checkpoint.barrier import SEQUENCE_HEADER, sequence
+
+    job = Job("seq")
+    (
+        job.source("in", key_serde=STR, value_serde=STR)
+        .flat_map(lambda line: line.split())
+        .key_by(lambda word: word, key_serde=STR)
+        .count(name="counts")
+        .sink("out", key_serde=STR, value_serde=INT)
+    )
+    stage = job.stages[0]
+    task = StageTask(
+        job, stage, 0, {}, clock=lambda: 1_000.0, downstream_partitions=4, sequence_outputs=True
+    )
+    task.open()
+    lines = records([(STR.serialize("k"), STR.serialize("a b c")), (None, STR.serialize("d"))])
+    task.run(lines, 0, len(lines))
+    got = [dict(out[4])[SEQUENCE_HEADER] for out in task.out]
+    want = [sequence(0, 0, 0), sequence(0, 1, 0), sequence(0, 2, 0), sequence(1, 0, 0)]
+    assert got == [b"%d" % s for s in want]
