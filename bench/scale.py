@@ -9,11 +9,14 @@ processes (``headrace run``), memory backend, and this measures:
 
 * **start**: seconds from starting W workers until every task of both stages runs (the workers'
   ``headrace_tasks{state="running"}`` add up to P per stage and every worker's ``/ready`` is 200);
-* **join**: the same after one more worker joins (a rebalance of both groups);
-* **idle** (no input for ``--idle-s`` seconds, after a short warm-up): CPU of every worker and of
-  the broker in % of one core, and the control records the job writes per second (the growth of
-  the end offsets of its internal topics: barriers on the repartition topic, transaction markers,
-  checkpoint acks, changelog claims);
+* **warm-up**: a few lines into every input partition (so that every task has input and state,
+  as in production); ``warm_quiet_s``: seconds until the job's internal topics stop growing;
+* **join**: the same after one more worker joins (a rebalance of both groups), and
+  ``join_quiet_s``: seconds until the internal topics stop growing after it;
+* **idle** (no input for ``--idle-s`` seconds, once the join has settled): CPU of every worker
+  and of the broker in % of one core, and the control records the job writes per second (the
+  growth of the end offsets of its internal topics: barriers on the repartition topic,
+  transaction markers, checkpoint acks, changelog claims);
 * **peak RSS** per worker (``VmHWM``);
 * **checkpoint duration** p50/p99 of every task checkpoint of the run (``<job>.checkpoints``).
 
@@ -128,6 +131,19 @@ async def internal_end_offsets(bootstrap: str, topics: list[str]) -> int:
         await consumer.stop()
 
 
+async def quiet_after(bootstrap: str, topics: list[str], still_s: float = 3.0) -> float:
+    """Seconds until the job's internal topics stop growing (unchanged for ``still_s``; at
+    most 120 s): how long the traffic of the last change lasts."""
+    started = last_change = time.monotonic()
+    last = await internal_end_offsets(bootstrap, topics)
+    while time.monotonic() - last_change < still_s and time.monotonic() - started < 120:
+        await asyncio.sleep(0.5)
+        now = await internal_end_offsets(bootstrap, topics)
+        if now != last:
+            last, last_change = now, time.monotonic()
+    return round(last_change - started, 1)
+
+
 def broker_pid() -> int | None:
     run_dir = os.environ.get("HEADRACE_LOCAL_BROKER_DIR")
     from headrace.runtime.localkafka import LocalBroker
@@ -161,10 +177,15 @@ async def one(
     try:
         procs = [Worker(env, logs / f"{tag}-w{i}.log") for i in range(workers)]
         res["start_s"] = await all_running(procs, partitions, stages=2)
+        internal = [f"{tag}.stage1.repartition", f"{tag}.counts.changelog", f"{tag}.checkpoints"]
+        # a few lines into every partition: every task has input and state, as in production
+        lines = [(None, f"warm up w{i % 50} w{i % 7}".encode()) for i in range(4 * partitions)]
+        await h.produce(bootstrap, source, lines, partitions=partitions)
+        res["warm_quiet_s"] = await quiet_after(bootstrap, internal)
         procs.append(Worker(env, logs / f"{tag}-w{workers}.log"))
         res["join_s"] = await all_running(procs, partitions, stages=2)
-        await asyncio.sleep(3.0)  # the rebalance's checkpoints and claims settle
-        internal = [f"{tag}.stage1.repartition", f"{tag}.counts.changelog", f"{tag}.checkpoints"]
+        # until the rebalance's checkpoints, claims and barrier rounds have settled
+        res["join_quiet_s"] = await quiet_after(bootstrap, internal)
         bpid = broker_pid()
         cpu0 = [h.proc_cpu(w.proc.pid) for w in procs]
         bcpu0 = h.proc_cpu(bpid) if bpid else None

@@ -69,9 +69,11 @@ class TaskIO:
     changelog_last: dict[str, int | None] = field(default_factory=dict)
     #: deliveries of outputs sent since the last checkpoint (acknowledged at the next one)
     unacked: list[Delivery] = field(default_factory=list)
-    #: offsets of the last committed checkpoint, per input (topic, partition), and its skip list
+    #: offsets of the last committed checkpoint, per input (topic, partition), its skip list
+    #: and its quiet upstream channels (checkpoint/alignment.py, "Quiet channels")
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     committed_skip: dict[int, int] = field(default_factory=dict)
+    committed_quiet: dict[int, int | None] = field(default_factory=dict)
     #: the task's own transactional producer (exactly-once) or None
     producer: AIOKafkaProducer | None = None
     restored: bool = False
@@ -148,9 +150,16 @@ async def commit_checkpoint(
     committer: Committer,
     pending: PendingCheckpoint,
     observe: CommitObserver | None = None,
-) -> CommitResult:
+) -> CommitResult | None:
     """Commit ``pending`` and apply the result: the task writes the changes into its local
-    stores and releases held records; the outputs the commit sent are counted."""
+    stores and releases held records; the outputs the commit sent are counted. An idle
+    checkpoint (ARCHITECTURE.md 5.8) is not committed (None), except an ownership's first
+    (checkpoint/fencing.py), or with a claim to write again or keys to rewrite."""
+    if pending.idle and not (io.reclaim or io.foreign) and (io.knows_commit or not pending.offsets):
+        io.task.counters.idle_checkpoints += 1
+        io.task.checkpoint_committed({})
+        return None
+    pending.idle = False  # committed after all (and a claim may join its changes)
     if io.reclaim and io.epoch is not None:
         # An ownership that started without a checkpoint has committed one: its claim goes
         # out again with hr.committed, so the changelog proves a commit even if this task
@@ -451,12 +460,15 @@ class StageHost:
         """Open the task's operators at the committed cut (its skip list and dedupe marks)."""
         meta = start.meta
         io.committed = dict(start.positions)
+        io.committed_skip, io.committed_quiet = (meta.skip, meta.quiet) if meta else ({}, {})
         io.task.open(
             last_checkpoint=meta.checkpoint_id if meta else 0,
             positions=dict(start.positions),
             skip=meta.skip if meta else None,
             seen=meta.seen if meta else None,
             watermark=meta.watermark if meta else None,
+            quiet=meta.quiet if meta else None,
+            loud=meta.loud if meta and self.exactly_once else None,
         )
         io.restored = True
 

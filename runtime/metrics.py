@@ -163,6 +163,7 @@ class _TaskCollector(Collector):
             "unaligned_checkpoints": families[5],
             "deduplicated": families[6],
             "late": families[13],
+            "idle_checkpoints": families[16],
         }
         tasks, restored, restore_total, lag, ready, broker = families[7:13]
         watermark, watermark_lag = families[14:16]
@@ -272,6 +273,12 @@ class _TaskCollector(Collector):
             GaugeMetricFamily(
                 "headrace_watermark_lag_seconds",
                 "How far the task's watermark is behind the wall clock.",
+                labels=task_labels,
+            ),
+            CounterMetricFamily(
+                "headrace_idle_checkpoints",
+                "Checkpoints a task did not commit: nothing read, written or changed since the "
+                "last one.",
                 labels=task_labels,
             ),
         ]

@@ -135,6 +135,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         #: a stop-with-savepoint is draining the job: a source stage reads no more input
         #: (runtime/kafka/control.py); its tasks still checkpoint, on the clock
         self.draining = False
+        #: a savepoint is under way: every task commits every checkpoint and sends its barriers
+        #: to every partition (StageTask.full_rounds), whatever the stage
+        self.full_rounds = False
         self.lock = asyncio.Lock()
         layout = worker.layout
         assert layout is not None
@@ -282,11 +285,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _send_outputs(self) -> None:
         for io in list(self.tasks.values()):
-            out = io.task.out
-            if out:
+            if io.task.out:
                 self.lease.check(f"outputs of task {io.name}")
-                records = out[:]
-                out.clear()
+                records = io.task.take_outputs()
                 io.task.counters.records_out += len(records)
                 io.unacked += await io.sender.send(records)
 
@@ -478,7 +479,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             # meanwhile (fencing the old one) without committing anything.
             self._use_producer(io, producer)
             await producer.begin_transaction()
-        io.task.rewind(io.committed, io.committed_skip)
+        io.task.rewind(io.committed, io.committed_skip, io.committed_quiet)
         for tp in self.input_tps(p):
             off = io.committed.get((tp.topic, tp.partition))
             if off is not None:
@@ -493,7 +494,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def drain(self) -> None:
         """Stop reading the job's input (a source stage; other stages go on until their input
-        is consumed): the first step of a stop-with-savepoint."""
+        is consumed): the first step of a stop-with-savepoint. Every stage's tasks commit
+        every checkpoint from now on, with full barrier rounds, so that the savepoint command
+        sees a complete, aligned cut after the pause (an idle task would commit nothing)."""
+        self._set_full_rounds(True)
         if self.draining or self.stage.source.internal:
             return
         self.draining = True
@@ -504,6 +508,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def undrain(self) -> None:
         """The savepoint was taken and the job goes on: read input again."""
+        self._set_full_rounds(False)
         if not self.draining:
             return
         self.draining = False
@@ -511,13 +516,20 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             self._resume_input(p)
         log.info("stage %s: input resumed after the savepoint", self.stage.name)
 
+    def _set_full_rounds(self, on: bool) -> None:
+        self.full_rounds = on
+        for io in [*self.tasks.values(), *self.restoring.values(), *self.suspended.values()]:
+            io.task.full_rounds = on
+
     def _make_task(self, partition: int, producer: AIOKafkaProducer | None) -> TaskIO:
         """A task and its I/O; ``producer`` is its own transactional one, else the shared one."""
         sending = producer or self.worker.shared_producer
         assert sending is not None
-        return self.host.create(
+        io = self.host.create(
             partition, BatchSender(sending, self.worker.partition_counts()), producer
         )
+        io.task.full_rounds = self.full_rounds
+        return io
 
     def _transactional_producer(self, partition: int) -> AIOKafkaProducer:
         """The task's own producer; its start (init_transactions) fences a zombie owner and

@@ -217,14 +217,17 @@ class JobTester:
             self._crash_phase = None
             raise _SimulatedCrash(phase)
 
-    def crash(self) -> None:
-        """Every task dies without a final checkpoint; open transactions are aborted."""
-        for io in self.tasks.values():
+    def crash(self, stage: str | None = None) -> None:
+        """Every task dies without a final checkpoint; open transactions are aborted.
+        ``stage``: only that stage's tasks (its consumer group lost them; the others go on)."""
+        for (name, p), io in list(self.tasks.items()):
+            if stage is not None and name != stage:
+                continue
             if isinstance(io.producer, _MemoryProducer):
                 io.producer.abort()
             for store in io.task.stores.values():
                 store.backend.close()
-        self.tasks.clear()
+            del self.tasks[(name, p)]
         self._dead = True
 
     def close(self) -> None:
@@ -258,9 +261,7 @@ class JobTester:
                     progressed = True
                     await StageHost.settle(io, self._committer(io), self.now)
                 if io.task.out:
-                    out = io.task.out[:]
-                    io.task.out.clear()
-                    io.unacked += await io.sender.send(out)
+                    io.unacked += await io.sender.send(io.task.take_outputs())
             if not progressed:
                 return
         raise RuntimeError("the job did not settle; is an operator emitting without end?")
@@ -279,11 +280,13 @@ class JobTester:
         return c
 
     async def _start(self) -> None:
-        """Create every task and restore it from its changelog and committed offsets."""
+        """Create every task that is not running and restore it from its changelog and
+        committed offsets."""
         self._dead = False
         for stage in self.job.stages:
             for p in range(self.layout.partitions_of(stage)):
-                self.tasks[(stage.name, p)] = await self._restore_task(stage, p)
+                if (stage.name, p) not in self.tasks:
+                    self.tasks[(stage.name, p)] = await self._restore_task(stage, p)
 
     def _host(self, stage: Stage) -> StageHost:
         host = self._hosts.get(stage.name)

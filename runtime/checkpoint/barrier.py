@@ -25,6 +25,9 @@ SEQUENCE_HEADER = "hr.seq"
 TIME_HEADER = "hr.ts"
 WATERMARK_HEADER = "hr.wm"
 IDLE = b"idle"
+#: on a barrier: nothing of the writing task follows it in this partition until a data record
+#: of its does (checkpoint/alignment.py, "Quiet channels")
+QUIET_HEADER = "hr.quiet"
 
 # At-least-once dedupe across a repartition hop.
 #
@@ -90,12 +93,15 @@ def read_internal(
 
 
 def barrier_headers(
-    channel: int, checkpoint_id: int, watermark: bytes | None = None
+    channel: int, checkpoint_id: int, watermark: bytes | None = None, quiet: bool = False
 ) -> list[tuple[str, bytes]]:
-    """A barrier's headers; ``watermark`` (event-time jobs): ``b"<ms>"`` or :data:`IDLE`."""
+    """A barrier's headers; ``watermark`` (event-time jobs): ``b"<ms>"`` or :data:`IDLE`;
+    ``quiet``: the writer sends nothing more to this partition until it sends data."""
     headers = [(CHANNEL_HEADER, b"%d" % channel), (BARRIER_HEADER, b"%d" % checkpoint_id)]
     if watermark is not None:
         headers.append((WATERMARK_HEADER, watermark))
+    if quiet:
+        headers.append((QUIET_HEADER, b"1"))
     return headers
 
 

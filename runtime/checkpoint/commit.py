@@ -81,6 +81,7 @@ class CommitTarget(Protocol):
     unacked: list[Delivery]
     committed: dict[tuple[str, int], int]
     committed_skip: dict[int, int]
+    committed_quiet: dict[int, int | None]
     producer: AIOKafkaProducer | None
     epoch_headers: list[tuple[str, bytes]] | None
     foreign: list[tuple[str, int, int]]
@@ -165,6 +166,7 @@ class Committer:
             io.unacked += await sender.send([ack])
         io.committed = dict(pending.offsets)
         io.committed_skip = dict(pending.skip)
+        io.committed_quiet = dict(pending.quiet)
         seconds = time.perf_counter() - started
         log.debug(
             "task %s committed checkpoint %d (%d changed keys, %.1f ms%s)",
@@ -214,6 +216,8 @@ class Committer:
             {op: off for op, off in io.changelog_last.items() if off is not None},
             pending.seen,
             watermark=pending.watermark,
+            quiet=pending.quiet,
+            loud=pending.loud if self.exactly_once else None,
         ).encode()
         if len(document) <= METADATA_LIMIT or io.cuts_topic is None:
             return document

@@ -1,11 +1,12 @@
 """How far a consumer group is behind, in data records: what lies past a committed checkpoint.
 
 Kafka's usual lag, end offset minus committed offset, overstates what a headrace task still
-has to do, and never reaches 0 on a repartition topic: checkpoint barriers follow the last data
+has to do, and rarely reaches 0 on a repartition topic: checkpoint barriers follow the last data
 record (a caught-up downstream commits at its next checkpoint, and that round's barriers come
-after it), under exactly-once every transaction ends in a commit marker that takes an offset
-but is never delivered, and an aligned checkpoint commits the smallest cut of its channels, so
-records of the other channels past it are already processed (ARCHITECTURE.md section 5.4).
+after it, until a quiet round ends them), under exactly-once every transaction ends in a
+commit marker that takes an offset but is never delivered, and an aligned checkpoint commits
+the smallest cut of its channels, so records of the other channels past it are already
+processed (ARCHITECTURE.md section 5.4).
 :func:`data_lag` counts what the task will really process; ``headrace status`` shows it.
 """
 

@@ -3,7 +3,10 @@
 After committing checkpoint ``n`` a task appends an ack (under exactly-once inside the same
 transaction, so only committed checkpoints are ever acknowledged). Checkpoint ``n`` of the job is
 complete when every task of every stage has acknowledged it; since barrier ids come from the
-clock, a complete checkpoint is a consistent cut of the whole job.
+clock, a complete checkpoint is a consistent cut of the whole job. A task with nothing to commit
+(no input, output or state change since its last checkpoint) skips the commit and its ack
+(ARCHITECTURE.md 5.8): while part of a job is idle its checkpoints are not complete, and while
+a savepoint drains the job every task acknowledges every checkpoint again.
 """
 
 from __future__ import annotations

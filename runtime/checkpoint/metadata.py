@@ -12,6 +12,14 @@ restore a task exactly, so that no extra topic has to agree with the offsets:
   sequence number processed (see :mod:`headrace.runtime.checkpoint.barrier`);
 * ``wm``: event-time jobs only, the task's watermark at the cut (a restored task goes on from
   it; see :mod:`headrace.runtime.task.timers`);
+* ``q``: the upstream channels that were quiet at the cut, as a hexadecimal bit mask (bit ``c``
+  for channel ``c``), and ``qwm`` (event-time jobs) their watermarks in channel order, ``null``
+  for idle: a quiet channel sends no barrier until it sends data, so a restored task must know
+  not to wait for one (:mod:`headrace.runtime.checkpoint.alignment`, "Quiet channels");
+* ``lo``: exactly-once, a stage with a repartition output: the downstream partitions whose last
+  barrier from this task was not quiet, as a bit mask. The next owner goes on from it instead
+  of sending a barrier to every partition (aborted writes are invisible, so the committed
+  barriers are all a downstream task has seen). Absent: unknown, a full round;
 * ``cl``: per stateful operator, the changelog offset after this checkpoint's writes. Under
   at-least-once the changelog may hold writes of a checkpoint that never committed its offsets;
   restore treats records past ``cl`` as stale (ARCHITECTURE.md section 5.5).
@@ -37,6 +45,7 @@ taken for "no checkpoint", because that would treat the whole changelog as stale
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import orjson
@@ -63,6 +72,10 @@ class CheckpointMetadata:
     spilled_at: int | None = None
     #: the task's watermark at the cut (event-time jobs)
     watermark: int | None = None
+    #: upstream channels quiet at the cut -> their watermark (event-time jobs; else None)
+    quiet: dict[int, int | None] = field(default_factory=dict)
+    #: downstream partitions whose last barrier was not quiet (None: not recorded)
+    loud: frozenset[int] | None = None
 
     @staticmethod
     def reference(checkpoint_id: int, offset: int) -> str:
@@ -79,7 +92,24 @@ class CheckpointMetadata:
             doc["seen"] = {str(c): x for c, x in self.seen.items()}
         if self.watermark is not None:
             doc["wm"] = self.watermark
+        if self.quiet:
+            channels = sorted(self.quiet)
+            doc["q"] = _mask(channels)
+            if any(self.quiet[c] is not None for c in channels):
+                doc["qwm"] = [self.quiet[c] for c in channels]
+        if self.loud is not None:
+            doc["lo"] = _mask(self.loud)
         return orjson.dumps(doc).decode()
+
+    @staticmethod
+    def _quiet(doc: dict[str, object]) -> dict[int, int | None]:
+        channels = _unmask(str(doc.get("q", "0")))
+        watermarks = doc.get("qwm")
+        if watermarks is None:
+            return dict.fromkeys(channels)
+        if not isinstance(watermarks, list) or len(watermarks) != len(channels):
+            raise ValueError(f"qwm {watermarks!r} does not match the quiet channels {channels}")
+        return {c: None if w is None else int(w) for c, w in zip(channels, watermarks, strict=True)}
 
     @classmethod
     def decode(cls, text: str | None) -> CheckpointMetadata | None:
@@ -108,8 +138,20 @@ class CheckpointMetadata:
                 {str(k): int(v) for k, v in doc.get("cl", {}).items()},
                 {int(c): int(x) for c, x in doc.get("seen", {}).items()},
                 watermark=None if doc.get("wm") is None else int(doc["wm"]),
+                quiet=cls._quiet(doc),
+                loud=None if "lo" not in doc else frozenset(_unmask(str(doc["lo"]))),
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointMetadataError(
                 f"damaged checkpoint metadata {text[:200]!r}: {exc}"
             ) from exc
+
+
+def _mask(channels: Iterable[int]) -> str:
+    """A set of small non-negative integers as a hexadecimal bit mask (bit ``c`` for ``c``)."""
+    return format(sum(1 << c for c in set(channels)), "x")
+
+
+def _unmask(text: str) -> list[int]:
+    mask = int(text, 16)
+    return [c for c in range(mask.bit_length()) if mask >> c & 1]

@@ -34,11 +34,19 @@ class PendingCheckpoint:
     seen: dict[int, int]
     #: outputs produced before the cut (they belong to this checkpoint's transaction)
     outputs: list[OutRecord]
-    #: barrier records for every partition of the repartition output, if any
+    #: barrier records for the partitions of the repartition output that need one
     barriers: list[OutRecord] = field(default_factory=list)
     alignment_seconds: float = 0.0
     #: the task's watermark at the cut (event-time jobs; None otherwise)
     watermark: int | None = None
+    #: quiet upstream channels at the cut -> their watermark (checkpoint/alignment.py)
+    quiet: dict[int, int | None] = field(default_factory=dict)
+    #: downstream partitions whose barrier from this checkpoint was not quiet (None: the stage
+    #: has no repartition output); recorded under exactly-once for the next owner
+    loud: frozenset[int] | None = None
+    #: nothing happened since the last committed checkpoint: same cut, no state change, no
+    #: output, no barrier. The host may skip its commit (host.commit_checkpoint)
+    idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from headrace.runtime.checkpoint.alignment import BarrierAligner
 from headrace.runtime.checkpoint.barrier import (
     BARRIER_HEADER,
     CHANNEL_HEADER,
+    QUIET_HEADER,
     SEQ_TOPIC_BITS,
     SEQUENCE_HEADER,
     TIME_HEADER,
@@ -66,13 +67,15 @@ class CutOwner(Protocol):
 
 @dataclass(slots=True)
 class Cut:
-    """Where a checkpoint falls: its id, the input offsets, the per-channel skip list."""
+    """Where a checkpoint falls: its id, the input offsets, the per-channel skip list and the
+    quiet channels (checkpoint/alignment.py)."""
 
     checkpoint_id: int
     offsets: dict[tuple[str, int], int]
     skip: dict[int, int]
     aligned: bool
     alignment_seconds: float
+    quiet: dict[int, int | None] = field(default_factory=dict)
 
 
 class ClockCut:
@@ -86,6 +89,7 @@ class ClockCut:
         self,
         positions: dict[tuple[str, int], int],
         skip: dict[int, int] | None,
+        quiet: dict[int, int | None] | None = None,
     ) -> None:
         self.positions = dict(positions)
 
@@ -137,9 +141,11 @@ class AlignedCut:
         self.upstream_partitions = upstream_partitions
         self.timeout = timeout
         self.topic = task.stage.source.topics[0]
-        self.aligner = self._aligner(0, None)
+        self.aligner = self._aligner(0, None, None)
 
-    def _aligner(self, position: int, skip: dict[int, int] | None) -> BarrierAligner:
+    def _aligner(
+        self, position: int, skip: dict[int, int] | None, quiet: dict[int, int | None] | None
+    ) -> BarrierAligner:
         time = self.task.time
         return BarrierAligner(
             self.upstream_partitions,
@@ -148,6 +154,8 @@ class AlignedCut:
             skip=skip,
             timeout=self.timeout,
             clock=self.task.clock,
+            quiet=quiet,
+            event_time=time is not None,
             **({"watermark": time.watermark} if time is not None else {}),
         )
 
@@ -155,8 +163,12 @@ class AlignedCut:
         self,
         positions: dict[tuple[str, int], int],
         skip: dict[int, int] | None,
+        quiet: dict[int, int | None] | None = None,
     ) -> None:
-        self.aligner = self._aligner(positions.get((self.topic, self.task.partition), 0), skip)
+        position = positions.get((self.topic, self.task.partition), 0)
+        self.aligner = self._aligner(position, skip, quiet)
+        if quiet and self.task.time is not None:
+            self._follow_watermark()  # quiet channels keep the watermark they went quiet with
 
     rewind = open
 
@@ -216,11 +228,13 @@ class AlignedCut:
                 if batch:
                     task.run(batch, 0, len(batch))
                     batch = []
+                # the writer's fast shape (two headers) is a barrier that is not quiet
+                quiet = nh > 2 and read_header(headers, QUIET_HEADER) is not None
                 if time is None:
-                    aligner.on_barrier(channel, r.offset, int(barrier))
+                    aligner.on_barrier(channel, r.offset, int(barrier), None, quiet)
                 else:
                     wm = read_header(headers, WATERMARK_HEADER)
-                    aligner.on_barrier(channel, r.offset, int(barrier), wm)
+                    aligner.on_barrier(channel, r.offset, int(barrier), wm, quiet)
                     self._follow_watermark()
                 if aligner.ready:
                     task.counters.records_in += counted
@@ -292,7 +306,7 @@ class AlignedCut:
         seconds = self.aligner.alignment_seconds()
         cut = self.aligner.cut(force=force)
         offsets = {(self.topic, self.task.partition): cut.offset}
-        return Cut(cut.checkpoint_id, offsets, cut.skip, cut.aligned, seconds)
+        return Cut(cut.checkpoint_id, offsets, cut.skip, cut.aligned, seconds, cut.quiet)
 
     def committed(self, pending: PendingCheckpoint) -> None:
         """Release the records held for this checkpoint, and cut again if the next barrier

@@ -131,6 +131,8 @@ class TaskCounters:
     dead_lettered: int = 0
     checkpoints: int = 0
     unaligned_checkpoints: int = 0
+    #: checkpoints with nothing to commit (no input, output or state change since the last)
+    idle_checkpoints: int = 0
     #: at-least-once: repartition records dropped as replays of records seen before
     deduplicated: int = 0
     #: event time: records that fell only into closed windows (kept in a late topic, or

@@ -11,7 +11,7 @@ prepares, so both run exactly this code. The parts live next to it: the compiled
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -36,7 +36,7 @@ from headrace.runtime.task.records import (
 )
 from headrace.runtime.task.timers import TaskTime
 
-_key_of, _value_of = itemgetter(0), itemgetter(1)
+_key_of, _value_of, _partition_of = itemgetter(0), itemgetter(1), itemgetter(1)
 log = logging.getLogger("headrace.runtime.task")
 
 
@@ -76,6 +76,20 @@ class StageTask:
         self.pending: PendingCheckpoint | None = None
         self.last_checkpoint = 0
         self.downstream_partitions = downstream_partitions
+        #: repartition partitions written since the last barrier round (see :meth:`_barriers`)
+        self._written: set[int | None] = set()
+        #: partitions whose last barrier was not quiet; None: none sent by this ownership yet
+        self._loud: set[int] | None = None
+        #: the watermark the last barrier round carried (event-time jobs)
+        self._barrier_watermark: bytes | None = None
+        #: a savepoint drains the job: every checkpoint commits, with barriers to every
+        #: partition, so that the savepoint command sees a complete cut (kafka/control.py)
+        self.full_rounds = False
+        #: outputs left the task since the last checkpoint (they belong to the next commit)
+        self._sent = False
+        #: the last committed cut (offsets, skip, seen, watermark, quiet): a checkpoint that
+        #: equals it and carries nothing is idle (:meth:`prepare`)
+        self._committed: tuple[object, ...] | None = None
         self.errors = RecordErrors(
             error_policy or job.error_policy, job.dead_letter_topic, self.counters, self.out
         )
@@ -150,15 +164,35 @@ class StageTask:
         skip: dict[int, int] | None = None,
         seen: dict[int, int] | None = None,
         watermark: int | None = None,
+        quiet: dict[int, int | None] | None = None,
+        loud: frozenset[int] | None = None,
     ) -> None:
         """Start after restore: ``positions`` are the committed offsets per input partition,
-        ``watermark`` the committed cut's (event-time jobs)."""
+        ``watermark`` the committed cut's (event-time jobs), ``quiet`` its quiet channels,
+        ``loud`` (exactly-once) the partitions whose last committed barrier was not quiet: the
+        barrier rounds go on from there (None: the first round goes to every partition; so
+        with event time, whose barriers also carry the watermark).
+
+        A task without a committed checkpoint waits for every upstream channel's first
+        barrier, and each new ownership without a record of its round sends one to every
+        partition. (Starting with every channel quiet instead would spare a new job that
+        round, but a quiet channel's first records may miss the checkpoint of their interval,
+        and at a job's start that would be every channel's: its first checkpoints would not
+        be job-wide cuts.)"""
         self.last_checkpoint = last_checkpoint
         self.seen = dict(seen or {})
         if self.time is not None:
             inputs = [] if self.stage.source.internal else list(self.stage.source.topics)
             self.time.open(inputs, watermark)
-        self.cut.open(dict(positions or {}), skip)
+        self.cut.open(dict(positions or {}), skip, quiet)
+        self._loud = set(loud) if loud is not None and self.time is None else None
+        self._committed = (
+            dict(positions or {}),
+            dict(skip or {}),
+            dict(seen or {}),
+            None if self.time is None else self.time.watermark,
+            dict(quiet or {}),
+        )
         for op, ctx in zip(self.operators, self._contexts, strict=True):
             op.open(ctx)
 
@@ -170,13 +204,35 @@ class StageTask:
         for op in self.operators:
             op.close()
 
-    def rewind(self, positions: dict[tuple[str, int], int], skip: dict[int, int]) -> None:
+    def rewind(
+        self,
+        positions: dict[tuple[str, int], int],
+        skip: dict[int, int],
+        quiet: dict[int, int | None] | None = None,
+    ) -> None:
         """Reset the input cut to the last committed checkpoint (a suspended task resumes).
 
         The state is the committed state (a final checkpoint releases nothing), so reading again
         from the committed offsets, skipping per channel what the cut already includes, is exact.
+        The next barrier round goes to every partition, as a new ownership's does.
         """
-        self.cut.rewind(dict(positions), skip)
+        self.cut.rewind(dict(positions), skip, quiet)
+        self._loud = None
+        self._written = set()
+
+    def take_outputs(self) -> list[OutRecord]:
+        """The outputs produced since the last call, for the driver to send now.
+
+        Noting where they go is what lets a barrier round skip the repartition partitions
+        this task wrote nothing to (:meth:`_barriers`); a C-level pass per batch sent."""
+        out = self.out
+        records = out[:]
+        out.clear()
+        if records:
+            self._sent = True
+            if self.downstream_partitions:
+                self._written.update(map(_partition_of, records))
+        return records
 
     # -- records -----------------------------------------------------------------------------
     def feed(self, records: Sequence[RawRecord], start: int = 0) -> int:
@@ -230,14 +286,18 @@ class StageTask:
         output = self.stage.output
         watermark = None if self.time is None else self.time.watermark
         if isinstance(output, RepartitionSpec) and self.downstream_partitions:
-            wm = None
-            if self.time is not None:
-                wm = b"idle" if self.time.idle else b"%d" % self.time.watermark
-            headers = barrier_headers(self.partition, cut.checkpoint_id, wm)
-            barriers = [
-                (output.topic, p, None, b"", headers, None)
-                for p in range(self.downstream_partitions)
-            ]
+            barriers = self._barriers(output.topic, cut.checkpoint_id, outputs)
+        idle = (
+            not final
+            and not self.full_rounds
+            and not self._sent
+            and not outputs
+            and not barriers
+            and not any(changes.values())
+            and self._committed == (cut.offsets, cut.skip, self.seen, watermark, cut.quiet)
+        )
+        self._sent = False
+        loud = None if self._loud is None else frozenset(self._loud)
         self.pending = PendingCheckpoint(
             cut.checkpoint_id,
             cut.offsets,
@@ -250,7 +310,46 @@ class StageTask:
             barriers,
             cut.alignment_seconds,
             watermark,
+            cut.quiet,
+            loud,
+            idle,
         )
+
+    def _barriers(
+        self, topic: str, checkpoint_id: int, outputs: list[OutRecord]
+    ) -> list[OutRecord]:
+        """The barrier records of checkpoint ``checkpoint_id``: a barrier to each repartition
+        partition written since the last round, and a *quiet* one to each that got a barrier
+        last round but no data since (checkpoint/alignment.py, "Quiet channels"); to every
+        partition on a new ownership's first round, when the watermark changed (downstream
+        watermarks move only with barriers) and while a savepoint drains the job.
+
+        A job with no input therefore writes no barrier after one quiet round, and one with
+        input writes as many as there are partitions its data went to.
+        """
+        count = self.downstream_partitions
+        assert count
+        written = self._written
+        if outputs:
+            written.update(map(_partition_of, outputs))
+        self._written = set()
+        wm = None
+        if self.time is not None:
+            wm = b"idle" if self.time.idle else b"%d" % self.time.watermark
+        loud = self._loud
+        targets: Iterable[int]
+        if loud is None or self.full_rounds or wm != self._barrier_watermark:
+            targets = range(count)
+        else:
+            targets = sorted(p for p in written | loud if p is not None and 0 <= p < count)
+        headers = barrier_headers(self.partition, checkpoint_id, wm)
+        quiet = barrier_headers(self.partition, checkpoint_id, wm, quiet=True)
+        barriers: list[OutRecord] = [
+            (topic, p, None, b"", headers if p in written else quiet, None) for p in targets
+        ]
+        self._loud = {p for p in written if p is not None and 0 <= p < count}
+        self._barrier_watermark = wm
+        return barriers
 
     def _check_fits(self, op_id: str, changes: list[tuple[bytes, bytes | None]]) -> None:
         """Every changelog record of a checkpoint fits its topic (the broker would refuse the
@@ -307,13 +406,22 @@ class StageTask:
         """The pending checkpoint is durable: update local stores, release held records."""
         pending = self.pending
         assert pending is not None
-        for op_id, store in self.stores.items():
-            store.apply_changes(
-                pending.changes.get(op_id, []), changelog_offset=changelog_offsets.get(op_id)
+        if not pending.idle:
+            for op_id, store in self.stores.items():
+                store.apply_changes(
+                    pending.changes.get(op_id, []), changelog_offset=changelog_offsets.get(op_id)
+                )
+            self._committed = (
+                pending.offsets,
+                pending.skip,
+                pending.seen,
+                pending.watermark,
+                pending.quiet,
             )
         self.pending = None
         self.last_checkpoint = max(self.last_checkpoint, pending.checkpoint_id)
-        self.counters.checkpoints += 1
+        if not pending.idle:
+            self.counters.checkpoints += 1
         if not pending.aligned:
             self.counters.unaligned_checkpoints += 1
         self.cut.committed(pending)

@@ -1,0 +1,174 @@
+"""Checkpoint traffic follows the data (issue 18 item 5), with the in-process driver.
+
+An upstream task writes a barrier only to the repartition partitions it wrote data to since
+its last barrier there, and one quiet barrier after that (checkpoint/alignment.py, "Quiet
+channels"); a checkpoint with nothing to commit is not committed (host.commit_checkpoint). So a
+job without input writes nothing at all after one round, and the counts stay exact across
+crashes that restore downstream tasks whose channels are quiet.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from examples.wordcount import build
+from headrace import INT, STR, Job
+from headrace.runtime.checkpoint.barrier import BARRIER_HEADER, QUIET_HEADER
+from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.testing import JobTester
+
+PARTITIONS = 4
+
+
+def barriers(tester: JobTester) -> set[tuple[int, int, int, bool]]:
+    """(partition, offset, channel, quiet) of every barrier on the repartition topic so far."""
+    topic = tester.job.stages[0].output.topic  # type: ignore[union-attr]
+    found = set()
+    for r in tester.records(topic):
+        headers = dict(r.headers)
+        if BARRIER_HEADER in headers:
+            found.add((r.partition, r.offset, int(headers["hr.ch"]), QUIET_HEADER in headers))
+    return found
+
+
+def written(tester: JobTester) -> tuple[int, int]:
+    """Records on the repartition topic, and checkpoint acks (one per committed checkpoint)."""
+    topic = tester.job.stages[0].output.topic  # type: ignore[union-attr]
+    return len(tester.records(topic)), len(tester.records(tester.job.checkpoint_topic))
+
+
+def counts(tester: JobTester) -> dict[str, int]:
+    return {k: v for (_, k), v in tester.state("counts").items()}
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_an_idle_job_writes_nothing_after_one_quiet_round(guarantee: str) -> None:
+    with JobTester(build(), partitions=PARTITIONS, guarantee=guarantee) as tester:
+        lines = ["a b c d e f g h", "i j k l m n o p"]
+        for line in lines:
+            tester.send("lines", line)
+        tester.checkpoint()
+        tester.checkpoint()  # the quiet round
+        tester.checkpoint()  # downstream commits having read it
+        assert counts(tester) == Counter(" ".join(lines).split())
+        before = written(tester)
+        for _ in range(5):
+            tester.checkpoint()
+        # no barrier, no checkpoint ack, no commit: nothing moved
+        assert written(tester) == before
+        # the source tasks still reach each checkpoint on the clock, and skip its commit
+        # (downstream tasks reach none: no barrier comes)
+        sources = [io for (stage, _), io in tester.tasks.items() if stage == "stage0"]
+        assert all(io.task.counters.idle_checkpoints >= 5 for io in sources)
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_barriers_go_where_the_data_went_then_one_quiet_one(guarantee: str) -> None:
+    with JobTester(build(), partitions=PARTITIONS, guarantee=guarantee) as tester:
+        tester.send("lines", "warmup every partition gets words", partition=0)
+        for _ in range(3):
+            tester.checkpoint()
+        before = barriers(tester)
+        # a new job: every source task's first round goes to every partition, quiet where
+        # it had no data (the downstream tasks wait for every channel's first barrier)
+        assert {ch for _, _, ch, _ in before} == set(range(PARTITIONS))
+        # one word, from source partition 1: one repartition partition gets data
+        tester.send("lines", "solo", partition=1)
+        tester.checkpoint()
+        tester.checkpoint()
+        tester.checkpoint()
+        new = barriers(tester) - before
+        # a barrier with the data, then a quiet one, to that partition only, from that channel
+        assert sorted((ch, quiet) for _, _, ch, quiet in new) == [(1, False), (1, True)]
+        assert len({p for p, _, _, _ in new}) == 1
+        assert counts(tester)["solo"] == 1
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_restored_task_does_not_wait_for_quiet_channels(guarantee: str) -> None:
+    """The quiet channels are part of the committed cut: a downstream task restored while
+    every upstream is quiet (its stage's group lost it; the upstream tasks go on, and send
+    no barrier to a partition they send no data) checkpoints as soon as one of them sends
+    data again."""
+    with JobTester(build(), partitions=PARTITIONS, guarantee=guarantee) as tester:
+        tester.send("lines", "one two three four five six", partition=0)
+        for _ in range(4):
+            tester.checkpoint()
+        tester.crash("stage1")
+        tester.checkpoint()  # restore the downstream tasks
+        tester.send("lines", "two", partition=3)
+        tester.checkpoint()
+        tester.checkpoint()
+        tester.crash("stage1")  # only what was committed survives
+        tester.checkpoint()
+        assert counts(tester)["two"] == 2
+        down = [io for (stage, _), io in tester.tasks.items() if stage == "stage1"]
+        assert all(io.task.counters.unaligned_checkpoints == 0 for io in down)
+
+
+def test_quiet_channels_round_trip_through_the_checkpoint_metadata() -> None:
+    plain = CheckpointMetadata(7, quiet=dict.fromkeys(range(256)))
+    text = plain.encode()
+    assert len(text) < 120  # a bit mask: 256 quiet channels fit the offset metadata easily
+    assert CheckpointMetadata.decode(text) == plain
+    timed = CheckpointMetadata(7, watermark=90, quiet={0: 100, 3: None, 9: 120})
+    assert CheckpointMetadata.decode(timed.encode()) == timed
+    assert CheckpointMetadata.decode(CheckpointMetadata(7).encode()) == CheckpointMetadata(7)
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_new_owner_goes_on_from_the_committed_barrier_round(guarantee: str) -> None:
+    """Under exactly-once the downstream has seen only committed barriers, and the checkpoint
+    records which partitions got a barrier that was not quiet: a new owner goes on from there
+    (a restart or a rebalance of 256 partitions would otherwise write 256 x 256 barriers).
+    Under at-least-once a crashed owner may have written data after its last commit, so a new
+    owner's first round goes to every partition."""
+    with JobTester(build(), partitions=PARTITIONS, guarantee=guarantee) as tester:
+        # every source task gets input: the record of its round is kept with its offsets (a
+        # task that never had input has none, and its new owners send a full round)
+        for p in range(PARTITIONS):
+            tester.send("lines", "one two three four five six seven eight nine", partition=p)
+        tester.checkpoint()  # data and barriers
+        tester.crash()  # the last committed round was not quiet
+        tester.checkpoint()
+        tester.checkpoint()
+        tester.checkpoint()
+        before = barriers(tester)
+        tester.crash("stage0")
+        for _ in range(3):
+            tester.checkpoint()
+        new = barriers(tester) - before
+        if guarantee == "exactly_once":
+            assert new == set()
+        else:  # a quiet barrier from every source task to every partition
+            assert sorted((ch, quiet) for _, _, ch, quiet in new) == sorted(
+                (ch, True) for ch in range(PARTITIONS) for _ in range(PARTITIONS)
+            )
+        tester.send("lines", "two", partition=1)
+        tester.checkpoint()
+        tester.checkpoint()
+        assert counts(tester)["two"] == PARTITIONS + 1
+
+
+def test_an_idle_checkpoint_that_must_commit_after_all_updates_the_local_store() -> None:
+    """Under at-least-once an ownership's first commit makes the next checkpoint write the
+    claim again (checkpoint/fencing.py): that one is committed even with nothing else to do,
+    and the claim and the changelog offset reach the local store like any commit's."""
+    job = Job("idle-claim")
+    job.source("words", key_serde=STR, value_serde=STR).count(name="counts").sink(
+        "out", key_serde=STR, value_serde=INT
+    )
+    with JobTester(job, partitions=1, guarantee="at_least_once") as tester:
+        tester.send("words", "a", key="a")
+        tester.checkpoint()  # the first commit
+        io = tester.tasks[("stage0", 0)]
+        assert io.reclaim
+        tester.checkpoint()  # nothing new, but the claim goes out again
+        assert not io.reclaim
+        assert io.task.counters.checkpoints == 2 and io.task.counters.idle_checkpoints == 0
+        store = io.task.stores["counts"]
+        assert store.changelog_offset == io.changelog_last["counts"]
+        tester.checkpoint()  # now idle: skipped
+        assert io.task.counters.idle_checkpoints == 1
