@@ -280,18 +280,16 @@ class StageTask:
         changes = {op_id: store.take_changes() for op_id, store in self.stores.items()}
         for op_id, store_changes in changes.items():
             self._check_fits(op_id, store_changes)
-        outputs = self.out[:]
-        self.out.clear()
+        outputs = self.take_outputs()  # the rest of this checkpoint's (they go in its commit)
         barriers: list[OutRecord] = []
         output = self.stage.output
         watermark = None if self.time is None else self.time.watermark
         if isinstance(output, RepartitionSpec) and self.downstream_partitions:
-            barriers = self._barriers(output.topic, cut.checkpoint_id, outputs)
+            barriers = self._barriers(output.topic, cut.checkpoint_id)
         idle = (
             not final
             and not self.full_rounds
-            and not self._sent
-            and not outputs
+            and not self._sent  # outputs since the last checkpoint, sent or in this one
             and not barriers
             and not any(changes.values())
             and self._committed == (cut.offsets, cut.skip, self.seen, watermark, cut.quiet)
@@ -315,9 +313,7 @@ class StageTask:
             idle,
         )
 
-    def _barriers(
-        self, topic: str, checkpoint_id: int, outputs: list[OutRecord]
-    ) -> list[OutRecord]:
+    def _barriers(self, topic: str, checkpoint_id: int) -> list[OutRecord]:
         """The barrier records of checkpoint ``checkpoint_id``: a barrier to each repartition
         partition written since the last round, and a *quiet* one to each that got a barrier
         last round but no data since (checkpoint/alignment.py, "Quiet channels"); to every
@@ -329,10 +325,7 @@ class StageTask:
         """
         count = self.downstream_partitions
         assert count
-        written = self._written
-        if outputs:
-            written.update(map(_partition_of, outputs))
-        self._written = set()
+        written, self._written = self._written, set()
         wm = None
         if self.time is not None:
             wm = b"idle" if self.time.idle else b"%d" % self.time.watermark
