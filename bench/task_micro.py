@@ -52,13 +52,19 @@ import cProfile
 import gc
 import pstats
 import random
+import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.structs import ConsumerRecord
 from systems.plain import count_and_send_batches  # bench/ is sys.path[0]
+
+sys.path.insert(0, str(Path(__file__).parent / "systems"))  # the floors import each other flat
+from plain_twohop import partitioner, send_grouped
+from plain_user import count_users
 
 from headrace.operators.job import Job
 from headrace.operators.operator import Context, Operator
@@ -103,6 +109,10 @@ def make_polls(n: int) -> list[Poll]:
         p = (murmur2(k) & 0x7FFFFFFF) % PARTITIONS
         off = len(parts[p])
         parts[p].append((INPUT, p, off, 1_700_000_000_000 + i, 0, k, v, None, len(k), len(v), ()))
+    return _interleave(parts)
+
+
+def _interleave(parts: list[Poll]) -> list[Poll]:
     polls = []
     longest = max(len(x) for x in parts)
     for start in range(0, longest, POLL):
@@ -169,9 +179,35 @@ class UserCount(Operator):
 
 
 OPERATOR = "builtin"  # --operator
+SCENARIO = "s1"  # --scenario
+
+
+def user_polls(n: int, *, categories: int = 20, seed: int = 7) -> list[Poll]:
+    """S6's input as ``bench/run.py:user_workload`` makes it (same users, categories, seed),
+    partitioned and polled like :func:`make_polls`."""
+    rng = random.Random(seed)
+    users = [f"u{i:06d}" for i in range(max(1000, n // 10))]
+    cats = [f"cat{i:02d}" for i in range(categories)]
+    parts: list[Poll] = [[] for _ in range(PARTITIONS)]
+    for i in range(n):
+        user, cat = rng.choice(users), rng.choice(cats)
+        head = f"{cat}|{i} ".encode()
+        k, v = user.encode(), head + b"x" * max(0, 100 - len(head))
+        p = (murmur2(k) & 0x7FFFFFFF) % PARTITIONS
+        off = len(parts[p])
+        parts[p].append((INPUT, p, off, 1_700_000_000_000 + i, 0, k, v, None, len(k), len(v), ()))
+    return _interleave(parts)
+
+
+def s6_job() -> Job:
+    from systems.headrace_count import user_job
+
+    return user_job("s6", INPUT, OUTPUT)
 
 
 def s1_job() -> Job:
+    if SCENARIO == "s6":
+        return s6_job()
     job = Job("s1")
     source = job.source(INPUT, key_serde=STR, value_serde=BYTES)
     if OPERATOR == "user":
@@ -249,6 +285,20 @@ class HeadraceS1:
                 step(self.sender.send(batch))
 
 
+class PlainS6:
+    """bench/systems/plain_user.py's loop body (``count_users``), one poll at a time."""
+
+    def __init__(self, producer: StubProducer) -> None:
+        self.producer = producer
+        self.totals: dict[bytes, int] = {}
+        self.per_category: dict[bytes, dict[bytes, int]] = {}
+        self.partition = partitioner(PARTITIONS)
+
+    def poll(self, records: list[Any]) -> None:
+        groups = count_users(records, self.totals, self.per_category, self.partition)
+        step(send_grouped(self.producer, OUTPUT, groups))
+
+
 class PlainS1:
     """bench/systems/plain.py --mode keyed --send batch, one poll at a time."""
 
@@ -309,7 +359,8 @@ def measure(systems: dict[str, System], polls: list[Poll], runs: int, n: int) ->
     expected: dict[bytes, int] = {}
     for poll in polls:
         for args in poll:
-            expected[args[5]] = expected.get(args[5], 0) + 1
+            key = args[5] if SCENARIO == "s1" else args[5] + b":" + args[6].split(b"|", 1)[0]
+            expected[key] = expected.get(key, 0) + 1
     best = {name: float("inf") for name in systems}
     for r in range(runs):
         for name, make in systems.items():
@@ -335,10 +386,17 @@ def main() -> None:
         default="builtin",
         help="count() (S1) or the same count written as a user operator",
     )
+    ap.add_argument(
+        "--scenario",
+        choices=["s1", "s6"],
+        default="s1",
+        help="s1: S1's keys and count (default); s6: S6's users and its user operator "
+        "(a ValueState and a MapState) against plain_user.py's loop",
+    )
     a = ap.parse_args()
-    global OPERATOR
-    OPERATOR = a.operator
-    polls = make_polls(a.records)
+    global OPERATOR, SCENARIO
+    OPERATOR, SCENARIO = a.operator, a.scenario
+    polls = make_polls(a.records) if SCENARIO == "s1" else user_polls(a.records)
     if a.profile:
         prof = cProfile.Profile()
         system = HeadraceS1(StubProducer())
@@ -350,8 +408,9 @@ def main() -> None:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         return
     keys = len({args[5] for poll in polls for args in poll})
-    print(f"S1-like: {a.records:,} records, {keys:,} keys, {len(polls)} polls")
-    best = measure({"plain": PlainS1, "headrace": HeadraceS1}, polls, a.runs, a.records)
+    print(f"{SCENARIO.upper()}-like: {a.records:,} records, {keys:,} keys, {len(polls)} polls")
+    plain = PlainS1 if SCENARIO == "s1" else PlainS6
+    best = measure({"plain": plain, "headrace": HeadraceS1}, polls, a.runs, a.records)
     for name, ns in best.items():
         print(f"  {name:<10} {ns:8.0f} CPU ns/record (best of {a.runs})")
     ratio = best["headrace"] / best["plain"]

@@ -14,10 +14,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from plain import I64
 from plain_twohop import partitioner, send_grouped
+
+
+def count_users(
+    records: list[Any],
+    totals: dict[bytes, int],
+    per_category: dict[bytes, dict[bytes, int]],
+    partition: Callable[[bytes], int],
+) -> dict[int, list[tuple[bytes, bytes | None]]]:
+    """The floor's per-poll work: both counts per record, the outputs grouped per partition.
+    ``bench/task_micro.py --scenario s6`` times this same function."""
+    groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
+    for r in records:
+        user = r.key
+        category = r.value.split(b"|", 1)[0]
+        totals[user] = totals.get(user, 0) + 1
+        cats = per_category.get(user)
+        if cats is None:
+            cats = per_category[user] = {}
+        n = cats.get(category, 0) + 1
+        cats[category] = n
+        k = user + b":" + category
+        p = partition(k)
+        g = groups.get(p)
+        if g is None:
+            g = groups[p] = []
+        g.append((k, I64(n)))
+    return groups
 
 
 async def main() -> None:
@@ -51,22 +80,7 @@ async def main() -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=100, max_records=2000)
             for records in batches.values():
-                groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
-                for r in records:
-                    user = r.key
-                    category = r.value.split(b"|", 1)[0]
-                    totals[user] = totals.get(user, 0) + 1
-                    cats = per_category.get(user)
-                    if cats is None:
-                        cats = per_category[user] = {}
-                    n = cats.get(category, 0) + 1
-                    cats[category] = n
-                    k = user + b":" + category
-                    p = partition(k)
-                    g = groups.get(p)
-                    if g is None:
-                        g = groups[p] = []
-                    g.append((k, I64(n)))
+                groups = count_users(records, totals, per_category, partition)
                 await send_grouped(producer, a.output, groups)
     finally:
         await producer.stop()

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -59,6 +60,7 @@ from headrace.runtime.kafka.producer import (
 )
 
 log = logging.getLogger(__name__)
+_key_of, _value_of = itemgetter(0), itemgetter(1)
 
 
 class CommitTarget(Protocol):
@@ -126,7 +128,8 @@ class Committer:
         for op_id, changes in pending.changes.items():
             if changes:
                 changed += len(changes)
-                size += sum(len(k) + (len(v) if v is not None else 0) for k, v in changes)
+                size += sum(map(len, map(_key_of, changes)))  # C loops: every change, every
+                size += sum(map(len, filter(None, map(_value_of, changes))))  # checkpoint
                 topic = io.changelog_topics[op_id]
                 changelog[op_id] = await sender.send_pairs(
                     topic, io.partition, changes, io.epoch_headers

@@ -19,7 +19,9 @@ Bulk loads (:meth:`MemoryBackend.write_columns`, the changelog restore) into a b
 nothing sorted yet skip even that per-key bookkeeping: the pairs go into the dict with one
 ``dict.update`` (a C loop), the next scan sorts the keys of the dict (what sorting the pending
 additions would have cost anyway, since every key is one), and :meth:`size_bytes` recounts the
-bytes once when asked.
+bytes once when asked. A checkpoint's changes into sorted keys are patched in, unless the
+pending additions since the last scan outgrow a quarter of the sorted keys: then the backend
+drops the bookkeeping and the next scan sorts (see :meth:`MemoryBackend.write_columns`).
 """
 
 from __future__ import annotations
@@ -112,6 +114,16 @@ class MemoryBackend:
         if self._sorted and not self._rebuild:
             # Keys were sorted by an earlier scan: keep them patchable (a checkpoint's changes).
             self._patch_columns(keys, values)
+            if len(self._added) + len(self._removed) <= max(_PATCH_LIMIT, len(self._sorted) >> 2):
+                return
+            # Pending work comparable to the sorted keys: the next scan's merge would cost
+            # about what sorting the dict's keys does, so stop the bookkeeping until then.
+            # Amortised: a store scanned between its checkpoints (eviction, TTL) keeps few
+            # pending keys and stays patchable; one that is rarely scanned (S6: one scan, at
+            # its first map load, then millions of new keys) writes at dict.update speed.
+            self._rebuild = True
+            self._added.clear()
+            self._removed.clear()
             return
         # Nothing sorted to keep up to date (a restore into an empty store): no per-key
         # bookkeeping. The next scan sorts the dict's keys; size_bytes() recounts.
@@ -173,8 +185,9 @@ class MemoryBackend:
                 delete(key)
         put_values = cast("list[bytes]", values)
         new = unique.difference(data)  # C: set minus dict keys
-        old_bytes = sum(map(len, filter(None, map(data.get, keys))))
-        self._size += sum(map(len, put_values)) - old_bytes + sum(map(len, new))
+        # The byte size is recounted when asked (size_bytes): keeping it exact cost two more
+        # passes of dict lookups per checkpoint for a figure nothing reads on the hot path.
+        self._size_known = False
         removed = self._removed
         if removed and new:
             back = new & removed  # deleted since the last scan, still in the sorted keys

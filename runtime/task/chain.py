@@ -39,13 +39,9 @@ from headrace.runtime.checkpoint.barrier import (
     TIME_HEADER,
     channel_headers,
 )
+from headrace.runtime.state.encoding import fast_serde_function
 from headrace.runtime.state.handles import ABSENT, MISS
-from headrace.runtime.task.fusion import (
-    builtin_handle,
-    builtin_step,
-    fast_serde_function,
-    never_none,
-)
+from headrace.runtime.task.fusion import builtin_handle, builtin_step, never_none
 from headrace.runtime.task.records import (
     FAILED,
     KEY_CHANGED,

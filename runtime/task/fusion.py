@@ -1,7 +1,9 @@
 """Fast paths of the per-record loop that change no behaviour.
 
 * the built-in serdes' functions are replaced by narrower C-level variants that fall back to
-  the serde's own function whenever they raise (:func:`fast_serde_function`);
+  the serde's own function whenever they raise
+  (:func:`headrace.runtime.state.encoding.fast_serde_function`, also used by the handles'
+  serialisation at checkpoints);
 * the built-in ``count``/``sum``/``reduce``/``aggregate`` operators run as steps that read and
   write their handle's cache directly (:func:`builtin_step`, through the handle's
   :meth:`~headrace.runtime.state.handles.base.BoundState.cache_port`): no ``Record``, context
@@ -10,45 +12,18 @@
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
-import orjson
-
 from headrace.operators.builtins import builtin_kind
 from headrace.operators.operator import Operator
-from headrace.operators.serde import BYTES, FLOAT, INT, JSON, STR
+from headrace.operators.serde import BYTES, FLOAT, INT, STR
 from headrace.runtime.state.handles import ABSENT, MISS, AggregatingHandle, ValueHandle
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task.records import Step
 
-#: Narrower C-level variants of the built-in serdes' functions, tried first on the per-record
-#: path. Wherever a variant returns, its result equals the serde function's; where it raises
-#: (another input type such as a bytearray, or a genuinely bad value) the serde's own function
-#: runs and decides, so results and reported errors are the serde's.
-_FAST_SERDE: dict[Any, Callable[[Any], Any]] = {
-    STR.deserialize: bytes.decode,  # bytes(data).decode("utf-8")
-    STR.serialize: str.encode,  # value.encode("utf-8"); (a str subclass overriding encode()
-    # is encoded as the str it is)
-    BYTES.deserialize: bytes.__bytes__,  # bytes(data): BYTES.serialize is the same function
-    INT.serialize: struct.Struct(">q").pack,
-    FLOAT.serialize: struct.Struct(">d").pack,
-    JSON.deserialize: orjson.loads,
-    JSON.serialize: orjson.dumps,
-}
-
-
 #: Deserializers that never return None (a None key is written as no key by a sink).
 _NEVER_NONE = frozenset({STR.deserialize, BYTES.deserialize, INT.deserialize, FLOAT.deserialize})
-
-
-def fast_serde_function(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """The faster variant of a built-in serde function (see _FAST_SERDE), else ``fn``."""
-    try:
-        return _FAST_SERDE.get(fn, fn)
-    except TypeError:  # an unhashable callable object
-        return fn
 
 
 def never_none(fn: Callable[[Any], Any]) -> bool:

@@ -9,7 +9,13 @@ from typing import Any, ClassVar, NamedTuple, Protocol
 from headrace.operators.serde import Serde, SerdeError
 from headrace.operators.state import StateDescriptor, StateKind
 from headrace.runtime.state.backend import StateBackend
-from headrace.runtime.state.encoding import U32, expiry_of, payload, with_expiry
+from headrace.runtime.state.encoding import (
+    U32,
+    expiry_of,
+    fast_serde_function,
+    payload,
+    with_expiry,
+)
 from headrace.runtime.state.keys import StatePartitionKey, state_prefix
 
 Change = tuple[bytes, bytes | None]
@@ -265,6 +271,22 @@ class _ScalarState(BoundState):
 
     # store hooks
     def changes(self, out: list[Change]) -> None:
+        to_bytes: Callable[[Any], bytes] = self._to_bytes
+        if type(self)._to_bytes is _ScalarState._to_bytes:
+            to_bytes = self._serde.serialize
+            fast = fast_serde_function(to_bytes)
+            if fast is not to_bytes:
+                mark = len(out)
+                try:
+                    self._serialize_dirty(out, fast)  # a C-level serde variant first
+                    self._dirty.clear()
+                    return
+                except Exception:
+                    del out[mark:]  # the serde's own function decides (and names the error)
+        self._serialize_dirty(out, to_bytes)
+        self._dirty.clear()
+
+    def _serialize_dirty(self, out: list[Change], to_bytes: Callable[[Any], bytes]) -> None:
         # Runs once per dirty key per checkpoint: locals instead of attribute/method lookups.
         cache = self._cache
         ttl = self._ttl
@@ -272,14 +294,12 @@ class _ScalarState(BoundState):
         pack = U32.pack
         scoped = self._scoped  # scoped: the user key is already the record key's bytes
         ukb_of = self._ukb
-        to_bytes: Callable[[Any], bytes] = self._to_bytes
-        if type(self)._to_bytes is _ScalarState._to_bytes:
-            to_bytes = self._serde.serialize
+        dirty = list(self._dirty)
+        values = list(map(cache.pop, dirty))  # move them to the end (most recently written,
+        cache.update(zip(dirty, values, strict=True))  # see evict), C loops, same order
         uk: Any = None
         try:
-            for uk in self._dirty:
-                value = cache.pop(uk)
-                cache[uk] = value  # move to the end: most recently written
+            for uk, value in zip(dirty, values, strict=True):
                 ukb = uk if scoped else ukb_of(uk)
                 key = prefix + pack(len(ukb)) + ukb
                 if value is _ABSENT:
@@ -292,7 +312,6 @@ class _ScalarState(BoundState):
             raise
         except Exception as exc:
             raise self._error(uk, "serialize", exc) from exc
-        self._dirty.clear()
 
     @property
     def record_scoped(self) -> bool:

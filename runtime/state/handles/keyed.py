@@ -4,6 +4,7 @@ per map key, so a map grows without being rewritten)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Any
 
 from headrace.operators.serde import Serde, SerdeError
@@ -14,7 +15,13 @@ from headrace.operators.state import (
     MapStateDescriptor,
     StateKind,
 )
-from headrace.runtime.state.encoding import MAP_TAG, expiry_of, payload, with_expiry
+from headrace.runtime.state.encoding import (
+    MAP_TAG,
+    expiry_of,
+    fast_serde_function,
+    payload,
+    with_expiry,
+)
 from headrace.runtime.state.handles.base import (
     _ABSENT,
     _MISS,
@@ -271,16 +278,28 @@ class MapHandle(BoundState, MapState[Any, Any]):
 
     # store hooks
     def changes(self, out: list[Change]) -> None:
+        kser, ser = self._key_serde.serialize, self._serde.serialize
+        kfast, fast = fast_serde_function(kser), fast_serde_function(ser)
+        mark = len(out)
+        try:
+            self._serialize_dirty(out, kfast, fast)  # C-level serde variants first
+        except Exception:
+            del out[mark:]  # the serdes' own functions decide (and name the error)
+            self._serialize_dirty(out, kser, ser)
+        self._dirty.clear()
+
+    def _serialize_dirty(
+        self, out: list[Change], kser: Callable[[Any], bytes], ser: Callable[[Any], bytes]
+    ) -> None:
         cache = self._cache
-        kser = self._key_serde.serialize
-        ser = self._serde.serialize
         ttl = self._ttl
         uk: bytes = b""
         mk: Any = None
+        dirty = list(self._dirty.items())
+        maps = list(map(cache.pop, map(itemgetter(0), dirty)))  # to the end (see evict), with
+        cache.update(zip(map(itemgetter(0), dirty), maps, strict=True))  # C loops, same order
         try:
-            for uk, keys in self._dirty.items():
-                entries = cache.pop(uk)
-                cache[uk] = entries
+            for (uk, keys), entries in zip(dirty, maps, strict=True):
                 base = self._skey(uk) + MAP_TAG
                 for mk in keys:
                     value = entries.get(mk, _MISS)
@@ -293,7 +312,6 @@ class MapHandle(BoundState, MapState[Any, Any]):
                         out.append((skey, with_expiry(value.expires, ser(value.value))))
         except Exception as exc:
             raise self._error((uk, mk), "serialize map entry", exc) from exc
-        self._dirty.clear()
 
     def decode_entry(self, user_key: bytes, map_key: bytes | None, raw: bytes) -> tuple[Any, Any]:
         try:

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from headrace.runtime.kafka.producer import BatchSender, _raw_append
+from headrace.runtime.kafka.producer import BatchSender, _raw_append, murmur2, murmur2_python
 
 
 class _Meta:
@@ -101,3 +103,39 @@ def test_a_full_batch_is_closed_before_it_is_submitted() -> None:
     send(producer, [("out", 0, b"k", b"x" * 100, [], None)] * 5, [])
     assert len(producer.sent) >= 2
     assert all(batch.closed() for _, _, batch in producer.sent[:-1])
+
+
+# -- output partitioning ---------------------------------------------------------------------------
+
+
+# A key must land in the partition every other Kafka client picks for it (the Java client's
+# Utils.murmur2, which aiokafka's pure-Python partitioner reproduces), whichever murmur2 this
+# platform runs.
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_murmur2_is_kafkas_murmur2(key: bytes) -> None:
+    from aiokafka.partitioner import murmur2 as aiokafka_murmur2
+
+    assert murmur2(key) == murmur2_python(key) == aiokafka_murmur2(bytearray(key))
+
+
+def test_the_native_murmur2_is_used_where_its_wheel_is_installed() -> None:
+    pytest.importorskip("murmurhash2")
+    assert murmur2 is not murmur2_python
+
+
+def test_batch_sender_partitions_keys_as_kafka_does() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    producer = StubProducer(1 << 20)
+    sender = BatchSender(producer, {"out": 7})  # type: ignore[arg-type]
+    keys = [f"user-{i}".encode() for i in range(500)]
+    records = [("out", None, k, b"v", [], None) for k in keys]
+    asyncio.run(sender.send(records))  # type: ignore[arg-type]
+    got = {
+        rec.key: p
+        for topic, p, batch in producer.sent
+        for rec in DefaultRecordBatch(bytearray(batch._builder.build()))
+    }
+    partitioner = DefaultPartitioner()
+    assert got == {k: partitioner(k, list(range(7)), list(range(7))) for k in keys}

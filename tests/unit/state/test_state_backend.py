@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headrace.runtime.state import SnapshotError, StateBackend, open_backend
+from headrace.runtime.state import memory as memory_module
 from headrace.runtime.state.memory import MemoryBackend
 
 BackendFactory = Callable[[], StateBackend]
@@ -194,6 +195,38 @@ def test_memory_sorted_index_patch_and_rebuild_paths() -> None:
                 model[key] = b"v"
         assert list(backend.range_scan(b"")) == sorted(model.items())
         assert list(backend.range_scan(b"01")) == expected_scan(model, b"01")
+
+
+@backend_settings
+@given(ops=ops)
+def test_memory_switches_between_patching_and_sorting_exactly(
+    monkeypatch: pytest.MonkeyPatch, ops: list[tuple[Any, ...]]
+) -> None:
+    """With a patch limit of 2 a memory backend keeps switching between patching its sorted
+    keys and dropping them for a sort at the next scan: content, scans and size stay exact."""
+    monkeypatch.setattr(memory_module, "_PATCH_LIMIT", 2)
+    backend = MemoryBackend()
+    model: dict[bytes, bytes] = {}
+    for op in ops:
+        apply(backend, model, op)
+        assert backend.size_bytes() == sum(len(k) + len(v) for k, v in model.items())
+    assert list(backend.range_scan(b"")) == sorted(model.items())
+
+
+def test_memory_stops_patching_when_the_pending_keys_outgrow_the_sorted_ones() -> None:
+    backend = MemoryBackend()
+    backend.write_columns([b"a%05d" % i for i in range(1000)], [b"v"] * 1000)
+    assert len(list(backend.range_scan(b""))) == 1000  # sorted now
+    small = [b"b%05d" % i for i in range(100)]
+    backend.write_columns(small, [b"w"] * 100)  # 100 pending of 1,100: patched
+    assert not backend._rebuild and backend._added == set(small)
+    many = [b"c%05d" % i for i in range(500)]
+    backend.write_columns(many, [b"x"] * 500)  # 600 pending: the next scan sorts
+    assert backend._rebuild and not backend._added
+    assert [k for k, _ in backend.range_scan(b"b")] == small
+    assert [k for k, _ in backend.range_scan(b"c")] == many
+    assert backend.key_count() == 1600
+    assert backend.size_bytes() == 1600 * 7
 
 
 def test_memory_bulk_load_defers_sorting_and_size() -> None:

@@ -544,6 +544,23 @@ def test_serde_error_names_state_operator_and_key(store: OperatorStateStore) -> 
         op.seen.get()
 
 
+def test_a_value_the_fast_serde_refuses_is_reported_by_the_serde(
+    store: OperatorStateStore,
+) -> None:
+    """Checkpoint serialisation tries C-level variants of the built-in serdes first; where one
+    raises, the serde's own function decides and names the state, key and map key."""
+    op = bound(store)
+    store.current_key = b"user-1"
+    op.words.put("fine", 1)
+    op.words.put(7, 2)  # type: ignore[arg-type]  # not a str: STR cannot encode it
+    with pytest.raises(SerdeError) as info:
+        store.take_changes()
+    assert info.value.what == "state 'words' of operator 'counter'"
+    assert "7" in str(info.value) and "user-1" in str(info.value)
+    with pytest.raises(SerdeError):  # nothing was taken: the entries are still dirty
+        store.take_changes()
+
+
 def test_bind_errors(store: OperatorStateStore) -> None:
     class Slotted:
         __slots__ = ()
