@@ -56,6 +56,9 @@ from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.status import Operations
 from headrace.runtime.view import InputLag, StageSnapshot
 
+#: how long a scrape (or a savepoint's drain check) waits for consumer positions, all together
+LAG_DEADLINE_S = 0.5
+
 log = logging.getLogger(__name__)
 
 
@@ -144,9 +147,22 @@ class Worker:
     async def input_lag(self) -> InputLag:
         """Last stable offset (exactly-once) or high watermark minus the consumer's position,
         per running task input. Both come from the last fetch response, so this costs no
-        request; partitions not fetched yet are left out."""
-        lag: InputLag = {}
+        request; partitions not fetched yet, or whose position is not known within
+        :data:`LAG_DEADLINE_S`, are left out."""
+        return (await self._input_lag())[0]
+
+    async def _input_lag(self) -> tuple[InputLag, set[tuple[str, str, int]]]:
+        """The lag and the inputs whose position was not known in time.
+
+        A position is usually known at once; it is not while a seek waits for the broker (a
+        rewind, a task starting, an outage). The positions are awaited together, under one
+        deadline: a scrape of /metrics used to await them one by one, up to a second each, so a
+        worker with many partitions answered it slowly or not at all during an outage, when it
+        is needed most."""
         exactly_once = self.settings.exactly_once
+        keys: list[tuple[str, str, int]] = []
+        ends: list[int] = []
+        positions: list[asyncio.Task[int]] = []
         for runner in list(self.runners):
             consumer = runner.consumer
             for p in list(runner.tasks):
@@ -157,13 +173,27 @@ class Worker:
                             if exactly_once
                             else consumer.highwater(tp)
                         )
-                        if end is None or end < 0:
-                            continue
-                        position = await asyncio.wait_for(consumer.position(tp), 1.0)
-                    except Exception:  # revoked meanwhile, or no position yet
+                    except Exception:  # revoked meanwhile
                         continue
-                    lag[(runner.stage.name, tp.topic, tp.partition)] = max(0, end - position)
-        return lag
+                    if end is None or end < 0:
+                        continue
+                    keys.append((runner.stage.name, tp.topic, tp.partition))
+                    ends.append(end)
+                    positions.append(asyncio.ensure_future(consumer.position(tp)))
+        if not positions:
+            return {}, set()
+        _, late = await asyncio.wait(positions, timeout=LAG_DEADLINE_S)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*positions, return_exceptions=True)
+        lag: InputLag = {}
+        unknown: set[tuple[str, str, int]] = set()
+        for key, end, task in zip(keys, ends, positions, strict=True):
+            if task.cancelled() or task.exception() is not None:
+                unknown.add(key)  # not known in time, or revoked meanwhile
+            else:
+                lag[key] = max(0, end - task.result())
+        return lag, unknown
 
     async def run(self) -> None:
         s = self.settings
@@ -276,7 +306,9 @@ class Worker:
                 aligner = getattr(io.task.cut, "aligner", None)
                 if aligner is not None and (aligner.held_count() or aligner.aligning):
                     return False
-        lag = await self.input_lag()
+        lag, unknown = await self._input_lag()
+        if any(stage in internal for stage, _, _ in unknown):
+            return False  # a position not known yet is not "nothing behind it"
         return all(n == 0 for (stage, _, _), n in lag.items() if stage in internal)
 
     async def _start_shared_producer(self) -> None:

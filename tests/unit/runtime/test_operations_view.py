@@ -3,6 +3,8 @@ the status table, and why /ready says no."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -177,3 +179,60 @@ def test_metrics_export_watermarks_and_late_records_per_task() -> None:
     assert ("headrace_watermark_ms", "1") not in found  # no event time: no watermark sample
     assert found[("headrace_late_records_total", "0")] == 3
     assert found[("headrace_watermark_lag_seconds", "0")] > 1_000_000
+
+
+class _Consumer:
+    """aiokafka's consumer as the lag reads it: ends from the last fetch, positions that are
+    known at once except for ``waiting`` partitions (a seek waiting for the broker)."""
+
+    def __init__(self, waiting: set[int], behind: bool) -> None:
+        self.waiting = waiting
+        self.behind = behind  # positions 90 + partition, else at the end (100)
+
+    def last_stable_offset(self, tp: Any) -> int:
+        return 100
+
+    async def position(self, tp: Any) -> int:
+        if tp.partition in self.waiting:
+            await asyncio.sleep(3600)
+        return 90 + tp.partition if self.behind else 100
+
+
+def _lag_worker(
+    stage: str, partitions: int, waiting: set[int], *, internal: bool, behind: bool = True
+) -> Any:
+    from aiokafka.structs import TopicPartition
+
+    from headrace.operators.job import Job
+    from headrace.runtime.config import Settings
+    from headrace.runtime.worker import Worker
+
+    runner = SimpleNamespace(
+        consumer=_Consumer(waiting, behind),
+        tasks={p: SimpleNamespace(task=SimpleNamespace(cut=None)) for p in range(partitions)},
+        input_tps=lambda p: [TopicPartition("in", p)],
+        stage=SimpleNamespace(name=stage, source=SimpleNamespace(internal=internal)),
+        restoring=False,
+    )
+    worker = Worker(Job("lag"), Settings(bootstrap_servers="unused:9092"))
+    worker.runners = [runner]  # type: ignore[list-item]
+    return worker
+
+
+async def test_a_scrape_does_not_wait_a_second_per_partition_whose_position_is_pending() -> None:
+    """During an outage a consumer's seek can wait for the broker; /metrics then used to wait
+    up to a second per such partition, one after the other (64 partitions: over a minute)."""
+    worker = _lag_worker("count", 64, waiting=set(range(0, 64, 2)), internal=False)
+    started = time.monotonic()
+    lag = await worker.input_lag()
+    assert time.monotonic() - started < 2
+    assert lag == {("count", "in", p): 10 - p for p in range(1, 10, 2)} | {
+        ("count", "in", p): 0 for p in range(11, 64, 2)
+    }
+
+
+async def test_a_stage_behind_a_key_by_is_not_drained_while_a_position_is_unknown() -> None:
+    worker = _lag_worker("count", 2, waiting={1}, internal=True, behind=False)
+    assert not await worker.drained()  # partition 0 is at its end, 1's position not known
+    worker.runners[0].consumer.waiting = set()
+    assert await worker.drained()
