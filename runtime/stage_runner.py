@@ -281,7 +281,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 )
                 io.task.stores[op].force_dirty(keys)
         finally:
-            await reader.stop()
+            await clients.stop_consumer(reader)
 
     async def _send_outputs(self) -> None:
         for io in list(self.tasks.values()):
@@ -660,8 +660,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             # Whatever failed above, the group must see this member leave (a worker that
             # exits without it would block `headrace reset` and delay the rebalance).
-            await self.consumer.stop()
-            await self.restore_consumer.stop()
+            await clients.stop_consumer(self.consumer)
+            await clients.stop_consumer(self.restore_consumer)
 
     async def _close_all(self, *, final_checkpoint: bool) -> None:
         async with self.lock:

@@ -43,7 +43,7 @@ from headrace.runtime.config import Settings
 from headrace.runtime.gctuning import young_threshold
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.control import ControlWatcher
-from headrace.runtime.kafka.health import BrokerHealth
+from headrace.runtime.kafka.health import BROKER_AWAY, BrokerHealth
 from headrace.runtime.kafka.identity import check_identity
 from headrace.runtime.kafka.lease import ProducerGuard
 from headrace.runtime.kafka.topics import TopicLayout, ensure_topics
@@ -58,6 +58,8 @@ from headrace.runtime.view import InputLag, StageSnapshot
 
 #: how long a scrape (or a savepoint's drain check) waits for consumer positions, all together
 LAG_DEADLINE_S = 0.5
+#: how often a new shared producer tries to reach the broker (see _start_shared_producer)
+PRODUCER_RETRY_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -311,14 +313,38 @@ class Worker:
             return False  # a position not known yet is not "nothing behind it"
         return all(n == 0 for (stage, _, _), n in lag.items() if stage in internal)
 
-    async def _start_shared_producer(self) -> None:
-        """The at-least-once producer every task shares, guarded by the stages' leases."""
+    async def _start_shared_producer(self, *, wait_for_broker: bool = False) -> bool:
+        """The at-least-once producer every task shares, guarded by the stages' leases.
+
+        ``wait_for_broker``: a start that cannot reach the broker is tried again every
+        :data:`PRODUCER_RETRY_S` until it can, or until the worker stops (returns False, the
+        old producer left in place). A replacement needs it: a lease expires precisely when the
+        broker is out of reach, and a start that raised there ended the worker (found by
+        ``tests/recovery/test_rebalance.py``'s broker restart in CI).
+        """
         s = self.settings
-        producer = clients.producer(s, client_id=s.client_id)
-        await producer.start()
+        waiting = False
+        while True:
+            producer = clients.producer(s, client_id=s.client_id)
+            try:
+                await producer.start()
+                break
+            except BROKER_AWAY:  # the broker is not reachable (yet)
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                if not wait_for_broker:
+                    raise
+            if not waiting:
+                waiting = True
+                log.warning("a new shared producer waits for the broker to answer")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), PRODUCER_RETRY_S)
+            if self._stop.is_set():
+                return False
         guard = ProducerGuard(lambda: [r.lease for r in self.runners])
         guard.install(producer)
         self.shared_producer, self.producer_guard = producer, guard
+        return True
 
     async def replace_tripped_producer(self) -> None:
         """The guard failed writes of the shared producer (the worker was paused past its
@@ -330,7 +356,8 @@ class Worker:
             if old is None or guard is None or guard.tripped is None:
                 return  # already replaced
             log.warning("replacing the shared producer after lost writes: %s", guard.tripped)
-            await self._start_shared_producer()
+            if not await self._start_shared_producer(wait_for_broker=True):
+                return  # stopping: the tripped producer fails what is still written
             for r in self.runners:
                 await r.abandon(guard.tripped)
             ProducerGuard.discard_queued(old)

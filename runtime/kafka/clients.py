@@ -121,6 +121,28 @@ class Startable(Protocol):
 ProducerT = TypeVar("ProducerT", bound=Startable)
 
 
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, without aiokafka's own cancellation escaping from it.
+
+    aiokafka 0.14's ``Fetcher.close`` cancels its pending fetch requests and awaits them
+    unguarded: a request waiting in its retry backoff (the broker unreachable) turns the stop
+    into a ``CancelledError`` in a caller nobody cancelled, and the consumer's client is left
+    open. A worker whose lease expired during a broker outage died of it (rc 1, the failure
+    that stopped it hidden behind the cancellation). Here the stop completes: that error is
+    swallowed and the client closed, unless the caller itself is being cancelled.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        client = getattr(consumer, "_client", None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
 async def start_producers(
     make: Callable[[int], ProducerT], partitions: list[int]
 ) -> dict[int, ProducerT]:

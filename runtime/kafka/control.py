@@ -80,7 +80,7 @@ class ControlWatcher:
         await self.consumer.seek_to_beginning(self.tp)
 
     async def stop(self) -> None:
-        await self.consumer.stop()
+        await clients.stop_consumer(self.consumer)
 
     async def drain_request(self) -> dict[str, Any] | None:
         """Read what arrived; the drain request in force (``stop``: stop once drained, else

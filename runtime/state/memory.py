@@ -122,6 +122,7 @@ class MemoryBackend:
             # pending keys and stays patchable; one that is rarely scanned (S6: one scan, at
             # its first map load, then millions of new keys) writes at dict.update speed.
             self._rebuild = True
+            self._sorted = []  # (not kept until then: it would hold deleted keys' bytes)
             self._added.clear()
             self._removed.clear()
             return

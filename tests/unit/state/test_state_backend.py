@@ -222,7 +222,7 @@ def test_memory_stops_patching_when_the_pending_keys_outgrow_the_sorted_ones() -
     assert not backend._rebuild and backend._added == set(small)
     many = [b"c%05d" % i for i in range(500)]
     backend.write_columns(many, [b"x"] * 500)  # 600 pending: the next scan sorts
-    assert backend._rebuild and not backend._added
+    assert backend._rebuild and not backend._added and not backend._sorted
     assert [k for k, _ in backend.range_scan(b"b")] == small
     assert [k for k, _ in backend.range_scan(b"c")] == many
     assert backend.key_count() == 1600
