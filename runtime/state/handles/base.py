@@ -81,6 +81,27 @@ class CachePort(NamedTuple):
     ttl: float | None
 
 
+def serialize_fast_first(
+    out: list[Change],
+    serialize: Callable[..., None],
+    exact: tuple[Callable[[Any], bytes], ...],
+    fast: tuple[Callable[[Any], bytes], ...],
+) -> None:
+    """``serialize(out, *fast)`` with the C-level variants of the built-in serdes
+    (:func:`~headrace.runtime.state.encoding.fast_serde_function`); where that raises, what it
+    appended is taken back and ``serialize(out, *exact)`` runs: the serdes' own functions decide
+    and name the error. A checkpoint serialises every dirty entry, so this is worth a pass."""
+    if fast == exact:
+        serialize(out, *exact)
+        return
+    mark = len(out)
+    try:
+        serialize(out, *fast)
+    except Exception:
+        del out[mark:]
+        serialize(out, *exact)
+
+
 class BoundState:
     """Common machinery of every bound state (not user-facing)."""
 
@@ -274,16 +295,9 @@ class _ScalarState(BoundState):
         to_bytes: Callable[[Any], bytes] = self._to_bytes
         if type(self)._to_bytes is _ScalarState._to_bytes:
             to_bytes = self._serde.serialize
-            fast = fast_serde_function(to_bytes)
-            if fast is not to_bytes:
-                mark = len(out)
-                try:
-                    self._serialize_dirty(out, fast)  # a C-level serde variant first
-                    self._dirty.clear()
-                    return
-                except Exception:
-                    del out[mark:]  # the serde's own function decides (and names the error)
-        self._serialize_dirty(out, to_bytes)
+        serialize_fast_first(
+            out, self._serialize_dirty, (to_bytes,), (fast_serde_function(to_bytes),)
+        )
         self._dirty.clear()
 
     def _serialize_dirty(self, out: list[Change], to_bytes: Callable[[Any], bytes]) -> None:

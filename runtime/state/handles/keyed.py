@@ -30,6 +30,7 @@ from headrace.runtime.state.handles.base import (
     StoreView,
     _Expiring,
     _ScalarState,
+    serialize_fast_first,
 )
 
 
@@ -279,13 +280,8 @@ class MapHandle(BoundState, MapState[Any, Any]):
     # store hooks
     def changes(self, out: list[Change]) -> None:
         kser, ser = self._key_serde.serialize, self._serde.serialize
-        kfast, fast = fast_serde_function(kser), fast_serde_function(ser)
-        mark = len(out)
-        try:
-            self._serialize_dirty(out, kfast, fast)  # C-level serde variants first
-        except Exception:
-            del out[mark:]  # the serdes' own functions decide (and name the error)
-            self._serialize_dirty(out, kser, ser)
+        fast = (fast_serde_function(kser), fast_serde_function(ser))
+        serialize_fast_first(out, self._serialize_dirty, (kser, ser), fast)
         self._dirty.clear()
 
     def _serialize_dirty(
