@@ -120,7 +120,12 @@ class MapHandle(BoundState, MapState[Any, Any]):
     kind = StateKind.MAP
 
     _cache: dict[bytes, dict[Any, Any]]
-    _dirty: dict[bytes, set[Any]]
+    # The dirty map entries: record key bytes -> the one map key written since the last
+    # checkpoint, or a set of them once there are two. A set per record key (what this was)
+    # lives until the checkpoint, so a job that writes one entry each for many keys per
+    # interval (S6: a new set per user per checkpoint) makes the collector promote thousands
+    # of containers to its older generations every interval and walk them there.
+    _dirty: dict[bytes, Any]
 
     def __init__(self, store: StoreView, descriptor: MapStateDescriptor[Any, Any]) -> None:
         super().__init__(store, descriptor)
@@ -148,13 +153,17 @@ class MapHandle(BoundState, MapState[Any, Any]):
             self._complete = False  # evicted maps live in the backend only
 
     def dirty_count(self) -> int:
-        return sum(len(keys) for keys in self._dirty.values())
+        return sum(len(mk) if mk.__class__ is set else 1 for mk in self._dirty.values())
 
     def _touch(self, uk: bytes, mk: Any) -> None:
-        keys = self._dirty.get(uk)
-        if keys is None:
-            keys = self._dirty[uk] = set()
-        keys.add(mk)
+        dirty = self._dirty
+        marked = dirty.get(uk, _MISS)
+        if marked is _MISS:
+            dirty[uk] = mk
+        elif marked.__class__ is set:
+            marked.add(mk)
+        elif marked != mk:
+            dirty[uk] = {marked, mk}
 
     def _load_map(self, uk: bytes) -> dict[Any, Any]:
         complete = self._complete
@@ -238,11 +247,14 @@ class MapHandle(BoundState, MapState[Any, Any]):
             entries = self._load_map(uk)
         ttl = self._ttl
         entries[key] = value if ttl is None else _Expiring(value, self._clock() + ttl)
-        keys = self._dirty.get(uk)
-        if keys is None:
-            self._dirty[uk] = {key}
-        else:
-            keys.add(key)
+        dirty = self._dirty  # _touch, inlined
+        marked = dirty.get(uk, _MISS)
+        if marked is _MISS:
+            dirty[uk] = key
+        elif marked.__class__ is set:
+            marked.add(key)
+        elif marked != key:
+            dirty[uk] = {marked, key}
 
     def remove(self, key: Any) -> None:
         uk, entries = self._map()
@@ -292,20 +304,22 @@ class MapHandle(BoundState, MapState[Any, Any]):
         uk: bytes = b""
         mk: Any = None
         dirty = list(self._dirty.items())
-        maps = list(map(cache.pop, map(itemgetter(0), dirty)))  # to the end (see evict), with
-        cache.update(zip(map(itemgetter(0), dirty), maps, strict=True))  # C loops, same order
+        written = list(map(itemgetter(0), dirty))
+        maps = list(map(cache.pop, written))  # to the end (see evict), with
+        cache.update(zip(written, maps, strict=True))  # C loops, same order
+        skey = self._skey
         try:
-            for (uk, keys), entries in zip(dirty, maps, strict=True):
-                base = self._skey(uk) + MAP_TAG
-                for mk in keys:
+            for (uk, marked), entries in zip(dirty, maps, strict=True):
+                base = skey(uk) + MAP_TAG
+                for mk in marked if marked.__class__ is set else (marked,):
                     value = entries.get(mk, _MISS)
-                    skey = base + kser(mk)
+                    key = base + kser(mk)
                     if value is _MISS:
-                        out.append((skey, None))
+                        out.append((key, None))
                     elif ttl is None:
-                        out.append((skey, ser(value)))
+                        out.append((key, ser(value)))
                     else:
-                        out.append((skey, with_expiry(value.expires, ser(value.value))))
+                        out.append((key, with_expiry(value.expires, ser(value.value))))
         except Exception as exc:
             raise self._error((uk, mk), "serialize map entry", exc) from exc
 

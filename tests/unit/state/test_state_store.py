@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from headrace.operators.serde import INT, JSON, STR, Serde, SerdeError
 from headrace.operators.state import (
@@ -718,3 +720,63 @@ def test_map_reopened_over_a_backend_with_state_scans(store: OperatorStateStore)
     assert op2.words.get("w") is None
     again.current_key = b"alice"
     assert op2.words.get("w") == 3
+
+
+_USERS = st.sampled_from([b"u1", b"u2", b"u3"])
+_MAP_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), _USERS, st.sampled_from("abcd")),
+        st.tuples(st.just("remove"), _USERS, st.sampled_from("abcd")),
+        st.tuples(st.just("clear"), _USERS, st.just("")),
+        st.tuples(st.just("checkpoint"), st.just(b""), st.just("")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=_MAP_OPS)
+def test_map_state_checkpoints_match_a_dict_model(ops: list[tuple[str, bytes, str]]) -> None:
+    """Map writes of one or several map keys per record key between checkpoints (the dirty
+    marks hold one map key per record key until a second comes), with a cache of 1 entry so
+    that checkpoints evict: every checkpoint's changes name each changed entry once, count
+    as many dirty entries, and a store reopened over the backend holds the model's maps."""
+    from headrace.runtime.state.memory import MemoryBackend
+
+    store = OperatorStateStore(MemoryBackend(), PK, cache_max_entries=1)
+    op = bound(store)
+    model: dict[bytes, dict[str, int]] = {}
+    touched: set[tuple[bytes, str]] = set()
+    n = 0
+    for action, user, key in [*ops, ("checkpoint", b"", "")]:
+        store.current_key = user
+        entries = model.setdefault(user, {})
+        if action == "put":
+            n += 1
+            op.words.put(key, n)
+            entries[key] = n
+            touched.add((user, key))
+        elif action == "remove":
+            op.words.remove(key)
+            if entries.pop(key, None) is not None:
+                touched.add((user, key))
+        elif action == "clear":
+            touched.update((user, k) for k in op.words)
+            op.words.clear()
+            entries.clear()
+        else:
+            assert store.stats().dirty_entries == len(touched)
+            changes = state_changes(store)
+            assert set(changes) == {("words", u, k.encode()) for u, k in touched}
+            for (_, u, k), value in changes.items():
+                expected = model[u].get(k.decode())
+                assert value == (None if expected is None else INT.serialize(expected))
+            store.apply_changes(
+                [(encode_storage_key(PK, "words", u, m), v) for (_, u, m), v in changes.items()],
+                changelog_offset=None,
+            )
+            touched.clear()
+    fresh, op2 = reopen(store)
+    for user, entries in model.items():
+        fresh.current_key = user
+        assert dict(op2.words.items()) == entries
