@@ -44,7 +44,8 @@ from typing import Any
 
 import harness as h
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 
 START_TIMEOUT_S = 300.0
 
@@ -221,8 +222,29 @@ async def one(
     return res
 
 
+async def warm_coordinators(bootstrap: str) -> None:
+    """A fresh cluster creates ``__consumer_offsets`` (50 partitions) at its first consumer
+    group and ``__transaction_state`` at its first transactional producer, which takes seconds
+    on two cores; a production cluster has both. Made here, before anything is timed, so that
+    the first measured start does not pay for them and the later ones do not run warm."""
+    topic = "scale.warm-up"
+    await h.create_topics(bootstrap, [topic], partitions=1)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="scale-warm-up")
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.commit({tp: 0})
+    finally:
+        await consumer.stop()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id="scale-warm-up")
+    await producer.start()
+    await producer.stop()
+
+
 async def amain(args: argparse.Namespace) -> Path:
     with h.Broker(args.bootstrap) as broker:
+        await warm_coordinators(broker.bootstrap)
         results: dict[str, Any] = {
             "mode": "scale",
             "machine": h.machine_info(broker.bootstrap),

@@ -51,7 +51,12 @@ from headrace.operators.job import Job, RepartitionSpec, SinkSpec, Step
 from headrace.operators.state import declared_state
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
-from headrace.runtime.kafka.topics import TopicConfigError, identity_topic, topic_partitions
+from headrace.runtime.kafka.topics import (
+    TopicConfigError,
+    await_topics,
+    identity_topic,
+    topic_partitions,
+)
 from headrace.runtime.state.store import StateMetadata
 
 __all__ = ["JobIdentityError", "check_identity", "compare", "describe", "identity_topic"]
@@ -259,6 +264,7 @@ async def check_identity(
     changelogs = await _changelog_topics(admin, job)
     if topic not in await topic_partitions(admin, [topic]):
         await _create(admin, topic)
+    await await_topics(admin, {topic: 1})  # created just now, maybe by another worker
     records = await _read(settings, topic)
     recorded = current_identity(records)
     if recorded is None:

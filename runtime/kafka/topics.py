@@ -57,8 +57,11 @@ class TopicLayout:
         return None
 
 
-async def topic_partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
-    """Partition count per existing topic (missing topics are absent from the result).
+async def topic_partitions(
+    admin: AIOKafkaAdminClient, topics: list[str], *, led: bool = False
+) -> dict[str, int]:
+    """Partition count per existing topic (missing topics are absent from the result; with
+    ``led``, so is a topic with a partition that has no leader yet).
 
     Only topics that exist are described: a metadata request naming a missing topic makes a
     broker with ``auto.create.topics.enable=true`` create it with its default partition count,
@@ -70,8 +73,14 @@ async def topic_partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> dic
     if not names:
         return found
     for t in await admin.describe_topics(names):
-        if t.get("error_code", 0) == 0 and t.get("partitions"):
-            found[t["topic"]] = len(t["partitions"])
+        partitions = t.get("partitions")
+        if t.get("error_code", 0) != 0 or not partitions:
+            continue
+        if led and not all(
+            p.get("error_code", 0) == 0 and p.get("leader", -1) >= 0 for p in partitions
+        ):
+            continue
+        found[t["topic"]] = len(partitions)
     return found
 
 
@@ -185,7 +194,7 @@ async def ensure_topics(
         log.info("creating topics: %s", ", ".join(t.name for t in to_create))
         for name, code in await create_internal_topics(admin, to_create, replication_factor):
             raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
-        existing = await _await_metadata(admin, wanted)
+        existing = await await_topics(admin, {n: t.partitions for n, t in wanted.items()})
     wrong = [
         f"{name} has {existing.get(name)} partitions, expected {t.partitions}"
         for name, t in wanted.items()
@@ -220,17 +229,25 @@ async def ensure_topics(
     return layout
 
 
-async def _await_metadata(
-    admin: AIOKafkaAdminClient, wanted: dict[str, InternalTopic], wait_s: float = 15.0
+async def await_topics(
+    admin: AIOKafkaAdminClient, wanted: dict[str, int], wait_s: float = 15.0
 ) -> dict[str, int]:
-    """Metadata of freshly created topics propagates asynchronously; wait until it is complete."""
+    """Wait until freshly created topics have their partition counts and a leader for every
+    partition (metadata propagates asynchronously), polling every 0.2 s; then their partition
+    counts (after ``wait_s``: whatever the broker says, leaders or not).
+
+    Why wait for the leaders too: a client that reads or writes a partition without a leader
+    retries at once, without a backoff (aiokafka's offset lookup asks for metadata again and
+    again: 500-600 metadata requests and as many ERROR lines per worker in the 2.5 s a fresh
+    identity topic took to get its leader with four workers starting on two cores).
+    """
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
-        existing = await topic_partitions(admin, list(wanted))
-        if all(existing.get(n) == t.partitions for n, t in wanted.items()):
+        existing = await topic_partitions(admin, list(wanted), led=True)
+        if all(existing.get(name) == count for name, count in wanted.items()):
             return existing
         if asyncio.get_running_loop().time() > deadline:
-            return existing
+            return await topic_partitions(admin, list(wanted))
         await asyncio.sleep(0.2)
 
 
