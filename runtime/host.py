@@ -74,8 +74,7 @@ class TaskIO:
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     committed_skip: dict[int, int] = field(default_factory=dict)
     committed_quiet: dict[int, int | None] = field(default_factory=dict)
-    #: the task's own transactional producer (exactly-once) or None
-    producer: AIOKafkaProducer | None = None
+    producer: AIOKafkaProducer | None = None  #: its own transactional one (exactly-once)
     restored: bool = False
     #: at-least-once: this ownership's writer epoch header for changelog records (None:
     #: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
@@ -94,6 +93,7 @@ class TaskIO:
     cuts_topic: str | None = None
     #: keys of this task's spilled checkpoint documents not deleted yet
     spilled: list[bytes] = field(default_factory=list)
+    closed: bool = False  #: its clients and stores are closed (closing again is a no-op)
 
     @property
     def name(self) -> str:

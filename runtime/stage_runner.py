@@ -129,6 +129,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.tasks: dict[int, TaskIO] = {}
         self.suspended: dict[int, TaskIO] = {}
         self.restoring: dict[int, TaskIO] = {}
+        #: shutting down: a rebalance until the consumer stops takes nothing over
+        self.stopping = False
         self.restore_targets: list[RestoreTarget] = []  #: of the restore under way (metrics)
         self._restore_job: asyncio.Task[None] | None = None
         self.restore_error: BaseException | None = None
@@ -300,38 +302,51 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 for p in sorted({tp.partition for tp in revoked})
                 if (io := self.tasks.pop(p, None)) is not None
             ]
-            if self.worker.settings.exactly_once:
-                # Each task commits through its own transactional producer: all at once. One
-                # after the other, 128 tasks took longer than the rebalance timeout, the
-                # coordinator expelled the worker, the new owner fenced the rest of its final
-                # checkpoints and the join took 28 s at 256 partitions (bench/scale.py).
-                await asyncio.gather(*(self._leave(p, io) for p, io in leaving))
-            else:  # one shared producer and consumer: in order
+            # Under exactly-once each task commits through its own transactional producer: all
+            # at once. One after the other, 128 tasks took longer than the rebalance timeout,
+            # the coordinator expelled the worker, the new owner fenced the rest of its final
+            # checkpoints and the join took 28 s at 256 partitions (bench/scale.py).
+            try:
+                if self.worker.settings.exactly_once:
+                    lost = await asyncio.gather(*(self._leave(p, io) for p, io in leaving))
+                else:  # one shared producer and consumer: in order
+                    lost = [await self._leave(p, io) for p, io in leaving]
+            except BaseException:
+                # Cancelled half-way (the worker stops while a rebalance takes its final
+                # checkpoints): the leaving tasks are in neither ``tasks`` nor ``suspended``,
+                # so nothing else would close them. Their producers, transactions open, were
+                # left to the garbage collector ("Unclosed AIOKafkaProducer" for all 86 tasks
+                # of a worker stopped during a revocation, bench/scale.py). Not resumable:
+                # their final checkpoints may not have been written.
                 for p, io in leaving:
-                    await self._leave(p, io)
+                    if self.suspended.get(p) is io:
+                        del self.suspended[p]
+                    await self._close(io, abort=True)
+                raise
+        _log_lost_checkpoints(
+            [(io.name, exc) for (_, io), exc in zip(leaving, lost, strict=True) if exc]
+        )
 
-    async def _leave(self, p: int, io: TaskIO) -> None:
+    async def _leave(self, p: int, io: TaskIO) -> BaseException | None:
         """A revoked task's final checkpoint; the task is then suspended (its state may be
-        resumed if the partition comes back) or, if the checkpoint failed, dropped."""
+        resumed if the partition comes back) or, if the checkpoint failed, dropped. Returns
+        the membership error that kept its checkpoint from being written (logged by the
+        caller, once for all tasks)."""
         try:
             final = io.task.final_checkpoint()
             await commit_checkpoint(io, self.committer, final, self.observe_commit)
         except MEMBERSHIP_LOST as exc:
-            log.warning(
-                "no final checkpoint for task %s (%s: %s); dropping it",
-                io.name,
-                type(exc).__name__,
-                exc,
-            )
+            log.debug("no final checkpoint for task %s: %r", io.name, exc)
             await self._close(io, abort=True)
-            return
+            return exc
         except Exception:
             log.exception("final checkpoint of task %s failed; dropping it", io.name)
             await self._close(io, abort=True)
-            return
+            return None
         # The final checkpoint released nothing: the suspended state is exactly the committed
         # one, and a resume rewinds the input cut to it (skip list included).
         self.suspended[p] = io
+        return None
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # aiokafka logs and swallows what a rebalance listener raises, and keeps the
@@ -342,6 +357,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.lease.joined()
         if assigned:
             self.consumer.pause(*assigned)
+        if self.stopping:  # the partitions stay paused; the member leaves in a moment
+            return
         try:
             await self._take_over(sorted({tp.partition for tp in assigned}))
         except Exception as exc:  # handed to the loop, see above
@@ -378,8 +395,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             for p in partitions:
                 old = self.suspended.get(p)
                 if old is not None and old.producer is not None:
-                    with contextlib.suppress(Exception):
-                        await old.producer.stop()
+                    await clients.stop_producer(old.producer)
                     old.producer = None
             producers = await clients.start_producers(self._transactional_producer, partitions)
         try:
@@ -388,8 +404,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             owned = [*self.tasks.values(), *self.restoring.values()]
             for producer in producers.values():  # closing a task stops its producer
                 if not any(io.producer is producer for io in owned):
-                    with contextlib.suppress(Exception):
-                        await producer.stop()
+                    await clients.stop_producer(producer)
             raise
 
     async def _resume_or_restore(
@@ -637,6 +652,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             raise failed
 
     async def _close(self, io: TaskIO, *, abort: bool = False) -> None:
+        if io.closed:
+            return
+        io.closed = True
         abandon(io.unacked)  # outputs never acknowledged: nobody waits for them now
         io.unacked = []
         if abort and io.producer is not None:
@@ -647,10 +665,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         for store in io.task.stores.values():
             store.backend.close()
         if io.producer is not None:
-            with contextlib.suppress(Exception):
-                await io.producer.stop()
+            await clients.stop_producer(io.producer)
 
     async def shutdown(self, *, final_checkpoint: bool) -> None:
+        self.stopping = True
         try:
             await self._cancel_restore()
         except Exception as exc:  # the loop raised it already; the clients must still close
@@ -662,6 +680,17 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             # exits without it would block `headrace reset` and delay the rebalance).
             await clients.stop_consumer(self.consumer)
             await clients.stop_consumer(self.restore_consumer)
+            # The group kept rebalancing until the consumer stopped: a takeover that started
+            # after the first look (final checkpoints of many tasks take seconds) left tasks
+            # restoring, with their transactional producers, that nothing would close
+            # ("Unclosed AIOKafkaProducer" x 64-117 per worker stopped at 256 partitions).
+            with contextlib.suppress(Exception):
+                await self._cancel_restore()
+            async with self.lock:
+                for io in [*self.tasks.values(), *self.suspended.values()]:
+                    await self._close(io, abort=True)
+                self.tasks.clear()
+                self.suspended.clear()
 
     async def _close_all(self, *, final_checkpoint: bool) -> None:
         async with self.lock:
@@ -672,19 +701,41 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     await self._send_outputs()
                 except Exception:
                     log.exception("sending outputs before the final checkpoints failed")
+            lost: list[tuple[str, BaseException]] = []
             for io in list(self.tasks.values()):
+                failed = not final_checkpoint  # without one, an open transaction is aborted
                 if final_checkpoint:
                     try:
                         await commit_checkpoint(
                             io, self.committer, io.task.final_checkpoint(), self.observe_commit
                         )
+                    except MEMBERSHIP_LOST as exc:
+                        lost.append((io.name, exc))
+                        failed = True
                     except Exception:
                         log.exception("final checkpoint of %s failed", io.name)
-                elif io.producer is not None:
-                    with contextlib.suppress(Exception):
-                        await io.producer.abort_transaction()
-                await self._close(io)
+                        failed = True
+                await self._close(io, abort=failed)
+            _log_lost_checkpoints(lost)
             self.tasks.clear()
             for io in self.suspended.values():
                 await self._close(io)
             self.suspended.clear()
+
+
+def _log_lost_checkpoints(lost: list[tuple[str, BaseException]]) -> None:
+    """One WARNING per kind of lost membership for the tasks whose final checkpoints it kept
+    from being written (a member that lost its place loses all of them: 73-86 ERROR lines
+    with a traceback each per worker before, bench/scale.py), the first message as example.
+    Those tasks restore from their last committed checkpoint wherever they run next."""
+    by_kind: dict[str, list[tuple[str, BaseException]]] = {}
+    for name, exc in lost:
+        by_kind.setdefault(type(exc).__name__, []).append((name, exc))
+    for kind, tasks in by_kind.items():
+        log.warning(
+            "no final checkpoint for %d task(s) %s (%s: %s); dropping them",
+            len(tasks),
+            ", ".join(name for name, _ in tasks),
+            kind,
+            tasks[0][1],
+        )

@@ -74,3 +74,38 @@ async def test_a_cancelled_takeover_stops_what_started_and_what_was_starting() -
     with pytest.raises(asyncio.CancelledError):
         await run
     assert all(p.stopped for p in made), [(p.partition, p.stopped) for p in made]
+
+
+async def test_stopping_a_fenced_producer_leaves_no_unretrieved_error() -> None:
+    """aiokafka puts a fenced transactional producer's error on its transaction waiter, which
+    nothing awaits once the task is dropped; asyncio logged it as an ERROR with a traceback
+    when the future was collected. stop_producer marks it seen (a real, never started
+    AIOKafkaProducer; the fencing as aiokafka's sender reports it)."""
+    import gc
+
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import ProducerFenced
+
+    from headrace.runtime.kafka.clients import stop_producer
+
+    logged: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: logged.append(ctx["message"]))
+
+    async def fenced(stop: bool) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", transactional_id="t")
+        txn = producer._txn_manager
+        txn._transaction_waiter = loop.create_future()  # a transaction under way
+        txn.fatal_error(ProducerFenced())
+        if stop:
+            await stop_producer(producer)
+        else:
+            await producer.stop()
+
+    await fenced(stop=False)  # the control: without it, the error is logged
+    gc.collect()
+    assert logged == ["Future exception was never retrieved"]
+    logged.clear()
+    await fenced(stop=True)
+    gc.collect()
+    assert logged == []
