@@ -242,13 +242,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             sorted(self.tasks) or "none",
         )
         self.lease.expire()
-        with contextlib.suppress(Exception):
-            await self._cancel_restore()
-        async with self.lock:
-            for io in [*self.tasks.values(), *self.suspended.values()]:
-                await self._close(io, abort=True)
-            self.tasks.clear()
-            self.suspended.clear()
+        await self._drop_all()
         assigned = list(self.consumer.assignment())
         if assigned:
             self.consumer.pause(*assigned)
@@ -684,13 +678,18 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             # after the first look (final checkpoints of many tasks take seconds) left tasks
             # restoring, with their transactional producers, that nothing would close
             # ("Unclosed AIOKafkaProducer" x 64-117 per worker stopped at 256 partitions).
-            with contextlib.suppress(Exception):
-                await self._cancel_restore()
-            async with self.lock:
-                for io in [*self.tasks.values(), *self.suspended.values()]:
-                    await self._close(io, abort=True)
-                self.tasks.clear()
-                self.suspended.clear()
+            await self._drop_all()
+
+    async def _drop_all(self) -> None:
+        """Close every task, restoring, running or suspended, without a checkpoint (open
+        transactions aborted)."""
+        with contextlib.suppress(Exception):
+            await self._cancel_restore()
+        async with self.lock:
+            for io in [*self.tasks.values(), *self.suspended.values()]:
+                await self._close(io, abort=True)
+            self.tasks.clear()
+            self.suspended.clear()
 
     async def _close_all(self, *, final_checkpoint: bool) -> None:
         async with self.lock:
