@@ -98,7 +98,11 @@ async def wait_for_lines(
         await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("backend", ["memory", "rocksdb"])
+@pytest.mark.parametrize(
+    "backend",
+    # the RocksDB variant runs in the soak (the default suite has a time budget)
+    ["memory", pytest.param("rocksdb", marks=pytest.mark.soak)],
+)
 async def test_a_worker_stopped_while_it_takes_back_its_tasks_drops_them_and_rejoins(
     wordcount_run: MakeRun, backend: str
 ) -> None:
