@@ -702,7 +702,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     log.exception("sending outputs before the final checkpoints failed")
             lost: list[tuple[str, BaseException]] = []
             for io in list(self.tasks.values()):
-                failed = not final_checkpoint  # without one, an open transaction is aborted
+                abort = not final_checkpoint  # a task closed without a checkpoint aborts
                 if final_checkpoint:
                     try:
                         await commit_checkpoint(
@@ -710,11 +710,11 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                         )
                     except MEMBERSHIP_LOST as exc:
                         lost.append((io.name, exc))
-                        failed = True
+                        abort = True
                     except Exception:
                         log.exception("final checkpoint of %s failed", io.name)
-                        failed = True
-                await self._close(io, abort=failed)
+                        abort = True
+                await self._close(io, abort=abort)
             _log_lost_checkpoints(lost)
             self.tasks.clear()
             for io in self.suspended.values():
