@@ -29,9 +29,10 @@ from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import Job
 from headrace.operators.serde import INT, STR, Serde
+from headrace.runtime.checkpoint.log import CheckpointSummary
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.config import Settings
-from headrace.runtime.inspect import operator_states, partition_count, read_all
+from headrace.runtime.inspect import operator_states, partition_count, read_all, read_checkpoints
 
 __all__ = [
     "Expected",
@@ -315,6 +316,39 @@ async def wait_changelog_committed(
                 f"changelog of {operator_id!r}: committed checkpoints of partitions "
                 f"{sorted(behind)} cover offsets {behind}, not yet {min_offset} "
                 f"after {wait_s:.0f}s"
+            )
+        await asyncio.sleep(0.5)
+
+
+async def wait_complete_checkpoint(
+    job: Job, bootstrap_servers: str, *, wait_s: float = 60.0
+) -> tuple[CheckpointSummary, list[CheckpointSummary]]:
+    """Wait until the checkpoint log holds a checkpoint acknowledged, aligned, by every task.
+
+    Output that caught up does not mean the checkpoint covering it was acknowledged: under
+    at-least-once outputs are visible as soon as they are sent, before the commit and its ack;
+    a job whose whole input fits in one interval has one checkpoint with acks, and a reader
+    can come between the first tasks' acks and the last one's. Returns the newest complete
+    checkpoint and every summary read (newest first).
+
+    Raises :class:`AssertionError` with the newest summaries after ``wait_s``.
+    """
+    settings = Settings(bootstrap_servers=bootstrap_servers)
+    deadline = time.monotonic() + wait_s
+    while True:
+        summaries = await read_checkpoints(job, settings)
+        complete = [s for s in summaries if s.complete and s.aligned]
+        if complete:
+            return complete[0], summaries
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no checkpoint of job {job.name!r} acknowledged and aligned by every task "
+                f"after {wait_s:.0f}s; newest: "
+                + "; ".join(
+                    f"{s.checkpoint_id}: missing {sorted(s.expected - s.acked)}, "
+                    f"aligned={s.aligned}"
+                    for s in summaries[:5]
+                )
             )
         await asyncio.sleep(0.5)
 

@@ -20,8 +20,7 @@ from examples.corpus import generate_lines
 from examples.demo import produce_lines
 from examples.wordcount import build
 from headrace.operators.job import Job
-from headrace.runtime.config import Settings
-from headrace.runtime.inspect import read_checkpoints
+from headrace.runtime.recovery.verify import wait_complete_checkpoint
 
 pytestmark = pytest.mark.kafka
 
@@ -81,11 +80,9 @@ async def test_wordcount_with_two_workers_is_exact(
 
     # `headrace checkpoints`: checkpoints complete for the whole job — both stages, every
     # partition — so barriers crossed the repartition topic and were aligned.
-    summaries = await read_checkpoints(job, Settings(bootstrap_servers=kafka_bootstrap_servers))
-    complete = [s for s in summaries if s.complete and s.aligned]
-    assert complete, summaries[:5]
-    assert {t.split("/")[0] for t in complete[0].acked} == {"stage0", "stage1"}
-    assert len(complete[0].expected) == 8
+    complete, _ = await wait_complete_checkpoint(job, kafka_bootstrap_servers)
+    assert {t.split("/")[0] for t in complete.acked} == {"stage0", "stage1"}
+    assert len(complete.expected) == 8
 
     for w in workers:
         assert await driver.terminate(w) == 0, driver.logs()[-3000:]
