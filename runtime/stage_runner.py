@@ -128,9 +128,6 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.observe_commit = worker.metrics.checkpoint_committed
         self.tasks: dict[int, TaskIO] = {}
         self.suspended: dict[int, TaskIO] = {}
-        #: the group generation the suspended tasks were revoked from (exactly-once keeps
-        #: their producers if the next generation gives them back, see _take_over)
-        self._suspended_in: int | None = None
         self.restoring: dict[int, TaskIO] = {}
         #: shutting down: a rebalance until the consumer stops takes nothing over
         self.stopping = False
@@ -343,7 +340,6 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         # The final checkpoint released nothing: the suspended state is exactly the committed
         # one, and a resume rewinds the input cut to it (skip list included).
         self.suspended[p] = io
-        self._suspended_in = self.lease.generation
         return None
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -388,33 +384,16 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         # committed offsets. InitProducerId returns only once the previous owner's transaction
         # is complete, and offsets committed in a transaction become visible only then (the
         # offset fetch does not wait for pending transactional offsets).
-        #
-        # Except for a task suspended in the generation right before this one: this member was
-        # its only owner from its final checkpoint on (every generation assigns a partition
-        # to one member, and there was none in between), so nobody initialised its
-        # transactional id meanwhile and its producer, a transaction already begun after that
-        # checkpoint, is still the owner's. With the sticky assignor most tasks come back this
-        # way, and restarting each one's producer was most of a rebalance at 256 partitions.
         producers: dict[int, AIOKafkaProducer] = {}
-        kept: set[int] = set()
         if self.worker.settings.exactly_once:
-            continuing = self._suspended_in is not None and self.lease.generation == (
-                self._suspended_in + 1
-            )
-            fresh = []
             for p in partitions:
                 old = self.suspended.get(p)
                 if old is not None and old.producer is not None:
-                    if continuing:
-                        producers[p] = old.producer
-                        kept.add(p)
-                        continue
                     await clients.stop_producer(old.producer)
                     old.producer = None
-                fresh.append(p)
-            producers.update(await clients.start_producers(self._transactional_producer, fresh))
+            producers = await clients.start_producers(self._transactional_producer, partitions)
         try:
-            await self._resume_or_restore(partitions, producers, kept)
+            await self._resume_or_restore(partitions, producers)
         except BaseException:
             owned = [*self.tasks.values(), *self.restoring.values()]
             for producer in producers.values():  # closing a task stops its producer
@@ -423,39 +402,27 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             raise
 
     async def _resume_or_restore(
-        self, partitions: list[int], producers: dict[int, AIOKafkaProducer], kept: set[int]
+        self, partitions: list[int], producers: dict[int, AIOKafkaProducer]
     ) -> None:
-        """``kept``: partitions whose entry in ``producers`` is their suspended task's own
-        producer (:meth:`_take_over`); it goes only with that task's resume."""
         committed = await self._committed(partitions)
         new: list[int] = []
         for p in partitions:
             io = self.suspended.get(p)
             if (
                 io is not None
-                and not io.closed  # closed by a shutdown while this takeover waited
                 and await self._reusable(io, committed)
                 and await self._claim_unchanged(io)
-                and not io.closed
             ):
-                self.suspended.pop(p, None)  # (pop: a shutdown may have cleared them all)
+                del self.suspended[p]
                 await self._resume_suspended(io, producers.get(p))
                 continue
-            if p in kept:
-                # Its task is not resumed (not reusable, or closed meanwhile by a shutdown
-                # during this take-over): the producer goes with the task; a fresh one below.
-                del producers[p]
             if io is not None:
-                self.suspended.pop(p, None)
+                del self.suspended[p]
                 await self._close(io)
             new.append(p)
-        for io in list(self.suspended.values()):
+        for io in self.suspended.values():
             await self._close(io)
         self.suspended.clear()
-        missing = [p for p in new if self.worker.settings.exactly_once and p not in producers]
-        if missing:
-            producers.update(await clients.start_producers(self._transactional_producer, missing))
-            committed = await self._committed(partitions)  # read after their InitProducerId
         if new:
             for p in new:
                 self.restoring[p] = self._make_task(p, producers.get(p))
@@ -516,12 +483,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _resume_suspended(self, io: TaskIO, producer: AIOKafkaProducer | None) -> None:
         p = io.task.partition
-        kept = producer is not None and producer is io.producer
-        if producer is not None and not kept:
+        if producer is not None:
             # A fresh producer: another member may have initialised our transactional id
-            # meanwhile (fencing the old one) without committing anything. (The task's own
-            # producer, kept by _take_over, has had its transaction begun since the final
-            # checkpoint.)
+            # meanwhile (fencing the old one) without committing anything.
             self._use_producer(io, producer)
             await producer.begin_transaction()
         io.task.rewind(io.committed, io.committed_skip, io.committed_quiet)
@@ -531,11 +495,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 self.consumer.seek(tp, off)
         self.tasks[p] = io
         self._resume_input(p)
-        log.info(
-            "task %s resumed with its in-memory state%s",
-            io.name,
-            " and transactional producer" if kept else "",
-        )
+        log.info("task %s resumed with its in-memory state", io.name)
 
     def _resume_input(self, p: int) -> None:
         if not (self.draining and not self.stage.source.internal):
@@ -679,7 +639,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 await job
         elif job is not None and not job.cancelled():
             failed = job.exception()
-        for io in list(self.restoring.values()):
+        for io in self.restoring.values():
             await self._close(io, abort=True)
         self.restoring.clear()
         if failed is not None and not isinstance(failed, MEMBERSHIP_LOST):
@@ -757,11 +717,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self._close(io, abort=abort)
             _log_lost_checkpoints(lost)
             self.tasks.clear()
-            # A snapshot: a takeover under way (the group keeps rebalancing until the consumer
-            # stops) resumes or drops suspended tasks meanwhile; iterating the dict itself
-            # failed the worker at SIGTERM with "dictionary changed size during iteration"
-            # (bench/scale.py at 256 partitions, several runs).
-            for io in list(self.suspended.values()):
+            for io in self.suspended.values():
                 await self._close(io)
             self.suspended.clear()
 

@@ -2,12 +2,10 @@
 
 For each stage the worker runs a :class:`~headrace.runtime.stage_runner.StageRunner`, a member
 of the consumer group ``<job>.<stage>``; the partitions Kafka assigns to it become tasks
-(:class:`headrace.runtime.task.StageTask`). The group's assignor
-(:mod:`headrace.runtime.kafka.assignor`) keeps partition ``p`` of co-partitioned inputs on one
-member, and tasks on the member that had them up to its fair share. Scaling out is starting
-another worker. The worker owns what the stages share: the admin client, the at-least-once
-producer, the stores' factory, the metrics and the ops endpoints (over the worker as a
-:class:`~headrace.runtime.view.WorkerView`).
+(:class:`headrace.runtime.task.StageTask`). The range assignor keeps partition ``p`` of
+co-partitioned inputs on one member. Scaling out is starting another worker. The worker owns
+what the stages share: the admin client, the at-least-once producer, the stores' factory, the
+metrics and the ops endpoints (over the worker as a :class:`~headrace.runtime.view.WorkerView`).
 
 Rebalances are eager in aiokafka (every member gives up everything, then receives its new
 share), so revoked tasks are *suspended* after their final checkpoint rather than dropped: when a

@@ -17,9 +17,9 @@ from typing import Any, Protocol, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from headrace.runtime.config import Settings
-from headrace.runtime.kafka.assignor import StickyTaskAssignor
 
 __all__ = [
     "MAX_REQUEST_SIZE",
@@ -53,11 +53,8 @@ def _isolation(settings: Settings, committed_only: bool | None) -> str:
 def group_consumer(settings: Settings, group_id: str, *, client_id: str) -> AIOKafkaConsumer:
     """A task-input consumer: a member of ``group_id`` that commits only through checkpoints.
 
-    The assignor (:mod:`headrace.runtime.kafka.assignor`) keeps partition ``p`` of
-    co-partitioned inputs on one member and tasks where they are across rebalances; it is the
-    only one offered (aiokafka rebalances for ever with two) and speaks the range assignor's
-    protocol, so groups with members of an older version still agree on one. The session
-    timeout is also the member's write lease (:mod:`headrace.runtime.kafka.lease`).
+    The range assignor keeps partition ``p`` of co-partitioned inputs on one member; the
+    session timeout is also the member's write lease (:mod:`headrace.runtime.kafka.lease`).
     """
     return AIOKafkaConsumer(
         **settings.kafka_kwargs(),
@@ -66,7 +63,7 @@ def group_consumer(settings: Settings, group_id: str, *, client_id: str) -> AIOK
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level=_isolation(settings, None),
-        partition_assignment_strategy=(StickyTaskAssignor(),),
+        partition_assignment_strategy=(RangePartitionAssignor,),
         max_partition_fetch_bytes=4 * 1024 * 1024,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
