@@ -46,6 +46,7 @@ __all__ = [
     "read_final_state",
     "read_topic",
     "wait_changelog_committed",
+    "wait_complete_checkpoint",
     "wordcount_replay",
     "wordcount_verifier",
 ]
