@@ -188,13 +188,7 @@ async def ensure_topics(
     )
 
     wanted = {t.name: t for t in layout.internal}
-    existing = await topic_partitions(admin, list(wanted))
-    to_create = [t for name, t in wanted.items() if name not in existing]
-    if to_create:
-        log.info("creating topics: %s", ", ".join(t.name for t in to_create))
-        for name, code in await create_internal_topics(admin, to_create, replication_factor):
-            raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
-        existing = await await_topics(admin, {n: t.partitions for n, t in wanted.items()})
+    existing = await create_and_await_topics(admin, layout.internal, replication_factor)
     wrong = [
         f"{name} has {existing.get(name)} partitions, expected {t.partitions}"
         for name, t in wanted.items()
@@ -227,6 +221,27 @@ async def ensure_topics(
             "cleanup.policy=compact, or old state would be deleted by retention"
         )
     return layout
+
+
+async def create_and_await_topics(
+    admin: AIOKafkaAdminClient, topics: list[InternalTopic], replication_factor: int
+) -> dict[str, int]:
+    """Create the missing ones of ``topics``, then wait for every partition of all of them to
+    have a leader (:func:`await_topics`); returns their partition counts.
+
+    Every worker waits for the leaders, not only the one that created the topics: workers
+    starting together find topics another one created a moment ago, still without leaders, and
+    their producers then retried ``NotLeaderForPartition`` a few dozen times each. An existing
+    topic is awaited with the count it has (a wrong count is the caller's to report, not to
+    wait for); topics that are all led cost one metadata request.
+    """
+    existing = await topic_partitions(admin, [t.name for t in topics])
+    to_create = [t for t in topics if t.name not in existing]
+    if to_create:
+        log.info("creating topics: %s", ", ".join(t.name for t in to_create))
+        for name, code in await create_internal_topics(admin, to_create, replication_factor):
+            raise TopicConfigError(f"could not create topic {name!r}: error code {code}")
+    return await await_topics(admin, {t.name: existing.get(t.name, t.partitions) for t in topics})
 
 
 async def await_topics(

@@ -75,3 +75,38 @@ async def test_await_topics_polls_until_the_leaders_are_known(
 async def test_await_topics_gives_up_after_its_deadline_with_what_exists() -> None:
     admin = ScriptedAdmin([[_topic("t", [-1, 1])]])
     assert await await_topics(admin, {"t": 2}, wait_s=0.0) == {"t": 2}  # type: ignore[arg-type]
+
+
+async def test_a_worker_that_finds_the_topics_made_still_waits_for_their_leaders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another worker created them a moment ago: this one creates nothing, but its clients must
+    not meet them leaderless either (NotLeaderForPartition retries on `.status` and `.control`
+    from the workers that did not create them, seen in bench/scale.py's logs)."""
+
+    async def sleep(seconds: float) -> None:
+        pass
+
+    monkeypatch.setattr(topics.asyncio, "sleep", sleep)
+    admin = ScriptedAdmin(
+        [
+            [_topic("job.status", [-1]), _topic("job.changelog", [1, -1, 1])],  # what exists
+            [_topic("job.status", [-1]), _topic("job.changelog", [1, -1, 1])],
+            [_topic("job.status", [1]), _topic("job.changelog", [1, 1, 1])],
+        ]
+    )
+    created: list[Any] = []
+
+    async def create_topics(new: list[Any]) -> None:
+        created.extend(new)
+
+    admin.create_topics = create_topics  # type: ignore[attr-defined]
+    wanted = [
+        topics.InternalTopic("job.status", 1, compact=True),
+        # an existing topic with the wrong count is awaited with its own, and reported
+        topics.InternalTopic("job.changelog", 4, compact=True),
+    ]
+    found = await topics.create_and_await_topics(admin, wanted, 1)  # type: ignore[arg-type]
+    assert found == {"job.status": 1, "job.changelog": 3}
+    assert created == []
+    assert admin.looks == 3
