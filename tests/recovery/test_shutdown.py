@@ -22,14 +22,16 @@ async def test_sigterm_under_load_takes_a_final_checkpoint_and_restart_replays_n
 ) -> None:
     """SIGTERM while both workers are busy: each exits 0 after a final checkpoint whose offsets
     are the group's committed offsets; a restart then continues from there, so even under
-    at-least-once the output has no repeat."""
+    at-least-once the output has no repeat. (A task with nothing new since its last checkpoint
+    writes no final one, ARCHITECTURE.md 5.8: every task's last ack holds the committed
+    offsets either way.)"""
     run = await wordcount_run(guarantee, "memory", seed=51)
     d = run.driver
     first = [d.start_worker(), d.start_worker()]
     for w in first:
         assert await w.wait_started()
     await asyncio.sleep(2.0)  # joined and restored
-    producer = run.produce(4000, rate=4000)  # as fast as the producer goes
+    producer = run.produce(8000, rate=4000)  # still producing when the workers stop
     await asyncio.sleep(1.5)
     codes = await d.stop_all()
     assert all(c == 0 for c in codes.values()), f"{codes}\n{run.diagnostics()}"
@@ -47,6 +49,10 @@ async def test_sigterm_under_load_takes_a_final_checkpoint_and_restart_replays_n
     for a in acks:
         last[a.task] = a
     assert len(last) == 2 * PARTITIONS, sorted(last)
+    # the workers stopped busy: their tasks took final checkpoints (a task with nothing new
+    # since its last one, like the idle partition's or one taken over a moment before the
+    # stop, writes none: its last ack is that checkpoint, whose offsets are committed too)
+    assert any(a.final for a in acks), acks
     admin = AIOKafkaAdminClient(bootstrap_servers=run.bootstrap)
     await admin.start()
     try:
@@ -54,7 +60,6 @@ async def test_sigterm_under_load_takes_a_final_checkpoint_and_restart_replays_n
             committed = await admin.list_consumer_group_offsets(run.job.group_id(stage))
             for p in range(PARTITIONS):
                 ack = last[f"{stage.name}/{p}"]
-                assert ack.final, ack
                 for key, off in ack.offsets.items():
                     topic, _, part = key.rpartition("/")
                     assert committed[TopicPartition(topic, int(part))].offset == off

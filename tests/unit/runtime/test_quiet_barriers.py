@@ -17,6 +17,7 @@ from examples.wordcount import build
 from headrace import INT, STR, Job
 from headrace.runtime.checkpoint.barrier import BARRIER_HEADER, QUIET_HEADER
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
+from headrace.runtime.host import TaskIO, commit_checkpoint
 from headrace.runtime.testing import JobTester
 
 PARTITIONS = 4
@@ -172,3 +173,42 @@ def test_an_idle_checkpoint_that_must_commit_after_all_updates_the_local_store()
         assert store.changelog_offset == io.changelog_last["counts"]
         tester.checkpoint()  # now idle: skipped
         assert io.task.counters.idle_checkpoints == 1
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_final_checkpoint_of_a_task_that_did_nothing_writes_nothing(guarantee: str) -> None:
+    """A revocation or shutdown ends an ownership with a final checkpoint; when the task did
+    nothing since its committed (or restored) cut it is idle like any other: no transaction,
+    no barrier round, no ack (every eager rebalance ends every task's ownership, and at 256
+    partitions each such round was a transaction with a barrier to every downstream partition).
+    A task that did something still commits its final checkpoint, barriers included, and the
+    counts stay exact across the suspended tasks' next ownership."""
+
+    with JobTester(build(), partitions=PARTITIONS, guarantee=guarantee) as tester:
+        for p in range(PARTITIONS):
+            tester.send("lines", "one two three four", partition=p)
+        for _ in range(4):
+            tester.checkpoint()  # data, barriers, the quiet round, downstream commits
+        busy = tester.tasks[("stage0", 1)]
+        tester.send("lines", "five", partition=1)  # only task 1 has something new
+        tester.run()
+
+        def final(io: TaskIO) -> int:
+            """Records its final checkpoint wrote (repartition topic and checkpoint log)."""
+            before = written(tester)
+            pending = io.task.final_checkpoint()
+            tester._loop.run_until_complete(commit_checkpoint(io, tester._committer(io), pending))
+            assert io.task.pending is None
+            after = written(tester)
+            return (after[0] - before[0]) + (after[1] - before[1])
+
+        idle = [tester.tasks[("stage0", p)] for p in (0, 2, 3)]
+        idle_before = [io.task.counters.idle_checkpoints for io in idle]
+        assert [final(io) for io in idle] == [0, 0, 0]
+        assert [io.task.counters.idle_checkpoints for io in idle] == [n + 1 for n in idle_before]
+        assert final(busy) > 1  # the word, a barrier to its partition, quiet ones, the ack
+        tester.crash("stage0")  # a new ownership of every source task
+        for _ in range(4):
+            tester.checkpoint()
+        expected = Counter(["one", "two", "three", "four"] * PARTITIONS + ["five"])
+        assert counts(tester) == expected
