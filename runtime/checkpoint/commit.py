@@ -54,6 +54,7 @@ from headrace.runtime.kafka.producer import (
     BatchSender,
     Delivery,
     OutRecord,
+    abandon,
     first_gap,
     last_offset,
     wait_delivered,
@@ -116,14 +117,34 @@ class Committer:
     async def commit(self, io: CommitTarget, pending: PendingCheckpoint) -> CommitResult:
         """Make ``pending`` durable for ``io``'s task, or raise (nothing of it is then taken as
         state). The caller applies the result to the task (its local stores)."""
-        started = time.perf_counter()
-        sender = io.sender
         if self.lease is not None:
             self.lease.check(f"checkpoint {pending.checkpoint_id} of task {io.name}")
         deliveries = io.unacked
         io.unacked = []
-        deliveries += await sender.send(pending.outputs)
         changelog: dict[str, list[Delivery]] = {}
+        try:
+            return await self._commit(io, pending, deliveries, changelog)
+        except BaseException:
+            # Every batch this commit sent, awaited or not, is abandoned with the commit: when
+            # one fails (a fenced producer, an expired lease) the others fail with it, and
+            # asyncio logged "Future exception was never retrieved" with a traceback for each
+            # one nobody awaited any more (the ack's under exactly-once, the outputs' and
+            # barriers' when a changelog delivery failed first: seen in bench/scale.py's logs
+            # during revocations at 256 partitions).
+            abandon([*deliveries, *(d for batches in changelog.values() for d in batches)])
+            raise
+
+    async def _commit(
+        self,
+        io: CommitTarget,
+        pending: PendingCheckpoint,
+        deliveries: list[Delivery],
+        changelog: dict[str, list[Delivery]],
+    ) -> CommitResult:
+        """:meth:`commit`'s steps; ``deliveries`` and ``changelog`` collect what it sends."""
+        started = time.perf_counter()
+        sender = io.sender
+        deliveries += await sender.send(pending.outputs)
         changed = size = 0
         for op_id, changes in pending.changes.items():
             if changes:
@@ -154,7 +175,7 @@ class Committer:
         if self.exactly_once:
             producer = io.producer
             assert producer is not None
-            await sender.send([ack])
+            deliveries += await sender.send([ack])  # delivered by the commit (or abandoned)
             if offsets:
                 await producer.send_offsets_to_transaction(offsets, io.group_id)
             self.fault("before-commit")

@@ -109,3 +109,66 @@ async def test_stopping_a_fenced_producer_leaves_no_unretrieved_error() -> None:
     await fenced(stop=True)
     gc.collect()
     assert logged == []
+
+
+async def test_a_failed_commit_leaves_no_unretrieved_delivery_error() -> None:
+    """A commit that fails on its first changelog delivery (a fenced producer, an expired
+    lease) has sent outputs whose batches fail with the same error and that nothing awaits any
+    more: the commit abandons every batch it sent, so asyncio does not log one "Future
+    exception was never retrieved" per batch (seen in bench/scale.py's logs). The deliveries
+    are futures failed the way aiokafka's sender fails a fenced producer's batches."""
+    import gc
+    from types import SimpleNamespace
+    from typing import Any
+
+    from aiokafka.errors import ProducerFenced
+
+    from headrace.runtime.checkpoint.commit import Committer
+    from headrace.runtime.checkpoint.pending import PendingCheckpoint
+
+    logged: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: logged.append(ctx["message"]))
+
+    def failing(n: int) -> list[Any]:
+        out = []
+        for _ in range(n):
+            fut = loop.create_future()
+            loop.call_soon(fut.set_exception, ProducerFenced())
+            out.append((fut, 1))
+        return out
+
+    class Sender:
+        async def send(self, records: list[Any]) -> list[Any]:
+            return failing(len(records))
+
+        async def send_pairs(self, *args: Any) -> list[Any]:
+            return failing(2)
+
+    io: Any = SimpleNamespace(
+        name="stage0/0",
+        stage_name="stage0",
+        partition=0,
+        sender=Sender(),
+        unacked=failing(1),  # an earlier checkpoint's ack, not acknowledged yet
+        changelog_topics={"counts": "job.counts.changelog"},
+        changelog_last={},
+        epoch_headers=None,
+    )
+    pending = PendingCheckpoint(
+        1,
+        {("words", 0): 10},
+        {},
+        True,
+        False,
+        {"counts": [(b"k", b"1")]},
+        {},
+        [("out", None, b"k", b"1", [], None)] * 3,
+    )
+    committer = Committer(Any, exactly_once=False, consumer=Any, worker_id="w")  # type: ignore[arg-type]
+    with pytest.raises(ProducerFenced):
+        await committer.commit(io, pending)
+    await asyncio.sleep(0)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert logged == []
