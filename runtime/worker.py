@@ -204,7 +204,11 @@ class Worker:
         self.broker.install()
         watch = asyncio.create_task(self._watch_broker(), name="broker-health")
         try:
-            with young_threshold(s.gc_young_threshold):
+            loop = asyncio.get_running_loop()
+            with (
+                young_threshold(s.gc_young_threshold),
+                clients.fenced_producer_errors_consumed(loop),
+            ):
                 await self._run()
         finally:
             watch.cancel()

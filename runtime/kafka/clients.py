@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import ProducerFenced
 
 from headrace.runtime.config import Settings
 
@@ -161,6 +162,39 @@ async def stop_producer(producer: AIOKafkaProducer) -> None:
     waiter = getattr(txn, "_transaction_waiter", None)
     if isinstance(waiter, asyncio.Future) and waiter.done() and not waiter.cancelled():
         waiter.exception()
+
+
+@contextlib.contextmanager
+def fenced_producer_errors_consumed(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+    """While the worker runs: a ``ProducerFenced`` that asyncio finds never retrieved on a
+    future is not logged (everything else goes to the handler that was there before).
+
+    Fencing is a normal step of a rebalance under exactly-once: the new owner of a task's
+    transactional id fences the old producer, the runner drops the task (one WARNING for all
+    of them) and rejoins. aiokafka's sender then fails *every* future of that producer with the
+    same error: its transaction waiter (:func:`stop_producer` marks it seen), the delivery
+    futures (:func:`~headrace.runtime.kafka.producer.abandon`), and internal ones nobody
+    outside aiokafka can reach (its batches' drain waiters). asyncio logged each of the
+    latter as ``ERROR Future exception was never retrieved`` with a traceback: 466 of them in
+    one worker's log at 256 partitions (bench/scale.py), burying the one warning that matters.
+    """
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), ProducerFenced) and "never retrieved" in str(
+            context.get("message", "")
+        ):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def start_producers(

@@ -172,3 +172,32 @@ async def test_a_failed_commit_leaves_no_unretrieved_delivery_error() -> None:
     gc.collect()
     await asyncio.sleep(0)
     assert logged == []
+
+
+async def test_a_fenced_producers_unreachable_futures_are_not_logged_while_the_worker_runs() -> (
+    None
+):
+    """aiokafka fails every future of a fenced producer with the same ProducerFenced, some of
+    them internal (its batches' drain waiters); while a worker runs those are not logged, and
+    any other never-retrieved error still is."""
+    import gc
+
+    from aiokafka.errors import ProducerFenced
+
+    from headrace.runtime.kafka.clients import fenced_producer_errors_consumed
+
+    logged: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, ctx: logged.append(repr(ctx.get("exception"))))
+
+    def dropped(exc: BaseException) -> None:
+        fut = loop.create_future()
+        fut.set_exception(exc)
+        del fut
+        gc.collect()
+
+    with fenced_producer_errors_consumed(loop):
+        dropped(ProducerFenced())
+        dropped(ValueError("a bug"))
+    dropped(ProducerFenced())  # after the worker: the handler before it again
+    assert logged == [repr(ValueError("a bug")), repr(ProducerFenced())]
