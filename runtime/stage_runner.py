@@ -158,7 +158,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stateful = self.host.stateful
 
     def ready(self) -> bool:
-        return not self.restoring
+        """No task of this stage is being taken over (producers, restore)."""
+        return not self.restoring and not self.taking_over()
+
+    def taking_over(self) -> bool:
+        """A take-over job is under way (it may not have restoring tasks yet)."""
+        job = self._restore_job
+        return job is not None and not job.done()
 
     def snapshot(self) -> StageSnapshot:
         """This stage's tasks by state, with restore progress (for metrics and status)."""
@@ -348,17 +354,30 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         # stage would stall without a word (a claim that meets an expired lease did exactly
         # that). So nothing escapes this callback: the loop gets the failure, drops what was
         # half taken over and rejoins (membership lost, broker away), or fails the worker.
+        #
+        # The takeover itself (transactional producers, committed offsets, resumes, restores)
+        # runs as a job of its own, after this callback returned: aiokafka stops the member's
+        # heartbeats before it rejoins and starts them again only once this callback is done.
+        # A takeover inside it that took longer than the session timeout (320 tasks' producers
+        # initialised on a broker busy creating ~1,000 partitions: 17 s, bench/scale.py at 256
+        # partitions) got the member expelled, the group rebalanced again, and the next member
+        # to take over did the same: four workers took 14-52 s to run every task. The
+        # partitions stay paused until their task runs, exactly as during a restore; a
+        # revocation cancels the job (``_cancel_restore``) as it cancels a restore.
         self.lease.joined()
         if assigned:
             self.consumer.pause(*assigned)
         if self.stopping:  # the partitions stay paused; the member leaves in a moment
             return
         try:
-            await self._take_over(sorted({tp.partition for tp in assigned}))
+            await self._cancel_restore()  # (the revocation did, unless nothing was revoked)
         except Exception as exc:  # handed to the loop, see above
-            if not isinstance(exc, MEMBERSHIP_LOST):
-                log.error("stage %s: taking over partitions failed: %s", self.stage.name, exc)
             self.restore_error = exc
+            return
+        self._restore_job = asyncio.create_task(
+            self._take_over(sorted({tp.partition for tp in assigned}))
+        )
+        self._restore_job.add_done_callback(self._restore_done)
 
     def _check_source_growth(self, partitions: list[int]) -> None:
         """Partitions added to the source while the job runs: new tasks for a stateless first
@@ -428,14 +447,15 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         if new:
             for p in new:
                 self.restoring[p] = self._make_task(p, producers.get(p))
-            self._restore_job = asyncio.create_task(self._restore(new, committed))
-            self._restore_job.add_done_callback(self._restore_done)
+            await self._restore(new, committed)
 
     def _restore_done(self, job: asyncio.Task[None]) -> None:
+        """The takeover job ended: its failure goes to the loop (which raises it, or drops
+        the tasks and rejoins when the membership was lost)."""
         if not job.cancelled() and job.exception() is not None:
             failed = job.exception()
             if not isinstance(failed, MEMBERSHIP_LOST):
-                log.error("restore of stage %s failed: %s", self.stage.name, failed)
+                log.error("taking over tasks of stage %s failed: %s", self.stage.name, failed)
             self.restore_error = failed
 
     def _use_producer(self, io: TaskIO, producer: AIOKafkaProducer) -> None:

@@ -126,8 +126,10 @@ class Worker:
                     f"stage {r.stage.name}: membership of group {r.group_id} not confirmed for "
                     f"{unconfirmed:.0f}s (session timeout {r.lease.session:.0f}s)"
                 )
-            elif not r.ready():
+            elif r.restoring:
                 reasons.append(f"stage {r.stage.name} is restoring task(s) {sorted(r.restoring)}")
+            elif not r.ready():
+                reasons.append(f"stage {r.stage.name} is taking over its assigned task(s)")
         return "; ".join(reasons)
 
     # -- the view operations read (headrace.runtime.view.WorkerView) ---------------------------
