@@ -434,7 +434,6 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 and await self._claim_unchanged(io)
                 and not io.closed
             ):
-                self.suspended.pop(p, None)  # (pop: a shutdown may have cleared them all)
                 await self._resume_suspended(io, producers.get(p))
                 continue
             if io is not None:
@@ -504,12 +503,18 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         return True
 
     async def _resume_suspended(self, io: TaskIO, producer: AIOKafkaProducer | None) -> None:
+        """The task leaves ``suspended`` only after the await, right before it joins ``tasks``:
+        a revocation that cancels the take-over here leaves it suspended (closed or resumed
+        later), never in neither."""
         p = io.task.partition
         if producer is not None:
             # A fresh producer: another member may have initialised our transactional id
             # meanwhile (fencing the old one) without committing anything.
             self._use_producer(io, producer)
             await producer.begin_transaction()
+        if io.closed:  # a shutdown closed it during the await
+            return
+        self.suspended.pop(p, None)  # (pop: a shutdown may have cleared them all)
         io.task.rewind(io.committed, io.committed_skip, io.committed_quiet)
         for tp in self.input_tps(p):
             off = io.committed.get((tp.topic, tp.partition))
@@ -634,10 +639,14 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         """
         beginning: list[TopicPartition] = []
         for p in partitions:
-            io = self.restoring.pop(p)
+            # A task leaves ``restoring`` only once it is in ``tasks``: a revocation that
+            # cancels the take-over at the await below closes it with the other restoring
+            # ones (popped before, it was in neither, and nothing closed its stores).
+            io = self.restoring[p]
             self.host.open(io, starts[p])
             if io.producer is not None:
                 await io.producer.begin_transaction()
+            del self.restoring[p]
             for tp in self.input_tps(p):
                 offset = starts[p].positions.get((tp.topic, tp.partition))
                 if offset is not None:

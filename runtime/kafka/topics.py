@@ -230,10 +230,12 @@ async def create_and_await_topics(
     have a leader (:func:`await_topics`); returns their partition counts.
 
     Every worker waits for the leaders, not only the one that created the topics: workers
-    starting together find topics another one created a moment ago, still without leaders, and
-    their producers then retried ``NotLeaderForPartition`` a few dozen times each. An existing
-    topic is awaited with the count it has (a wrong count is the caller's to report, not to
-    wait for); topics that are all led cost one metadata request.
+    starting together find topics another one created a moment ago, possibly still without
+    leaders in the metadata. (The broker may still answer ``NotLeaderForPartition`` for a few
+    seconds after it published a leader, while it loads a thousand new partitions; clients
+    retry that, and no metadata says when it ends.) An existing topic is awaited with the
+    count it has (a wrong count is the caller's to report, not to wait for); topics that are
+    all led cost one metadata request.
     """
     existing = await topic_partitions(admin, [t.name for t in topics])
     to_create = [t for t in topics if t.name not in existing]
