@@ -298,9 +298,8 @@ class StageTask:
         # eager rebalance ends every task's ownership: four workers starting together at 256
         # partitions committed 64-256 empty transactions (with a barrier to every downstream
         # partition each) per worker per generation before any input (bench/README.md).
-        if final and unchanged:
-            pass
-        elif isinstance(output, RepartitionSpec) and self.downstream_partitions:
+        barrier_round = not (final and unchanged)
+        if barrier_round and isinstance(output, RepartitionSpec) and self.downstream_partitions:
             barriers = self._barriers(output.topic, cut.checkpoint_id)
         idle = unchanged and not barriers
         self._sent = False

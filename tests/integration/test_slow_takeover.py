@@ -22,13 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from headrace import INT, STR, Job
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
 from headrace.runtime.pytest_plugin import TopicFactory
-from headrace.runtime.recovery import read_topic
+from headrace.runtime.recovery import produce_paced, read_topic
 from headrace.runtime.recovery.inprocess import run_worker_until
 from headrace.runtime.stage_runner import StageRunner
 
@@ -55,14 +54,13 @@ async def test_a_takeover_longer_than_the_session_keeps_the_member_in_its_group(
         heartbeat_interval_ms=1_000,
     )
     lines = [f"w{i % 7} w{i % 3} common" for i in range(300)]
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap_servers)
-    await producer.start()
-    try:
-        for i, line in enumerate(lines):
-            await producer.send(source, line.encode(), partition=i % PARTITIONS)
-        await producer.flush()
-    finally:
-        await producer.stop()
+    await produce_paced(
+        kafka_bootstrap_servers,
+        source,
+        [line.encode() for line in lines],
+        rate=10_000,
+        partition_of=lambda i: i % PARTITIONS,
+    )
     expected = Counter(" ".join(lines).split())
 
     start_producers = clients.start_producers
