@@ -91,9 +91,9 @@ class TaskIO:
     foreign: list[tuple[str, int, int]] = field(default_factory=list)
     #: where checkpoint documents too long for offset metadata go (None: a source stage)
     cuts_topic: str | None = None
-    #: keys of this task's spilled checkpoint documents not deleted yet
-    spilled: list[bytes] = field(default_factory=list)
+    spilled: list[bytes] = field(default_factory=list)  #: spilled cut documents not deleted yet
     closed: bool = False  #: its clients and stores are closed (closing again is a no-op)
+    generation: int | None = None  #: the group generation it last ran in (_keeps_producer)
 
     @property
     def name(self) -> str:

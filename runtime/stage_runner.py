@@ -405,12 +405,15 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         # offset fetch does not wait for pending transactional offsets).
         producers: dict[int, AIOKafkaProducer] = {}
         if self.worker.settings.exactly_once:
+            fresh: list[int] = []
             for p in partitions:
                 old = self.suspended.get(p)
-                if old is not None and old.producer is not None:
+                if old is not None and old.producer is not None and not self._keeps_producer(old):
                     await clients.stop_producer(old.producer)
                     old.producer = None
-            producers = await clients.start_producers(self._transactional_producer, partitions)
+                if old is None or old.producer is None:
+                    fresh.append(p)
+            producers = await clients.start_producers(self._transactional_producer, fresh)
         try:
             await self._resume_or_restore(partitions, producers)
         except BaseException:
@@ -419,6 +422,33 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 if not any(io.producer is producer for io in owned):
                     await clients.stop_producer(producer)
             raise
+
+    def _keeps_producer(self, io: TaskIO) -> bool:
+        """A suspended task coming back keeps its transactional producer (no stop, no
+        ``InitProducerId``) when it ran in the generation right before this one.
+
+        Every eager rebalance revokes every task, and a start or a join at 256 partitions goes
+        through several generations; most tasks come back to the member that had them, and each
+        used to stop its producer and initialise a new one (a round trip to the transaction
+        coordinator and a write to ``__transaction_state`` each, on a broker busy creating the
+        job's partitions; bench/README.md, eighth round). Fencing does not depend on it:
+        Kafka fences whichever producer of a transactional id was initialised first, so a
+        kept producer that somebody else's initialisation overtook fails its next commit with
+        ``ProducerFenced`` and the worker drops its tasks and rejoins, as with a fresh one.
+        Keeping it only into the *next* generation makes that as rare as it is for a fresh
+        producer: nobody else was assigned the partition between the two, so nobody else had
+        a reason to initialise its transactional id. Its transaction is the open, empty one
+        begun after its last commit (an idle final checkpoint commits nothing and leaves it
+        so), the state the takeover would otherwise put a fresh producer in.
+        """
+        producer = io.producer
+        generation = self.lease.generation
+        return (
+            producer is not None
+            and generation is not None
+            and io.generation == generation - 1
+            and clients.in_empty_transaction(producer)
+        )
 
     async def _resume_or_restore(
         self, partitions: list[int], producers: dict[int, AIOKafkaProducer]
@@ -443,6 +473,12 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         for io in list(self.suspended.values()):
             await self._close(io)
         self.suspended.clear()
+        if self.worker.settings.exactly_once and (late := [p for p in new if p not in producers]):
+            # Tasks whose kept producer went with their suspended state (somebody committed
+            # meanwhile): a fresh producer each, and the committed offsets read again after
+            # its initialisation, for the reason given in _take_over.
+            producers.update(await clients.start_producers(self._transactional_producer, late))
+            committed.update(await self._committed(late))
         if new:
             for p in new:
                 self.restoring[p] = self._make_task(p, producers.get(p))
@@ -509,11 +545,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         p = io.task.partition
         if producer is not None:
             # A fresh producer: another member may have initialised our transactional id
-            # meanwhile (fencing the old one) without committing anything.
+            # meanwhile (fencing the old one) without committing anything. (Without one, the
+            # task kept its producer: _keeps_producer.)
             self._use_producer(io, producer)
             await producer.begin_transaction()
         if io.closed:  # a shutdown closed it during the await
             return
+        io.generation = self.lease.generation
         self.suspended.pop(p, None)  # (pop: a shutdown may have cleared them all)
         io.task.rewind(io.committed, io.committed_skip, io.committed_quiet)
         for tp in self.input_tps(p):
@@ -647,6 +685,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             if io.producer is not None:
                 await io.producer.begin_transaction()
             del self.restoring[p]
+            io.generation = self.lease.generation
             for tp in self.input_tps(p):
                 offset = starts[p].positions.get((tp.topic, tp.partition))
                 if offset is not None:

@@ -165,6 +165,27 @@ async def stop_producer(producer: AIOKafkaProducer) -> None:
         waiter.exception()
 
 
+def in_empty_transaction(producer: AIOKafkaProducer) -> bool:
+    """The transactional ``producer`` is running, inside a transaction that holds nothing yet
+    (no partition added, no offsets): it can go on as if it had just begun it. False where
+    aiokafka's transaction manager is not there to ask (then the caller starts a new one)."""
+    txn: Any = getattr(producer, "_txn_manager", None)
+    sender: Any = getattr(producer, "_sender", None)
+    try:
+        return bool(
+            getattr(producer, "_closed", None) is False  # started, not stopped
+            and txn.is_in_transaction()
+            and txn.is_empty_transaction()
+            and not txn.partitions_to_add()
+            and txn.consumer_group_to_add() is None
+            and sender is not None
+            and sender.sender_task is not None
+            and not sender.sender_task.done()
+        )
+    except AttributeError:
+        return False
+
+
 @contextlib.contextmanager
 def fenced_producer_errors_consumed(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
     """While the worker runs: a ``ProducerFenced`` that asyncio finds never retrieved on a
