@@ -399,21 +399,26 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         failure half-way leaves nothing open that :meth:`abandon` does not close.
         """
         self._check_source_growth(partitions)
+        started = time.monotonic()
         # Exactly-once: initialise each task's transactional producer *before* reading the
         # committed offsets. InitProducerId returns only once the previous owner's transaction
         # is complete, and offsets committed in a transaction become visible only then (the
         # offset fetch does not wait for pending transactional offsets).
         producers: dict[int, AIOKafkaProducer] = {}
+        fresh: list[int] = []
         if self.worker.settings.exactly_once:
-            fresh: list[int] = []
+            replaced: list[AIOKafkaProducer] = []
             for p in partitions:
                 old = self.suspended.get(p)
                 if old is not None and old.producer is not None and not self._keeps_producer(old):
-                    await clients.stop_producer(old.producer)
+                    replaced.append(old.producer)
                     old.producer = None
                 if old is None or old.producer is None:
                     fresh.append(p)
+            # All at once: one after the other, 80 stops took seconds of the takeover.
+            await asyncio.gather(*map(clients.stop_producer, replaced))
             producers = await clients.start_producers(self._transactional_producer, fresh)
+        producers_s = time.monotonic() - started
         try:
             await self._resume_or_restore(partitions, producers)
         except BaseException:
@@ -422,6 +427,16 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 if not any(io.producer is producer for io in owned):
                     await clients.stop_producer(producer)
             raise
+        log.info(
+            "stage %s: took over %d task(s) in %.2fs (%d transactional producer(s) started "
+            "in %.2fs, %d kept from the last generation)",
+            self.stage.name,
+            len(partitions),
+            time.monotonic() - started,
+            len(fresh),
+            producers_s,
+            len(partitions) - len(fresh) if self.worker.settings.exactly_once else 0,
+        )
 
     def _keeps_producer(self, io: TaskIO) -> bool:
         """A suspended task coming back keeps its transactional producer (no stop, no
