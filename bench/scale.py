@@ -76,7 +76,7 @@ class Worker:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
                 return int(r.status), r.read().decode()
         except urllib.error.HTTPError as e:
-            return int(e.code), ""
+            return int(e.code), e.read().decode(errors="replace")
         except OSError:
             return 0, ""
 
@@ -93,24 +93,38 @@ class Worker:
                 out[stage] = out.get(stage, 0) + int(float(value))
         return out
 
-    def ready(self) -> bool:
-        return self.get("/ready")[0] == 200
+    def not_ready(self) -> str:
+        """Why the worker's /ready is not 200 ("" when it is)."""
+        status, body = self.get("/ready")
+        return "" if status == 200 else (body.strip() or f"HTTP {status}")
 
     def stop(self) -> None:
         h.stop_process(self.proc)
         self._log.close()
 
 
-async def all_running(workers: list[Worker], partitions: int, stages: int) -> float:
-    """Seconds until every task of every stage runs and every worker is ready."""
+async def all_running(
+    workers: list[Worker], partitions: int, stages: int, trace: list[str]
+) -> float:
+    """Seconds until every task of every stage runs and every worker is ready; ``trace`` gets
+    a line each time what the workers report changes (running tasks per stage, why a worker
+    is not ready), so that a slow start says what it waited on."""
     started = time.monotonic()
+    last = ""
     while True:
         totals: dict[str, int] = {}
         for w in workers:
             for stage, n in (await asyncio.to_thread(w.running_tasks)).items():
                 totals[stage] = totals.get(stage, 0) + n
+        reasons = await asyncio.gather(*(asyncio.to_thread(w.not_ready) for w in workers))
+        state = f"running {dict(sorted(totals.items()))}; " + "; ".join(
+            f"w{i}: {r}" for i, r in enumerate(reasons) if r
+        )
+        if state != last:
+            trace.append(f"{time.monotonic() - started:6.1f}s {state}")
+            last = state
         complete = len(totals) == stages and all(n == partitions for n in totals.values())
-        if complete and all(await asyncio.gather(*(asyncio.to_thread(w.ready) for w in workers))):
+        if complete and not any(reasons):
             return time.monotonic() - started
         if time.monotonic() - started > START_TIMEOUT_S:
             raise TimeoutError(f"tasks running after {START_TIMEOUT_S:.0f}s: {totals}")
@@ -177,14 +191,18 @@ async def one(
     procs: list[Worker] = []
     try:
         procs = [Worker(env, logs / f"{tag}-w{i}.log") for i in range(workers)]
-        res["start_s"] = await all_running(procs, partitions, stages=2)
+        res["start_trace"] = []
+        res["start_s"] = await all_running(procs, partitions, 2, res["start_trace"])
         internal = [f"{tag}.stage1.repartition", f"{tag}.counts.changelog", f"{tag}.checkpoints"]
         # a few lines into every partition: every task has input and state, as in production
-        lines = [(None, f"warm up w{i % 50} w{i % 7}".encode()) for i in range(4 * partitions)]
+        lines: list[tuple[bytes | None, bytes]] = [
+            (None, f"warm up w{i % 50} w{i % 7}".encode()) for i in range(4 * partitions)
+        ]
         await h.produce(bootstrap, source, lines, partitions=partitions)
         res["warm_quiet_s"] = await quiet_after(bootstrap, internal)
         procs.append(Worker(env, logs / f"{tag}-w{workers}.log"))
-        res["join_s"] = await all_running(procs, partitions, stages=2)
+        res["join_trace"] = []
+        res["join_s"] = await all_running(procs, partitions, 2, res["join_trace"])
         # until the rebalance's checkpoints, claims and barrier rounds have settled
         res["join_quiet_s"] = await quiet_after(bootstrap, internal)
         bpid = broker_pid()
@@ -218,7 +236,10 @@ async def one(
             w.stop()
         topics = [t for t in await h.list_topics(bootstrap) if t.startswith(f"{tag}.")]
         await h.delete_topics(bootstrap, topics)
-    print(f"[scale] {res}", flush=True)
+    print(f"[scale] { ({k: v for k, v in res.items() if not k.endswith('_trace')}) }", flush=True)
+    for phase in ("start", "join"):
+        for line in res.get(f"{phase}_trace", []):
+            print(f"[scale]   {phase} {line}", flush=True)
     return res
 
 

@@ -110,6 +110,15 @@ SETTINGS: tuple[SettingInfo, ...] = (
         "write lease).",
     ),
     SettingInfo(
+        "rebalance_timeout_ms",
+        "rebalance-timeout-ms",
+        "How long a rebalance waits for every member to rejoin (default 30000, at least the "
+        "session timeout): the time a worker has for its revoked tasks' final checkpoints "
+        "before the group goes on without it. Java consumers bind it to max.poll.interval.ms; "
+        "aiokafka's default, the session timeout, was outlasted by workers with hundreds of "
+        "tasks, and each member left behind cost the group another rebalance.",
+    ),
+    SettingInfo(
         "heartbeat_interval_ms",
         "heartbeat-interval-ms",
         "Consumer-group heartbeat interval (default 3000), below a third of the session timeout.",
@@ -196,6 +205,9 @@ class Settings:
     #: It is also the task's write lease (see headrace.runtime.kafka.lease): a worker that has
     #: not heard a successful heartbeat within it stops writing and rejoins.
     session_timeout_ms: int = 10_000
+    #: how long a rebalance waits for members to rejoin (their revocations); the write lease
+    #: holds through a rebalance for at most this long (headrace.runtime.kafka.lease)
+    rebalance_timeout_ms: int = 30_000
     heartbeat_interval_ms: int = 3_000
     # security: passed through to aiokafka unchanged
     security_protocol: str = "PLAINTEXT"
@@ -375,6 +387,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "gc_young_threshold": _int(0),
     "client_id": _nonempty,
     "session_timeout_ms": _int(1, unit=" (milliseconds)"),
+    "rebalance_timeout_ms": _int(1, unit=" (milliseconds)"),
     "heartbeat_interval_ms": _int(1, unit=" (milliseconds)"),
     "security_protocol": _choice(SECURITY_PROTOCOLS, upper=True),
     "sasl_mechanism": _choice(SASL_MECHANISMS, upper=True),
@@ -403,6 +416,13 @@ def _check_together(s: Settings) -> None:
             s.heartbeat_interval_ms,
             f"less than the session timeout ({s.session_timeout_ms} ms; "
             f"{SETTING_BY_FIELD['session_timeout_ms'].names()}), ideally a third of it or less",
+        )
+    if s.rebalance_timeout_ms < s.session_timeout_ms:
+        raise SettingsError(
+            "rebalance_timeout_ms",
+            s.rebalance_timeout_ms,
+            f"at least the session timeout ({s.session_timeout_ms} ms; "
+            f"{SETTING_BY_FIELD['session_timeout_ms'].names()})",
         )
     if s.security_protocol.startswith("SASL_"):
         for name in ("sasl_mechanism", "sasl_username", "sasl_password"):

@@ -115,6 +115,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.lease = MembershipLease(
             self.group_id,
             session_timeout_ms=s.session_timeout_ms,
+            rebalance_timeout_ms=s.rebalance_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
         )
         self.restore_consumer = clients.reader(s, client_id=f"{s.client_id}-{stage.name}-restore")

@@ -68,6 +68,10 @@ def group_consumer(settings: Settings, group_id: str, *, client_id: str) -> AIOK
         partition_assignment_strategy=(RangePartitionAssignor,),
         max_partition_fetch_bytes=4 * 1024 * 1024,
         session_timeout_ms=settings.session_timeout_ms,
+        rebalance_timeout_ms=settings.rebalance_timeout_ms,
+        # A JoinGroup waits up to the rebalance timeout for the other members (Java's
+        # consumer gives it the rebalance timeout plus 5 s too).
+        request_timeout_ms=max(40_000, settings.rebalance_timeout_ms + 5_000),
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         # Partitions added to an input topic are seen within seconds, not at aiokafka's
         # default 5-minute refresh: the group rebalances and the new partitions get tasks.

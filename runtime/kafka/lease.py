@@ -16,6 +16,19 @@ the session) covers the time a write takes to reach the broker and the rebalance
 still has to go through; with the default 10 s session and 3 s heartbeat a healthy member's
 lease is never older than about 3 s, so the check never fires in normal operation.
 
+**During a rebalance** the coordinator answers heartbeats with ``REBALANCE_IN_PROGRESS``, and
+aiokafka counts that as a success (it is: the member stays in the group). But the coordinator
+removes a member that has not rejoined within the *rebalance timeout* of the rebalance's start,
+heartbeats or not, and hands its partitions to the others. So such a heartbeat only shows the
+member alive: it extends the lease to ``min(sent + session, confirmed + rebalance_timeout)``,
+``confirmed`` being the send time of the last plain success (the rebalance started after the
+coordinator answered that one, so its deadline is later than ``confirmed + rebalance_timeout``).
+That is what lets a revocation write its tasks' final checkpoints for up to the rebalance timeout
+(``Settings.rebalance_timeout_ms``, 30 s by default) instead of the session, and never longer
+than the group waits for it. A heartbeat is taken as "rebalancing" when it left the consumer
+asking to rejoin (aiokafka's ``_rejoin_needed_fut``; a rejoin asked for another reason is taken
+the same way, which only shortens the lease).
+
 aiokafka has no public hook for heartbeats, so the lease wraps the group coordinator's
 ``_do_heartbeat`` of the one consumer it guards (aiokafka 0.11-0.14 all have it; the pin in
 pyproject.toml keeps it so). Where the hook is missing the lease cannot be renewed by
@@ -46,13 +59,18 @@ class MembershipLease:
         *,
         session_timeout_ms: int,
         heartbeat_interval_ms: int,
+        rebalance_timeout_ms: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.group_id = group_id
         self.session = session_timeout_ms / 1000
+        #: aiokafka's default rebalance timeout is the session timeout
+        self.rebalance = (rebalance_timeout_ms or session_timeout_ms) / 1000
         self.margin = min(heartbeat_interval_ms / 1000, self.session / 3)
         self.clock = clock
         self.confirmed_at: float | None = None  #: send time of the last confirmation
+        #: send time of the last heartbeat answered "rebalancing" (module docstring)
+        self.alive_at: float | None = None
         self.generation: int | None = None
         self._coordinator: Any = None
 
@@ -74,7 +92,11 @@ class MembershipLease:
             sent = lease.clock()
             ok = await heartbeat()
             if ok:
-                lease.renew(sent)
+                rejoin = getattr(coordinator, "_rejoin_needed_fut", None)
+                if rejoin is None or rejoin.done():  # "rebalancing" (aiokafka: True, rejoin)
+                    lease.alive(sent)
+                else:
+                    lease.renew(sent)
             return ok
 
         coordinator._do_heartbeat = tracked_heartbeat
@@ -95,15 +117,25 @@ class MembershipLease:
         if self.confirmed_at is None or sent_at > self.confirmed_at:
             self.confirmed_at = sent_at
 
+    def alive(self, sent_at: float) -> None:
+        """A heartbeat sent at ``sent_at`` was answered "rebalancing" (module docstring)."""
+        if self.alive_at is None or sent_at > self.alive_at:
+            self.alive_at = sent_at
+
     def expire(self) -> None:
         """Forget the confirmation (the worker dropped its tasks; the next join renews)."""
         self.confirmed_at = None
+        self.alive_at = None
 
     def remaining(self) -> float:
         """Seconds the lease still holds (negative: expired)."""
-        if self.confirmed_at is None:
+        confirmed = self.confirmed_at
+        if confirmed is None:
             return -1.0
-        return self.confirmed_at + self.session - self.margin - self.clock()
+        deadline = confirmed + self.session
+        if self.alive_at is not None:  # a rebalance: the group waits for us this long
+            deadline = max(deadline, min(self.alive_at + self.session, confirmed + self.rebalance))
+        return deadline - self.margin - self.clock()
 
     def check(self, what: str) -> None:
         """Raise :class:`LeaseExpired` unless the membership is confirmed recently enough."""
