@@ -296,6 +296,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
 
     # -- rebalance -------------------------------------------------------------------------------
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        started = time.monotonic()
         await self._cancel_restore()
         async with self.lock:
             leaving = [
@@ -327,6 +328,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         _log_lost_checkpoints(
             [(io.name, exc) for (_, io), exc in zip(leaving, lost, strict=True) if exc]
         )
+        if leaving:  # the group waits for this (up to the rebalance timeout)
+            log.info(
+                "stage %s: %d task(s) revoked, final checkpoints taken in %.2fs",
+                self.stage.name,
+                len(leaving),
+                time.monotonic() - started,
+            )
 
     async def _leave(self, p: int, io: TaskIO) -> BaseException | None:
         """A revoked task's final checkpoint; the task is then suspended (its state may be
