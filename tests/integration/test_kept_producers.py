@@ -21,6 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
+from examples.wordcount import build
 from headrace import INT, STR, Job
 from headrace.runtime.config import Guarantee, Settings
 from headrace.runtime.kafka import clients
@@ -141,10 +142,7 @@ class _WordCount:
     async def create(cls, bootstrap: str, topic_factory: TopicFactory) -> _WordCount:
         source = await topic_factory("kept-producers-lines", partitions=PARTITIONS)
         sink = await topic_factory("kept-producers-counts", partitions=PARTITIONS)
-        job = Job(f"kept-producers-{uuid.uuid4().hex[:6]}")
-        job.source(source, value_serde=STR).flat_map(str.split).key_by(
-            lambda w: w, key_serde=STR, value_serde=STR
-        ).count(name="counts").sink(sink, key_serde=STR, value_serde=INT)
+        job = build(f"kept-producers-{uuid.uuid4().hex[:6]}", source, sink)
         return cls(bootstrap, job, source, sink)
 
     def settings(self, **overrides: Any) -> Settings:

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from headrace import INT, STR, Job
+from examples.wordcount import build
+from headrace import INT, STR
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka import clients
 from headrace.runtime.pytest_plugin import TopicFactory
@@ -42,10 +43,7 @@ async def test_a_takeover_longer_than_the_session_keeps_the_member_in_its_group(
 ) -> None:
     source = await topic_factory("slow-takeover-lines", partitions=PARTITIONS)
     sink = await topic_factory("slow-takeover-counts", partitions=PARTITIONS)
-    job = Job(f"slow-takeover-{uuid.uuid4().hex[:6]}")
-    job.source(source, value_serde=STR).flat_map(str.split).key_by(
-        lambda w: w, key_serde=STR, value_serde=STR
-    ).count(name="counts").sink(sink, key_serde=STR, value_serde=INT)
+    job = build(f"slow-takeover-{uuid.uuid4().hex[:6]}", source, sink)
     s = Settings(
         bootstrap_servers=kafka_bootstrap_servers,
         processing_guarantee="exactly_once",

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from headrace import INT, STR, Job
+from examples.wordcount import build
 from headrace.runtime.config import Settings
 from headrace.runtime.pytest_plugin import TopicFactory
 from headrace.runtime.stage_runner import StageRunner
@@ -50,10 +50,7 @@ async def test_a_worker_stopped_while_its_groups_rebalance_leaves_no_producer_op
 ) -> None:
     source = await topic_factory("stop-rebalance-lines", partitions=PARTITIONS)
     sink = await topic_factory("stop-rebalance-counts", partitions=PARTITIONS)
-    job = Job(f"stop-rebalance-{uuid.uuid4().hex[:6]}")
-    job.source(source, value_serde=STR).flat_map(str.split).key_by(
-        lambda w: w, key_serde=STR, value_serde=STR
-    ).count(name="counts").sink(sink, key_serde=STR, value_serde=INT)
+    job = build(f"stop-rebalance-{uuid.uuid4().hex[:6]}", source, sink)
     s = Settings(
         bootstrap_servers=kafka_bootstrap_servers,
         processing_guarantee="exactly_once",
