@@ -40,11 +40,7 @@ from headrace.runtime.checkpoint.commit import Committer
 from headrace.runtime.checkpoint.fencing import claim_record, epoch_headers, next_epoch
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata, CheckpointMetadataError
 from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
-from headrace.runtime.checkpoint.restore import (
-    RestoreTarget,
-    StateWithoutCheckpointError,
-    restore,
-)
+from headrace.runtime.checkpoint.restore import RestoreTarget, StateWithoutCheckpointError, restore
 from headrace.runtime.faults import maybe_crash
 from headrace.runtime.kafka.lease import MembershipLease
 from headrace.runtime.kafka.producer import BatchSender, Delivery, first_gap, last_offset
@@ -69,17 +65,18 @@ class TaskIO:
     changelog_last: dict[str, int | None] = field(default_factory=dict)
     #: deliveries of outputs sent since the last checkpoint (acknowledged at the next one)
     unacked: list[Delivery] = field(default_factory=list)
-    #: offsets of the last committed checkpoint, per input (topic, partition), its skip list
-    #: and its quiet upstream channels (checkpoint/alignment.py, "Quiet channels")
+    #: offsets of the last committed checkpoint, per input (topic, partition), its skip list,
+    #: its quiet upstream channels (checkpoint/alignment.py, "Quiet channels") and (exactly-once)
+    #: the partitions its round left loud (StageTask.open; None: unknown)
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
     committed_skip: dict[int, int] = field(default_factory=dict)
     committed_quiet: dict[int, int | None] = field(default_factory=dict)
+    committed_loud: frozenset[int] | None = None
     producer: AIOKafkaProducer | None = None  #: its own transactional one (exactly-once)
     restored: bool = False
-    #: at-least-once: this ownership's writer epoch header for changelog records (None:
-    #: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
+    #: at-least-once: this ownership's writer epoch and its header for changelog records
+    #: (None: exactly-once, or not claimed yet); see headrace.runtime.checkpoint.fencing
     epoch_headers: list[tuple[str, bytes]] | None = None
-    #: at-least-once: this ownership's writer epoch (None: exactly-once, or not claimed yet)
     epoch: int | None = None
     #: this ownership knows a checkpoint of the task committed (restored from one, or
     #: committed one); until it does, its changelog records lack ``hr.committed``
@@ -233,8 +230,10 @@ class StageHost:
         clock: Callable[[], float],
         alignment_timeout_s: float = 60.0,
         error_policy: ErrorPolicy | None = None,
+        first_round_delay_s: float = 0.0,
     ) -> None:
         self.job = job
+        self.first_round_delay_s = first_round_delay_s
         self.stage = stage
         self.layout = layout
         self.exactly_once = exactly_once
@@ -278,6 +277,7 @@ class StageHost:
             sequence_outputs=not self.exactly_once,
             record_limits=self.layout.record_limits,
             watched=self.watched.setdefault(partition, set()),
+            first_round_delay_s=self.first_round_delay_s,
         )
         return TaskIO(
             task=task,
@@ -438,11 +438,8 @@ class StageHost:
                 [claim_record(stores[op].partition_key, epoch)],
                 headers,
             )
-            if read_until is not None:
-                expected = read_until[op]
-            else:
-                previous = io.changelog_last.get(op)
-                expected = 0 if previous is None else previous + 1
+            previous = io.changelog_last.get(op)
+            expected = read_until[op] if read_until else (0 if previous is None else previous + 1)
             gap = await first_gap(deliveries, expected)
             if gap is not None:
                 gaps.append((op, *gap))
@@ -461,6 +458,7 @@ class StageHost:
         meta = start.meta
         io.committed = dict(start.positions)
         io.committed_skip, io.committed_quiet = (meta.skip, meta.quiet) if meta else ({}, {})
+        io.committed_loud = meta.loud if meta and self.exactly_once else None
         io.task.open(
             last_checkpoint=meta.checkpoint_id if meta else 0,
             positions=dict(start.positions),
@@ -468,7 +466,7 @@ class StageHost:
             seen=meta.seen if meta else None,
             watermark=meta.watermark if meta else None,
             quiet=meta.quiet if meta else None,
-            loud=meta.loud if meta and self.exactly_once else None,
+            loud=io.committed_loud,
         )
         io.restored = True
 

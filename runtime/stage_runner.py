@@ -153,6 +153,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             checkpoint_interval_ms=s.checkpoint_interval_ms,
             alignment_timeout_s=s.alignment_timeout_s,
             error_policy=worker.error_policy,
+            # a deferred first round (StageTask.prepare): exactly-once, where it is a
+            # transaction to every downstream partition
+            first_round_delay_s=2 * s.heartbeat_interval_ms / 1000 if s.exactly_once else 0.0,
             clock=worker.clock,
             open_store=worker.open_store,
         )
@@ -577,7 +580,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             return
         io.generation = self.lease.generation
         self.suspended.pop(p, None)  # (pop: a shutdown may have cleared them all)
-        io.task.rewind(io.committed, io.committed_skip, io.committed_quiet)
+        io.task.rewind(io.committed, io.committed_skip, io.committed_quiet, io.committed_loud)
         for tp in self.input_tps(p):
             off = io.committed.get((tp.topic, tp.partition))
             if off is not None:

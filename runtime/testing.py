@@ -62,8 +62,13 @@ class JobTester:
         state_dir: Path | None = None,
         checkpoint_interval_ms: int = 1000,
         batch_size: int = 100,
+        first_round_delay_s: float = 0.0,
     ) -> None:
+        """``first_round_delay_s``: how long an idle new ownership's first full barrier round
+        waits (StageTask.prepare); a worker's is two heartbeat intervals under exactly-once,
+        the tester's 0 unless a test is about it."""
         job.validate()
+        self.first_round_delay_s = first_round_delay_s
         self.job = job
         self.guarantee = Guarantee(guarantee)
         self.backend = backend
@@ -299,6 +304,7 @@ class JobTester:
                 checkpoint_interval_ms=self.interval_ms,
                 open_store=self._open_store,
                 clock=lambda: self.now,
+                first_round_delay_s=self.first_round_delay_s,
             )
         return host
 

@@ -85,6 +85,7 @@ class CommitTarget(Protocol):
     committed: dict[tuple[str, int], int]
     committed_skip: dict[int, int]
     committed_quiet: dict[int, int | None]
+    committed_loud: frozenset[int] | None
     producer: AIOKafkaProducer | None
     epoch_headers: list[tuple[str, bytes]] | None
     foreign: list[tuple[str, int, int]]
@@ -191,6 +192,7 @@ class Committer:
         io.committed = dict(pending.offsets)
         io.committed_skip = dict(pending.skip)
         io.committed_quiet = dict(pending.quiet)
+        io.committed_loud = pending.loud if self.exactly_once else None
         seconds = time.perf_counter() - started
         log.debug(
             "task %s committed checkpoint %d (%d changed keys, %.1f ms%s)",

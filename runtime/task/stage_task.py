@@ -59,8 +59,13 @@ class StageTask:
         sequence_outputs: bool = False,
         record_limits: Mapping[str, int] | None = None,
         watched: set[bytes] | None = None,
+        first_round_delay_s: float = 0.0,
     ) -> None:
         self.job = job
+        #: how long a new ownership's first full barrier round waits while the task has
+        #: nothing to commit (:meth:`prepare`, "deferred first round"); 0: it never waits
+        self.first_round_delay_s = first_round_delay_s
+        self._first_round_due = 0.0
         #: record keys whose state a checkpoint found large: each of their records is checked
         #: (see compile_feed); shared with the host, so it outlives a dropped task
         self.watched: set[bytes] = set() if watched is None else watched
@@ -175,7 +180,8 @@ class StageTask:
 
         A task without a committed checkpoint waits for every upstream channel's first
         barrier, and each new ownership without a record of its round sends one to every
-        partition. (Starting with every channel quiet instead would spare a new job that
+        partition (at once if it has anything to commit, else after ``first_round_delay_s``:
+        :meth:`prepare`). (Starting with every channel quiet instead would spare a new job that
         round, but a quiet channel's first records may miss the checkpoint of their interval,
         and at a job's start that would be every channel's: its first checkpoints would not
         be job-wide cuts.)"""
@@ -186,6 +192,7 @@ class StageTask:
             self.time.open(inputs, watermark)
         self.cut.open(dict(positions or {}), skip, quiet)
         self._loud = set(loud) if loud is not None and self.time is None else None
+        self._first_round_due = self.clock() + self.first_round_delay_s
         self._committed = (
             dict(positions or {}),
             dict(skip or {}),
@@ -209,16 +216,19 @@ class StageTask:
         positions: dict[tuple[str, int], int],
         skip: dict[int, int],
         quiet: dict[int, int | None] | None = None,
+        loud: frozenset[int] | None = None,
     ) -> None:
         """Reset the input cut to the last committed checkpoint (a suspended task resumes).
 
         The state is the committed state (a final checkpoint releases nothing), so reading again
         from the committed offsets, skipping per channel what the cut already includes, is exact.
-        The next barrier round goes to every partition, as a new ownership's does.
+        The barrier rounds go on from the committed one (``loud``, exactly-once; as :meth:`open`
+        says), else the next round goes to every partition, as a new ownership's does.
         """
         self.cut.rewind(dict(positions), skip, quiet)
-        self._loud = None
+        self._loud = set(loud) if loud is not None and self.time is None else None
         self._written = set()
+        self._first_round_due = self.clock() + self.first_round_delay_s
 
     def take_outputs(self) -> list[OutRecord]:
         """The outputs produced since the last call, for the driver to send now.
@@ -298,7 +308,28 @@ class StageTask:
         # eager rebalance ends every task's ownership: four workers starting together at 256
         # partitions committed 64-256 empty transactions (with a barrier to every downstream
         # partition each) per worker per generation before any input (bench/README.md).
-        barrier_round = not (final and unchanged)
+        #
+        # Deferred first round. A new ownership without a record of its last round sends a
+        # full one (to every downstream partition: :meth:`open`), and under exactly-once that
+        # is a transaction with a barrier per downstream partition and as many markers: at
+        # 256 partitions, 65,536 barriers per stage for a worker that took every task. Right
+        # after an assignment the group has often not settled (workers started together join
+        # over several generations), and a revocation waits for the checkpoint in flight: the
+        # first worker's round delayed every other worker's start by 10 s and more
+        # (bench/README.md, eighth round). So while the task has nothing to commit, that
+        # round waits ``first_round_delay_s`` after the ownership began (two heartbeat
+        # intervals: a join after ours reaches us within one); a task with anything to commit
+        # sends it at once. What waits meanwhile is downstream: a downstream task with no
+        # record of this channel's round waits for it before it checkpoints (its other
+        # channels' records are held), so the delay costs a fresh job's first downstream
+        # checkpoint that long when some upstream partition has no input.
+        deferred = (
+            unchanged
+            and self._loud is None
+            and self.first_round_delay_s > 0
+            and self.clock() < self._first_round_due
+        )
+        barrier_round = not ((final or deferred) and unchanged)
         if barrier_round and isinstance(output, RepartitionSpec) and self.downstream_partitions:
             barriers = self._barriers(output.topic, cut.checkpoint_id)
         idle = unchanged and not barriers

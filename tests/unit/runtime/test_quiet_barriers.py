@@ -212,3 +212,80 @@ def test_a_final_checkpoint_of_a_task_that_did_nothing_writes_nothing(guarantee:
             tester.checkpoint()
         expected = Counter(["one", "two", "three", "four"] * PARTITIONS + ["five"])
         assert counts(tester) == expected
+
+
+def acks(tester: JobTester, task: str) -> int:
+    """Checkpoint acks ``task`` (``stage/partition``) wrote: one per committed checkpoint."""
+    return sum(1 for r in tester.records(tester.job.checkpoint_topic) if r.key == task.encode())
+
+
+def test_an_idle_new_ownership_defers_its_first_full_round() -> None:
+    """A new ownership's first round goes to every downstream partition; under exactly-once
+    that is a transaction with a barrier per partition, and right after an assignment the
+    group has often not settled (a revocation waits for the round in flight). So a task with
+    nothing to commit sends it only ``first_round_delay_s`` after its ownership began; a task
+    with data sends it at once. Meanwhile the deferring tasks commit nothing (a task that read
+    no input has no offset to commit) and the downstream tasks wait for their channels; after
+    the delay the round goes out, and the counts are exact."""
+    with JobTester(build(), partitions=PARTITIONS, first_round_delay_s=5.0) as tester:
+        tester.send("lines", "alpha beta gamma delta epsilon", partition=0)
+        tester.checkpoint()
+        tester.checkpoint()
+        first = barriers(tester)
+        # the busy task's round went everywhere at once; the idle tasks sent none
+        assert {ch for _, _, ch, _ in first} == {0}
+        assert {p for p, _, _, _ in first} == set(range(PARTITIONS))
+        assert [acks(tester, f"stage0/{p}") for p in range(PARTITIONS)] == [2, 0, 0, 0]
+        assert counts(tester) == {}  # downstream: waiting for channels 1-3 (records held)
+        for _ in range(4):
+            tester.checkpoint()  # 6 s after the ownerships began
+        later = barriers(tester) - first
+        assert {(ch, quiet) for _, _, ch, quiet in later if ch != 0} == {
+            (ch, True) for ch in range(1, PARTITIONS)
+        }
+        assert len([b for b in later if b[2] != 0]) == (PARTITIONS - 1) * PARTITIONS
+        assert all(acks(tester, f"stage0/{p}") == 1 for p in range(1, PARTITIONS))
+        tester.checkpoint()
+        assert counts(tester) == Counter(["alpha", "beta", "gamma", "delta", "epsilon"])
+
+
+def test_a_final_checkpoint_during_the_delay_sends_no_round() -> None:
+    """A revocation right after an assignment (the group was not settled) ends the ownership
+    of tasks that deferred their round: their final checkpoints write no barrier."""
+    with JobTester(build(), partitions=PARTITIONS, first_round_delay_s=5.0) as tester:
+        tester.checkpoint()
+        tester.checkpoint()
+        for p in range(PARTITIONS):
+            io = tester.tasks[("stage0", p)]
+            pending = io.task.final_checkpoint()
+            assert pending.barriers == []
+            tester._loop.run_until_complete(commit_checkpoint(io, tester._committer(io), pending))
+        assert barriers(tester) == set()
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_resumed_task_goes_on_from_its_committed_round(guarantee: str) -> None:
+    """A task suspended by a rebalance and given back to the same member resumes at its
+    committed cut (StageRunner._resume_suspended). Under exactly-once the committed round is
+    known (TaskIO.committed_loud), so it sends no full round again; every eager rebalance at
+    256 partitions would otherwise cost 65,536 barriers. Under at-least-once the downstream
+    may have seen barriers after the last commit, so the round goes to every partition."""
+    with JobTester(build(), partitions=PARTITIONS, guarantee=guarantee) as tester:
+        for p in range(PARTITIONS):
+            tester.send("lines", "one two three four", partition=p)
+        for _ in range(4):
+            tester.checkpoint()  # data, barriers, the quiet round, downstream commits
+        before = barriers(tester)
+        for p in range(PARTITIONS):  # what the runner does to a task it gets back
+            io = tester.tasks[("stage0", p)]
+            io.task.rewind(io.committed, io.committed_skip, io.committed_quiet, io.committed_loud)
+        tester.checkpoint()
+        new = barriers(tester) - before
+        if guarantee == "exactly_once":
+            assert new == set()
+        else:
+            assert len(new) == PARTITIONS * PARTITIONS and all(q for *_, q in new)
+        tester.send("lines", "five", partition=2)
+        for _ in range(3):
+            tester.checkpoint()
+        assert counts(tester) == Counter(["one", "two", "three", "four"] * PARTITIONS + ["five"])
