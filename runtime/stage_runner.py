@@ -55,6 +55,7 @@ from headrace.runtime.kafka.topics import SOURCE_GREW, TopicConfigError, TopicLa
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task.records import StateTooLargeError
+from headrace.runtime.task.stage_task import DEFERRED_ROUND_PARTITIONS
 from headrace.runtime.view import RestoreProgress, StageSnapshot
 
 log = logging.getLogger("headrace.runtime.worker")
@@ -154,8 +155,13 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             alignment_timeout_s=s.alignment_timeout_s,
             error_policy=worker.error_policy,
             # a deferred first round (StageTask.prepare): exactly-once, where it is a
-            # transaction to every downstream partition
-            first_round_delay_s=2 * s.heartbeat_interval_ms / 1000 if s.exactly_once else 0.0,
+            # transaction to every downstream partition, and only a large one
+            first_round_delay_s=(
+                2 * s.heartbeat_interval_ms / 1000
+                if s.exactly_once
+                and (layout.downstream_partitions(stage) or 0) >= DEFERRED_ROUND_PARTITIONS
+                else 0.0
+            ),
             clock=worker.clock,
             open_store=worker.open_store,
         )
