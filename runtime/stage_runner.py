@@ -55,7 +55,7 @@ from headrace.runtime.kafka.topics import SOURCE_GREW, TopicConfigError, TopicLa
 from headrace.runtime.metrics import WorkerMetrics
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.task.records import StateTooLargeError
-from headrace.runtime.task.stage_task import DEFERRED_ROUND_PARTITIONS
+from headrace.runtime.task.stage_task import first_round_delay
 from headrace.runtime.view import RestoreProgress, StageSnapshot
 
 log = logging.getLogger("headrace.runtime.worker")
@@ -154,13 +154,10 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             checkpoint_interval_ms=s.checkpoint_interval_ms,
             alignment_timeout_s=s.alignment_timeout_s,
             error_policy=worker.error_policy,
-            # a deferred first round (StageTask.prepare): exactly-once, where it is a
-            # transaction to every downstream partition, and only a large one
-            first_round_delay_s=(
-                2 * s.heartbeat_interval_ms / 1000
-                if s.exactly_once
-                and (layout.downstream_partitions(stage) or 0) >= DEFERRED_ROUND_PARTITIONS
-                else 0.0
+            first_round_delay_s=first_round_delay(
+                exactly_once=s.exactly_once,
+                downstream_partitions=layout.downstream_partitions(stage),
+                heartbeat_interval_ms=s.heartbeat_interval_ms,
             ),
             clock=worker.clock,
             open_store=worker.open_store,

@@ -45,6 +45,17 @@ log = logging.getLogger("headrace.runtime.task")
 DEFERRED_ROUND_PARTITIONS = 64
 
 
+def first_round_delay(
+    *, exactly_once: bool, downstream_partitions: int | None, heartbeat_interval_ms: int
+) -> float:
+    """Seconds an idle new ownership's first full barrier round waits (StageTask.prepare):
+    two heartbeat intervals under exactly-once for a round to DEFERRED_ROUND_PARTITIONS
+    partitions or more, else none."""
+    if not exactly_once or (downstream_partitions or 0) < DEFERRED_ROUND_PARTITIONS:
+        return 0.0
+    return 2 * heartbeat_interval_ms / 1000
+
+
 class StageTask:
     """One stage for one partition: operators, state stores and the input cut."""
 

@@ -18,6 +18,7 @@ from headrace import INT, STR, Job
 from headrace.runtime.checkpoint.barrier import BARRIER_HEADER, QUIET_HEADER
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
 from headrace.runtime.host import TaskIO, commit_checkpoint
+from headrace.runtime.task.stage_task import DEFERRED_ROUND_PARTITIONS, first_round_delay
 from headrace.runtime.testing import JobTester
 
 PARTITIONS = 4
@@ -289,3 +290,23 @@ def test_a_resumed_task_goes_on_from_its_committed_round(guarantee: str) -> None
         for _ in range(3):
             tester.checkpoint()
         assert counts(tester) == Counter(["one", "two", "three", "four"] * PARTITIONS + ["five"])
+
+
+def test_a_worker_defers_only_large_exactly_once_rounds() -> None:
+    """What a worker passes its tasks (StageRunner): two heartbeat intervals for a round to
+    64 partitions or more under exactly-once; small rounds and at-least-once never wait."""
+    assert first_round_delay(
+        exactly_once=True, downstream_partitions=256, heartbeat_interval_ms=3000
+    ) == pytest.approx(6.0)
+    assert first_round_delay(
+        exactly_once=True,
+        downstream_partitions=DEFERRED_ROUND_PARTITIONS,
+        heartbeat_interval_ms=1000,
+    ) == pytest.approx(2.0)
+    for eos, partitions in [(True, 4), (True, None), (False, 256)]:
+        assert (
+            first_round_delay(
+                exactly_once=eos, downstream_partitions=partitions, heartbeat_interval_ms=3000
+            )
+            == 0.0
+        )
