@@ -22,6 +22,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import ProducerFenced
 
 from headrace.runtime.config import Settings
+from headrace.runtime.kafka.fetch import FetchingConsumer
 
 __all__ = [
     "MAX_REQUEST_SIZE",
@@ -57,8 +58,10 @@ def group_consumer(settings: Settings, group_id: str, *, client_id: str) -> AIOK
 
     The range assignor keeps partition ``p`` of co-partitioned inputs on one member; the
     session timeout is also the member's write lease (:mod:`headrace.runtime.kafka.lease`).
+    Its records are :class:`~headrace.runtime.kafka.fetch.FetchedRecord` (as every consumer's
+    here: :mod:`headrace.runtime.kafka.fetch`).
     """
-    return AIOKafkaConsumer(
+    return FetchingConsumer(
         **settings.kafka_kwargs(),
         client_id=client_id,
         group_id=group_id,
@@ -94,7 +97,7 @@ def reader(
 
     ``committed_only`` defaults to the guarantee's isolation level.
     """
-    return AIOKafkaConsumer(
+    return FetchingConsumer(
         **settings.kafka_kwargs(),
         client_id=client_id,
         group_id=None,

@@ -165,7 +165,9 @@ def compile_step(
                     r.partition,
                     r.offset,
                     r.timestamp,
-                    h if h.__class__ is tuple else tuple(h),
+                    # a fetched record's headers are the list aiokafka's reader decoded
+                    # (runtime/kafka/fetch.py): the operator gets its own tuple
+                    tuple(h) if h else (),
                 ),
                 ctx,
             )

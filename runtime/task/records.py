@@ -37,7 +37,9 @@ FAILED: Any = _Marker("<failed>")
 
 
 class RawRecord(Protocol):
-    """What the task reads: aiokafka's ConsumerRecord has this shape, so does the test driver's."""
+    """What the task reads: :class:`~headrace.runtime.kafka.fetch.FetchedRecord` (what our
+    consumers hand out), aiokafka's ConsumerRecord and the test driver's records have this
+    shape. ``headers`` may be a list or a tuple."""
 
     @property
     def topic(self) -> str: ...
