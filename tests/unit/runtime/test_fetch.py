@@ -7,7 +7,9 @@ control batches are made the way a broker writes them (the control bit, a CRC ov
 
 from __future__ import annotations
 
+import gc
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,7 @@ from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from headrace.runtime.kafka.fetch import FetchedRecord, _BatchReader, aiokafka_fits
+from headrace.runtime.kafka.fetch import FetchedRecord, _BatchReader, _FetchResults, aiokafka_fits
 
 TP = TopicPartition("fetch", 3)
 READ_UNCOMMITTED = 0
@@ -226,3 +228,22 @@ def test_records_are_fetched_records_and_aborted_ones_stay_hidden() -> None:
     assert [r.value for r in records] == [b"v0", b"v1", b"txn6", b"txn7"]
     assert records[0].headers == [("hr.ch", b"0")] and records[0].key is None
     assert result._assignment.state.position == 9  # past the last marker
+
+
+def test_a_dropped_fetch_result_is_freed_at_once() -> None:
+    """A fetch result holds a whole fetch response: when the fetcher drops it, reference
+    counting must free it, read or not (a reference cycle would keep responses until the
+    collector runs: tens of MB at the worker's collector threshold)."""
+    data, aborted, _ = _log([("plain", 5, False), ("plain", 3, True)])
+    for read in (0, 2, None):
+        results = _FetchResults()
+        results[TP] = _result(data, aborted, 0, READ_UNCOMMITTED)
+        if read is not None:
+            results[TP].getall(read)
+        gone = [weakref.ref(results[TP]), weakref.ref(results[TP]._partition_records)]
+        gc.disable()
+        try:
+            del results[TP]
+            assert [ref() for ref in gone] == [None, None], f"kept after reading {read}"
+        finally:
+            gc.enable()
