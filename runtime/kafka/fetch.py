@@ -25,8 +25,8 @@ The hook uses private names of aiokafka 0.11-0.14 (``AIOKafkaConsumer._fetcher``
 ``Fetcher._records``, ``FetchResult``'s and ``PartitionRecords``' fields). :func:`install` checks
 their shape and leaves the consumer as it is if anything differs (a newer aiokafka): records are
 then ``ConsumerRecord``s again, slower and equally correct, and a warning says so.
-``tests/unit/runtime/test_batch_reader.py`` fails on an aiokafka the hook does not fit, so an upgrade
-cannot lose the fast path unnoticed.
+``tests/unit/runtime/test_batch_reader.py`` fails on an aiokafka the hook does not fit, so an
+upgrade cannot lose the fast path unnoticed.
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ class _BatchReader:
     skipped; control batches are skipped under both isolation levels; records below the fetch
     offset are skipped (a batch may start before it); the position after a batch is the
     batch's next offset (compaction may have removed its last records), after a partly handed
-    out batch the record after the last one handed out. ``tests/unit/runtime/test_batch_reader.py``
-    holds the two to the same records and positions, ``tests/integration/test_fetched_records.py`` on a
-    real broker with transactions.
+    out batch the record after the last one handed out.
+    ``tests/unit/runtime/test_batch_reader.py`` holds the two to the same records and positions,
+    ``tests/integration/test_fetched_records.py`` on a real broker with transactions.
     """
 
     __slots__ = ("at", "batch_end", "pending", "records", "result")
