@@ -28,18 +28,23 @@ READ_UNCOMMITTED = 0
 _CONTROL_BIT = 0x20
 
 
+def _builder(producer_id: int = -1) -> DefaultRecordBatchBuilder:
+    transactional = producer_id >= 0
+    return DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=int(transactional),
+        producer_id=producer_id,
+        producer_epoch=0 if transactional else -1,
+        base_sequence=0 if transactional else -1,
+        batch_size=1 << 20,
+    )
+
+
 def _batch(
     base: int, values: list[tuple[bytes | None, bytes, list[Any]]], producer_id: int = -1
 ) -> bytes:
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=int(producer_id >= 0),
-        producer_id=producer_id,
-        producer_epoch=0 if producer_id >= 0 else -1,
-        base_sequence=0 if producer_id >= 0 else -1,
-        batch_size=1 << 20,
-    )
+    builder = _builder(producer_id)
     for i, (key, value, headers) in enumerate(values):
         builder.append(
             i, timestamp=1_700_000_000_000 + base + i, key=key, value=value, headers=headers
@@ -53,15 +58,7 @@ def _compacted(base: int, kept: list[int], span: int) -> bytes:
     """A batch of ``span`` offsets of which compaction kept only the deltas in ``kept``: its
     last offset stays ``base + span - 1`` (the batch header keeps it) even if that record is
     gone."""
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
-    )
+    builder = _builder()
     for delta in kept:
         builder.append(
             delta,
