@@ -1,4 +1,4 @@
-"""Fetched records without aiokafka's per-record Python layer: a consumer's cost per record halved.
+"""Fetched records without aiokafka's per-record Python layer: a third off a consumer's cost.
 
 Why
 ---
@@ -81,20 +81,6 @@ class FetchedRecord:
         )
 
 
-def fetched_record(tp: Any, record: Any, _record: type[FetchedRecord] = FetchedRecord) -> Any:
-    """One decoded record as a :class:`FetchedRecord` (our consumers have no deserializers:
-    :func:`install` checks)."""
-    return _record(
-        tp.topic,
-        tp.partition,
-        record.offset,
-        record.timestamp,
-        record.key,
-        record.value,
-        record.headers,
-    )
-
-
 class _BatchReader:
     """Hands out one fetch result's records a record *batch* at a time.
 
@@ -132,6 +118,7 @@ class _BatchReader:
         self.batch_end = 0
 
     def getall(self, max_records: int | None = None) -> list[FetchedRecord]:
+        # our consumers have no deserializers (install checks): records are handed out as read
         result = self.result()
         if (
             result is None
