@@ -158,8 +158,11 @@ def run(
 def checkpoints(job_spec: str, limit: int, **options: Any) -> None:
     """List recent checkpoints of a job and whether each is complete for the whole job.
 
-    A checkpoint is complete when every task of every stage acknowledged it in
-    <job>.checkpoints (exactly-once: inside its transaction).
+    A task acknowledges a checkpoint in <job>.checkpoints when it commits it (exactly-once:
+    inside its transaction); a task with nothing new since its last one skips it. A checkpoint
+    is complete when every task of every stage acknowledged it or a later one: the job's
+    committed state then includes everything before it. "tasks" counts the tasks that
+    acknowledged it themselves.
     """
     from headrace.runtime.inspect import read_checkpoints
 

@@ -124,6 +124,14 @@ SETTINGS: tuple[SettingInfo, ...] = (
         "Consumer-group heartbeat interval (default 3000), below a third of the session timeout.",
     ),
     SettingInfo(
+        "producer_request_timeout_ms",
+        "producer-request-timeout-ms",
+        "How long a producer waits for the broker to acknowledge a request, and how long a "
+        "batch waits for its partition's leader before it fails (default 40000, aiokafka's). "
+        "A batch that fails costs the worker its tasks' uncommitted work, which they redo "
+        "from their last checkpoint.",
+    ),
+    SettingInfo(
         "security_protocol",
         "security-protocol",
         "Kafka security protocol: " + ", ".join(SECURITY_PROTOCOLS) + ".",
@@ -209,6 +217,8 @@ class Settings:
     #: holds through a rebalance for at most this long (headrace.runtime.kafka.lease)
     rebalance_timeout_ms: int = 30_000
     heartbeat_interval_ms: int = 3_000
+    #: aiokafka's request_timeout_ms for producers (runtime/kafka/clients.py)
+    producer_request_timeout_ms: int = 40_000
     # security: passed through to aiokafka unchanged
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -389,6 +399,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "session_timeout_ms": _int(1, unit=" (milliseconds)"),
     "rebalance_timeout_ms": _int(1, unit=" (milliseconds)"),
     "heartbeat_interval_ms": _int(1, unit=" (milliseconds)"),
+    "producer_request_timeout_ms": _int(1, unit=" (milliseconds)"),
     "security_protocol": _choice(SECURITY_PROTOCOLS, upper=True),
     "sasl_mechanism": _choice(SASL_MECHANISMS, upper=True),
     "ssl_cafile": _existing_file,

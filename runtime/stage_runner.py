@@ -36,9 +36,11 @@ from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     InvalidProducerEpoch,
+    OutOfOrderSequenceNumber,
     ProducerFenced,
     RebalanceInProgressError,
     UnknownMemberIdError,
+    UnknownProducerId,
 )
 from aiokafka.structs import TopicPartition
 
@@ -49,7 +51,12 @@ from headrace.runtime.config import Settings
 from headrace.runtime.host import Gap, StageHost, StartPoint, TaskIO, commit_checkpoint
 from headrace.runtime.kafka import clients
 from headrace.runtime.kafka.health import BROKER_AWAY
-from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
+from headrace.runtime.kafka.lease import (
+    LeaseExpired,
+    MembershipLease,
+    ProducerBroken,
+    ProducerGuard,
+)
 from headrace.runtime.kafka.producer import BatchSender, abandon
 from headrace.runtime.kafka.topics import SOURCE_GREW, TopicConfigError, TopicLayout
 from headrace.runtime.metrics import WorkerMetrics
@@ -64,8 +71,14 @@ log = logging.getLogger("headrace.runtime.worker")
 #: (no checkpoint: it may not be their owner any more) and rejoins. The same recovery applies
 #: to what a checkpoint or a restore meets when the broker was away (kafka/health.py
 #: BROKER_AWAY): the writes of the checkpoint under way are lost, the committed one is intact.
+#: And to a producer that lost its idempotence state (a failed batch left a gap in its sequence
+#: numbers, or the broker forgot its producer id): the shared producer is replaced
+#: (kafka/lease.py ProducerBroken), a task's transactional one closed with its task.
 MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
     LeaseExpired,
+    ProducerBroken,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
     CommitFailedError,
     IllegalGenerationError,
     UnknownMemberIdError,

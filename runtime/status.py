@@ -341,9 +341,11 @@ def render(status: JobStatus) -> str:
     if complete is None:
         lines.append("last complete checkpoint: none yet")
     else:
+        acked, expected = len(complete.acked & complete.expected), len(complete.expected)
+        others = "" if acked == expected else ", the others a later one"
         lines.append(
-            f"last complete checkpoint: {complete.checkpoint_id} "
-            f"({len(complete.acked & complete.expected)}/{len(complete.expected)} tasks, "
+            f"last complete checkpoint: {complete.checkpoint_id} (acknowledged by "
+            f"{acked}/{expected} tasks{others}, "
             f"{'aligned' if complete.aligned else 'unaligned'}, "
             f"slowest task {complete.max_duration_ms:.1f} ms)"
         )

@@ -354,14 +354,14 @@ class Worker:
 
     async def replace_tripped_producer(self) -> None:
         """The guard failed writes of the shared producer (the worker was paused past its
-        session): its sequence numbers have a gap, so every stage drops its tasks and the
-        worker goes on with a new producer; the old one is stopped without sending what it
-        still holds."""
+        session) or saw one of its batches fail (kafka/lease.py ProducerBroken): its sequence
+        numbers have a gap, so every stage drops its tasks and the worker goes on with a new
+        producer; the old one is stopped without sending what it still holds."""
         async with self._replacing:
             old, guard = self.shared_producer, self.producer_guard
             if old is None or guard is None or guard.tripped is None:
                 return  # already replaced
-            log.warning("replacing the shared producer after lost writes: %s", guard.tripped)
+            log.warning("replacing the shared producer: %s", guard.tripped)
             if not await self._start_shared_producer(wait_for_broker=True):
                 return  # stopping: the tripped producer fails what is still written
             for r in self.runners:

@@ -116,7 +116,11 @@ def producer(
     if transactional_id is not None:
         extra["transactional_id"] = transactional_id
     return AIOKafkaProducer(
-        **settings.kafka_kwargs(), client_id=client_id, **PRODUCER_SETTINGS, **extra
+        **settings.kafka_kwargs(),
+        client_id=client_id,
+        request_timeout_ms=settings.producer_request_timeout_ms,
+        **PRODUCER_SETTINGS,
+        **extra,
     )
 
 

@@ -50,6 +50,18 @@ class LeaseExpired(RuntimeError):
     """The worker cannot be sure it still owns its tasks: it must not write for them."""
 
 
+class ProducerBroken(RuntimeError):
+    """A batch of an idempotent producer failed: the producer must be replaced.
+
+    aiokafka gives a batch its sequence numbers when it first takes it from the queue and never
+    takes them back. A batch that fails after that (one that waited past the request timeout
+    for a partition without a leader while the broker was away, or any error the sender does
+    not retry) leaves a gap in its partition's sequence, and the broker answers every later
+    batch to that partition with ``OutOfOrderSequenceNumber``: the producer can never write
+    there again. Java's producer resets its producer id in that case; aiokafka does not.
+    """
+
+
 class MembershipLease:
     """Tracks the last moment this consumer's group membership was confirmed."""
 
@@ -167,11 +179,19 @@ class ProducerGuard:
     yielding to the event loop when the connection is up), so only a pause inside that step
     remains. A failed batch leaves a gap in the idempotent producer's sequence numbers, so once
     tripped the guard fails every later batch too, and the worker replaces the producer.
+
+    For the same reason the guard also trips on *any* failed batch of the producer, whatever
+    failed it (:class:`ProducerBroken`): it watches every batch from the moment aiokafka gives
+    it its sequence numbers (``MessageAccumulator._pop_batch``, the one place that does). A
+    broker away for longer than the request timeout expires the batches waiting for a leader
+    there; without this, the producer went on writing into a sequence gap and the worker died
+    of ``OutOfOrderSequenceNumber`` after the broker came back (CI, broker restart test).
     """
 
     def __init__(self, leases: Callable[[], Iterable[MembershipLease]]) -> None:
         self.leases = leases
-        self.tripped: LeaseExpired | None = None
+        #: why the producer may not write any more (an expired lease, a failed batch)
+        self.tripped: LeaseExpired | ProducerBroken | None = None
 
     def expired(self) -> LeaseExpired | None:
         for lease in self.leases():
@@ -203,6 +223,34 @@ class ProducerGuard:
                 sender._muted_partitions.discard(tp)
 
         sender._send_produce_req = guarded_send
+        self._watch_batches(producer)
+
+    def _watch_batches(self, producer: Any) -> None:
+        accumulator: Any = getattr(producer, "_message_accumulator", None)
+        pop = getattr(accumulator, "_pop_batch", None)
+        if pop is None:
+            log.warning("aiokafka has no batch hook here; a failed batch does not trip the guard")
+            return
+
+        def watched_pop(tp: Any) -> Any:
+            batch = pop(tp)
+            if batch.retry_count == 1:  # its first drain: it has just got its sequence numbers
+                batch.future.add_done_callback(lambda fut: self._batch_done(tp, fut))
+            return batch
+
+        accumulator._pop_batch = watched_pop
+
+    def _batch_done(self, tp: Any, fut: Any) -> None:
+        if fut.cancelled() or self.tripped is not None:
+            return
+        failure = fut.exception()
+        if failure is not None:
+            # (The failure is named, not chained as __cause__: the batch's own future holds
+            # it with its traceback, and whoever awaits this one already has that.)
+            self.tripped = ProducerBroken(
+                f"a batch to {tp.topic}[{tp.partition}] failed ({type(failure).__name__}: "
+                f"{failure}); its sequence numbers are spent, so the producer is replaced"
+            )
 
     @staticmethod
     def discard_queued(producer: Any) -> None:

@@ -1,5 +1,6 @@
-"""The write lease's arithmetic and the producer guard's discard of queued batches
-(runtime/kafka/lease.py), without a broker."""
+"""The write lease's arithmetic and the producer guard (runtime/kafka/lease.py): its discard of
+queued batches, and its trip on a failed batch, over aiokafka's own accumulator, without a
+broker."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
+from aiokafka.errors import NotLeaderForPartitionError
+from aiokafka.producer.message_accumulator import BatchBuilder, MessageAccumulator, MessageBatch
+from aiokafka.producer.transaction_manager import TransactionManager
 from aiokafka.structs import TopicPartition
 
-from headrace.runtime.kafka.lease import LeaseExpired, MembershipLease, ProducerGuard
+from headrace.runtime.kafka.lease import (
+    LeaseExpired,
+    MembershipLease,
+    ProducerBroken,
+    ProducerGuard,
+)
 
 
 class Clock:
@@ -129,3 +137,84 @@ async def test_discarded_batches_fail_with_lease_expired_and_leave_no_unretrieve
     gc.collect()
     await asyncio.sleep(0)
     assert unretrieved == []
+
+
+class Cluster:
+    """aiokafka's cluster metadata as the accumulator sees it: a leader per partition, or
+    None while the broker is away."""
+
+    def __init__(self) -> None:
+        self.leader: int | None = None
+
+    def leader_for_partition(self, tp: TopicPartition) -> int | None:
+        return self.leader
+
+
+def _guarded_idempotent_producer(
+    cluster: Cluster, *, batch_ttl_s: float
+) -> tuple[Any, list[dict[Any, Any]], TransactionManager]:
+    """An idempotent producer's accumulator (aiokafka's own) and a sender whose produce
+    requests are recorded instead of sent, with a guard installed on them."""
+    txn = TransactionManager(None, 60_000)
+    txn.set_pid_and_epoch(7, 0)
+    accumulator = MessageAccumulator(cluster, 1 << 16, 0, batch_ttl_s, txn_manager=txn)
+    sent: list[dict[Any, Any]] = []
+
+    async def send_produce_req(node_id: int, batches: dict[Any, Any]) -> None:
+        sent.append(batches)
+
+    producer = SimpleNamespace(
+        _message_accumulator=accumulator,
+        _sender=SimpleNamespace(
+            _send_produce_req=send_produce_req, _in_flight=set(), _muted_partitions=set()
+        ),
+    )
+    return producer, sent, txn
+
+
+async def test_a_batch_expired_while_the_broker_was_away_trips_the_guard() -> None:
+    """A batch that waited past its time-to-live for a leader fails after aiokafka gave it its
+    sequence numbers: the guard trips (the worker replaces the producer) and fails every
+    later batch instead of letting it into the gap (``OutOfOrderSequenceNumber``)."""
+    cluster = Cluster()
+    producer, sent, txn = _guarded_idempotent_producer(cluster, batch_ttl_s=0.0)
+    guard = ProducerGuard(lambda: [])
+    guard.install(producer)
+    tp = TopicPartition("counts", 2)
+    lost = await producer._message_accumulator.add_message(tp, b"k", b"v", timeout=1)
+    await asyncio.sleep(0.01)
+    producer._message_accumulator.drain_by_nodes(ignore_nodes=set())
+    with pytest.raises(NotLeaderForPartitionError):
+        await lost
+    assert txn.sequence_number(tp) == 1  # spent by aiokafka, though nothing was written
+    await asyncio.sleep(0)
+    assert isinstance(guard.tripped, ProducerBroken)
+    assert "counts[2]" in str(guard.tripped) and "NotLeaderForPartitionError" in str(guard.tripped)
+
+    # The broker is back: the next batch would carry sequence 1 where the broker expects 0.
+    cluster.leader = 0
+    later = await producer._message_accumulator.add_message(tp, b"k", b"w", timeout=1)
+    nodes, _ = producer._message_accumulator.drain_by_nodes(ignore_nodes=set())
+    await producer._sender._send_produce_req(0, nodes[0])
+    assert sent == []
+    with pytest.raises(ProducerBroken):
+        await later
+
+
+async def test_delivered_and_retried_batches_do_not_trip_the_guard() -> None:
+    cluster = Cluster()
+    cluster.leader = 0
+    producer, sent, _ = _guarded_idempotent_producer(cluster, batch_ttl_s=30.0)
+    guard = ProducerGuard(lambda: [])
+    guard.install(producer)
+    accumulator = producer._message_accumulator
+    tp = TopicPartition("counts", 0)
+    delivered = await accumulator.add_message(tp, b"k", b"v", timeout=1)
+    nodes, _ = accumulator.drain_by_nodes(ignore_nodes=set())
+    (batch,) = nodes[0].values()
+    accumulator.reenqueue(batch)  # a retriable error: the same batch, drained again
+    nodes, _ = accumulator.drain_by_nodes(ignore_nodes=set())
+    await producer._sender._send_produce_req(0, nodes[0])
+    batch.done(base_offset=41)
+    assert (await delivered).offset == 41
+    assert len(sent) == 1 and guard.tripped is None
