@@ -36,6 +36,7 @@ from aiokafka.errors import (
     CommitFailedError,
     IllegalGenerationError,
     InvalidProducerEpoch,
+    KafkaError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
     RebalanceInProgressError,
@@ -87,6 +88,25 @@ MEMBERSHIP_LOST: tuple[type[BaseException], ...] = (
     InvalidProducerEpoch,
     *BROKER_AWAY,
 )
+
+
+def membership_lost(exc: BaseException) -> bool:
+    """``exc`` is one of :data:`MEMBERSHIP_LOST`, or a bare ``KafkaError`` that one of them
+    caused: aiokafka's transactional sender dies of a connection lost while it looks up a
+    coordinator (``_find_coordinator`` wraps it) and every waiter then gets "Unexpected error
+    during batch delivery". The task's producer is unusable; dropping the task closes it, and
+    the next owner starts a fresh one (seen in CI: a broker stopped during an offset commit
+    ended an exactly-once worker)."""
+    if isinstance(exc, MEMBERSHIP_LOST):
+        return True
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while isinstance(cause, KafkaError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__
+        if isinstance(cause, MEMBERSHIP_LOST):
+            return True
+    return False
 
 
 class RunnerOwner(Protocol):
@@ -218,7 +238,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         while not self.worker.stopping:
             if self.restore_error is not None:
                 failed, self.restore_error = self.restore_error, None
-                if not isinstance(failed, MEMBERSHIP_LOST):
+                if not membership_lost(failed):
                     raise failed
                 await self.abandon(failed)
                 continue
@@ -239,6 +259,11 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                         if io.foreign:
                             await self._rewrite_foreign(io)
             except MEMBERSHIP_LOST as exc:
+                await self.abandon(exc)
+                continue
+            except KafkaError as exc:
+                if not membership_lost(exc):
+                    raise
                 await self.abandon(exc)
                 continue
             except StateTooLargeError as exc:
@@ -530,9 +555,8 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
     def _restore_done(self, job: asyncio.Task[None]) -> None:
         """The takeover job ended: its failure goes to the loop (which raises it, or drops
         the tasks and rejoins when the membership was lost)."""
-        if not job.cancelled() and job.exception() is not None:
-            failed = job.exception()
-            if not isinstance(failed, MEMBERSHIP_LOST):
+        if not job.cancelled() and (failed := job.exception()) is not None:
+            if not membership_lost(failed):
                 log.error("taking over tasks of stage %s failed: %s", self.stage.name, failed)
             self.restore_error = failed
 
@@ -755,7 +779,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         for io in list(self.restoring.values()):
             await self._close(io, abort=True)
         self.restoring.clear()
-        if failed is not None and not isinstance(failed, MEMBERSHIP_LOST):
+        if failed is not None and not membership_lost(failed):
             raise failed
 
     async def _close(self, io: TaskIO, *, abort: bool = False) -> None:
