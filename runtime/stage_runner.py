@@ -258,12 +258,9 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                     for io in list(self.tasks.values()):
                         if io.foreign:
                             await self._rewrite_foreign(io)
-            except MEMBERSHIP_LOST as exc:
-                await self.abandon(exc)
-                continue
-            except KafkaError as exc:
+            except (*MEMBERSHIP_LOST, KafkaError) as exc:
                 if not membership_lost(exc):
-                    raise
+                    raise  # any other Kafka error ends the worker
                 await self.abandon(exc)
                 continue
             except StateTooLargeError as exc:

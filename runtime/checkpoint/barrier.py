@@ -42,6 +42,19 @@ QUIET_HEADER = "hr.quiet"
 # metadata, and skips records at or below it. State is then exact across the hop even under
 # at-least-once; only the sink output may repeat. Later hops (a stage fed by a repartition
 # topic, whose processing order is not offset order because of alignment) carry no sequence.
+#
+# Why every record carries its own number, although the header costs about a microsecond per
+# record across the hop (bench/README.md, issue 18): the cheaper designs number records
+# *implicitly* (a number on the first record after an upstream restart, or on the first output
+# of each input record, and the reader counts the others). Counting assumes that a channel's
+# records reach a partition as one unbroken stream per owner, and at-least-once has no fencing:
+# a paused worker's queued produce request can land after the new owner's records
+# (ARCHITECTURE.md 7.1), and every count after it would be off, dropping new records as
+# replays. A number derived from the input position describes itself: a zombie's late record
+# is a replay (dropped) or a record the new owner writes again (that copy is then dropped).
+# Dense counters instead of offsets would not remove the header, and a restart from a cut that
+# has none (an older version's, exactly-once's, an offset reset) could number new records below
+# old ones.
 SEQ_INDEX_BITS = 20  #: up to ~1M outputs per input record
 SEQ_TOPIC_BITS = 4  #: up to 16 co-partitioned source topics
 

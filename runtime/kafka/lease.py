@@ -176,9 +176,11 @@ class ProducerGuard:
     and the send would let the batch out after the process resumes, as a zombie's write. The
     guard repeats the check inside the sender, in the same synchronous step as the socket
     write (aiokafka's ``Sender._send_produce_req``: the request is built and written without
-    yielding to the event loop when the connection is up), so only a pause inside that step
-    remains. A failed batch leaves a gap in the idempotent producer's sequence numbers, so once
-    tripped the guard fails every later batch too, and the worker replaces the producer.
+    yielding to the event loop when the connection is up), and once more before the part of a
+    request the socket did not take at once leaves (:meth:`guard_transport`), so only a pause
+    inside one of those two synchronous steps remains. A failed batch leaves a gap in the
+    idempotent producer's sequence numbers, so once tripped the guard fails every later batch
+    too, and the worker replaces the producer.
 
     For the same reason the guard also trips on *any* failed batch of the producer, whatever
     failed it (:class:`ProducerBroken`): it watches every batch from the moment aiokafka gives
@@ -213,6 +215,10 @@ class ProducerGuard:
         async def guarded_send(node_id: int, batches: dict[Any, Any]) -> None:
             failure = guard.tripped or guard.expired()
             if failure is None:
+                conns = getattr(getattr(sender, "client", None), "_conns", None) or {}
+                for (node, _group), conn in list(conns.items()):
+                    if node == node_id:
+                        guard.guard_transport(conn)
                 await send(node_id, batches)
                 return
             guard.tripped = failure
@@ -224,6 +230,42 @@ class ProducerGuard:
 
         sender._send_produce_req = guarded_send
         self._watch_batches(producer)
+
+    def guard_transport(self, conn: Any) -> None:
+        """Check the lease again before the rest of a request leaves the process.
+
+        A request larger than what the socket takes at once (its send buffer: loopback and busy
+        links fill it) is written partly; asyncio keeps the rest in the transport's buffer and
+        sends it when the socket is writable again, which after a pause is right after the
+        process resumes, before any other check could run. The guard wraps that callback of
+        the connection's transport (``_write_ready``, asyncio's selector transports): if the
+        lease expired meanwhile, the connection is aborted instead, and the broker, which never
+        got the whole request, writes none of it. (Seen: a paused worker's sink record landed
+        after the new owner's, ARCHITECTURE.md 7.1.) The request fails as a lost connection, and
+        the tripped guard fails its retry and every later batch."""
+        transport: Any = getattr(getattr(conn, "_writer", None), "transport", None)
+        if transport is None or getattr(transport, "_headrace_guard", None) is self:
+            return
+        write_ready = getattr(transport, "_write_ready", None)
+        if write_ready is None:  # not a selector transport: the send-time check only
+            return
+        guard = self
+
+        def guarded_write_ready() -> None:
+            failure = guard.expired()
+            if failure is not None and transport.get_write_buffer_size():
+                guard.tripped = failure
+                log.warning(
+                    "dropping the unsent rest of a produce request (%d bytes): %s",
+                    transport.get_write_buffer_size(),
+                    failure,
+                )
+                transport.abort()
+                return
+            write_ready()
+
+        transport._write_ready = guarded_write_ready
+        transport._headrace_guard = self
 
     def _watch_batches(self, producer: Any) -> None:
         accumulator: Any = getattr(producer, "_message_accumulator", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 from types import SimpleNamespace
 from typing import Any
 
@@ -218,3 +219,72 @@ async def test_delivered_and_retried_batches_do_not_trip_the_guard() -> None:
     batch.done(base_offset=41)
     assert (await delivered).offset == 41
     assert len(sent) == 1 and guard.tripped is None
+
+
+async def _unread_connection(
+    received: bytearray, go: asyncio.Event
+) -> tuple[asyncio.StreamWriter, asyncio.Task[None], asyncio.Server]:
+    """A loopback connection whose server reads nothing until ``go``, then everything into
+    ``received`` until the connection ends; the client's socket takes 4 KB at a time."""
+    ended = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await go.wait()
+        try:
+            while chunk := await reader.read(1 << 16):
+                received.extend(chunk)
+        except ConnectionError:
+            pass
+        writer.close()
+        ended.set_result(None)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    async def wait_ended() -> None:
+        await ended
+
+    return writer, asyncio.create_task(wait_ended()), server
+
+
+@pytest.mark.parametrize("paused_past_the_lease", [True, False])
+async def test_the_rest_of_a_request_is_not_sent_after_the_lease_expired(
+    paused_past_the_lease: bool,
+) -> None:
+    """A request larger than the socket takes at once waits partly in asyncio's transport
+    buffer; a worker paused then would send that rest when it resumes, as a zombie. The guard
+    checks the lease before the rest leaves and aborts the connection instead."""
+    received = bytearray()
+    go = asyncio.Event()
+    writer, ended, server = await _unread_connection(received, go)
+    clock = Clock()
+    lease = MembershipLease(
+        "g", session_timeout_ms=10_000, heartbeat_interval_ms=3_000, clock=clock
+    )
+    lease.renew(clock.now)
+    guard = ProducerGuard(lambda: [lease])
+    guard.guard_transport(SimpleNamespace(_writer=writer))
+    request = b"r" * (2 << 20)
+    writer.write(request)
+    assert writer.transport.get_write_buffer_size() > (1 << 20)  # most of it still here
+    if paused_past_the_lease:
+        clock.now += 60.0  # the process was stopped for a minute
+    go.set()  # the socket becomes writable again
+    deadline = asyncio.get_running_loop().time() + 10
+    while not ended.done() and len(received) < len(request):
+        assert asyncio.get_running_loop().time() < deadline, len(received)
+        await asyncio.sleep(0.01)
+    writer.close()
+    await asyncio.wait_for(ended, 10)
+    server.close()
+    await server.wait_closed()
+    got = len(received)
+    if paused_past_the_lease:
+        assert got < len(request) // 2, f"{got} of {len(request)} bytes sent after the pause"
+        assert isinstance(guard.tripped, LeaseExpired)
+        assert writer.transport.is_closing()
+    else:
+        assert got == len(request) and bytes(received) == request
+        assert guard.tripped is None
