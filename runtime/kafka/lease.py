@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from aiokafka.client import ConnectionGroup
+
 log = logging.getLogger(__name__)
 
 
@@ -215,10 +217,11 @@ class ProducerGuard:
         async def guarded_send(node_id: int, batches: dict[Any, Any]) -> None:
             failure = guard.tripped or guard.expired()
             if failure is None:
+                # produce requests use the node's default connection (aiokafka's client)
                 conns = getattr(getattr(sender, "client", None), "_conns", None) or {}
-                for (node, _group), conn in list(conns.items()):
-                    if node == node_id:
-                        guard.guard_transport(conn)
+                conn = conns.get((node_id, ConnectionGroup.DEFAULT))
+                if conn is not None:
+                    guard.guard_transport(conn)
                 await send(node_id, batches)
                 return
             guard.tripped = failure
