@@ -146,6 +146,11 @@ class BrokerHealth(logging.Filter):
         if record.levelno < logging.WARNING:
             return True
         message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            # aiokafka's sender dies of a lost connection as "Unexpected error in sender
+            # routine" with the connection error only in its traceback (CI, broker outage)
+            exc = record.exc_info[1]
+            message = f"{message}: {type(exc).__name__}: {exc}"
         kind = _kind(message, CONNECTION_FAILURES)
         if kind is None:
             kind = _kind(message, FOLLOW_UPS)

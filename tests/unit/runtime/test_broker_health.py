@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from headrace.runtime.kafka.health import CONFIRM_S, QUIET_S, BrokerHealth
 
@@ -154,3 +155,25 @@ def test_debug_and_info_records_are_never_touched(
     caplog.set_level(logging.DEBUG)
     logging.getLogger("aiokafka").debug(REFUSED)
     assert messages(caplog) == [REFUSED] and health.down_since is None
+
+
+def test_a_sender_that_died_of_a_lost_connection_is_part_of_the_outage(
+    health: BrokerHealth, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiokafka logs "Unexpected error in sender routine" with the connection error only in
+    the traceback; during an outage it is counted, not shown. Another error stays visible."""
+    sender = logging.getLogger("aiokafka.producer.sender")
+    sender.warning(REFUSED)
+    clock.now += CONFIRM_S + 0.1
+    sender.warning(REFUSED)
+    caplog.clear()
+    try:
+        raise KafkaError(repr(KafkaConnectionError("Connection at k:9092 closed")))
+    except KafkaError:
+        sender.exception("Unexpected error in sender routine")
+    assert messages(caplog) == []
+    try:
+        raise ValueError("a bug")
+    except ValueError:
+        sender.exception("Unexpected error in sender routine")
+    assert messages(caplog) == ["Unexpected error in sender routine"]
