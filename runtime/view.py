@@ -41,8 +41,10 @@ class StageSnapshot:
     member_id: str | None = None
 
 
-#: (stage, topic, partition) -> records between a running task's position and the input's end
-InputLag = dict[tuple[str, str, int], int]
+#: (stage, topic, partition) of a running task's input
+LagKey = tuple[str, str, int]
+#: records between a running task's position and the input's end
+InputLag = dict[LagKey, int]
 
 
 class WorkerView(Protocol):

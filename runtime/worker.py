@@ -37,8 +37,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import (
     KafkaConnectionError,
 )
+from aiokafka.structs import TopicPartition
 
 from headrace.operators.job import ErrorPolicy, Job
+from headrace.runtime.checkpoint.lag import Tail, data_lag
 from headrace.runtime.config import Settings
 from headrace.runtime.gctuning import young_threshold
 from headrace.runtime.kafka import clients
@@ -54,7 +56,7 @@ from headrace.runtime.state.backend import open_backend
 from headrace.runtime.state.keys import StatePartitionKey
 from headrace.runtime.state.store import OperatorStateStore
 from headrace.runtime.status import Operations
-from headrace.runtime.view import InputLag, StageSnapshot
+from headrace.runtime.view import InputLag, LagKey, StageSnapshot
 
 #: how long a scrape (or a savepoint's drain check) waits for consumer positions, all together
 LAG_DEADLINE_S = 0.5
@@ -153,10 +155,13 @@ class Worker:
         per running task input. Both come from the last fetch response, so this costs no
         request; partitions not fetched yet, or whose position is not known within
         :data:`LAG_DEADLINE_S`, are left out."""
-        return (await self._input_lag())[0]
+        tails, _ = await self._input_tails()
+        return {key: max(0, t.end - t.start) for key, t in tails.items()}
 
-    async def _input_lag(self) -> tuple[InputLag, set[tuple[str, str, int]]]:
-        """The lag and the inputs whose position was not known in time.
+    async def _input_tails(self) -> tuple[dict[LagKey, Tail], set[LagKey]]:
+        """Per running task input, its :class:`Tail` from the consumer's position to the end
+        (last stable offset or high watermark); and the inputs whose position was not known in
+        time.
 
         A position is usually known at once; it is not while a seek waits for the broker (a
         rewind, a task starting, an outage). The positions are awaited together, under one
@@ -164,7 +169,7 @@ class Worker:
         worker with many partitions answered it slowly or not at all during an outage, when it
         is needed most."""
         exactly_once = self.settings.exactly_once
-        keys: list[tuple[str, str, int]] = []
+        keys: list[LagKey] = []
         ends: list[int] = []
         positions: list[asyncio.Task[int]] = []
         for runner in list(self.runners):
@@ -190,14 +195,14 @@ class Worker:
         for task in late:
             task.cancel()
         await asyncio.gather(*positions, return_exceptions=True)
-        lag: InputLag = {}
-        unknown: set[tuple[str, str, int]] = set()
+        tails: dict[LagKey, Tail] = {}
+        unknown: set[LagKey] = set()
         for key, end, task in zip(keys, ends, positions, strict=True):
             if task.cancelled() or task.exception() is not None:
                 unknown.add(key)  # not known in time, or revoked meanwhile
             else:
-                lag[key] = max(0, end - task.result())
-        return lag, unknown
+                tails[key] = Tail(committed=task.result(), end=end)
+        return tails, unknown
 
     async def run(self) -> None:
         s = self.settings
@@ -302,7 +307,15 @@ class Worker:
 
     async def drained(self) -> bool:
         """Nothing left in flight for this worker's tasks: no restore under way, no record
-        held by an alignment, no data behind any position of a stage behind a key_by."""
+        held by an alignment, no data record behind any position of a stage behind a key_by.
+
+        Data records, not offsets: while draining, every upstream task commits every
+        checkpoint with a full barrier round (``StageRunner.drain``), so a repartition topic
+        gets barrier records (and, under exactly-once, transaction markers) every interval and
+        its offset lag is rarely 0 at the moment of a look; requiring that made a drain of a
+        job with 8 downstream partitions wait ~30 s for three lucky looks in a row. The tail
+        between position and end is read (:func:`data_lag`, what ``headrace status`` shows)
+        and only data counts, which is also what the savepoint command checks afterwards."""
         internal = set()
         for r in self.runners:
             if r.restoring:
@@ -314,10 +327,20 @@ class Worker:
                 aligner = getattr(io.task.cut, "aligner", None)
                 if aligner is not None and (aligner.held_count() or aligner.aligning):
                     return False
-        lag, unknown = await self._input_lag()
+        tails, unknown = await self._input_tails()
         if any(stage in internal for stage, _, _ in unknown):
             return False  # a position not known yet is not "nothing behind it"
-        return all(n == 0 for (stage, _, _), n in lag.items() if stage in internal)
+        behind = {
+            TopicPartition(topic, p): tail
+            for (stage, topic, p), tail in tails.items()
+            if stage in internal and tail.end > tail.start
+        }
+        if not behind:
+            return True
+        # a tail of a checkpoint's barriers is read in one fetch per partition; without the
+        # committed checkpoint's metadata every record that is not a barrier counts as data
+        # (an at-least-once replay the task would drop included): never drained too early
+        return all(n == 0 for n, _ in (await data_lag(self.settings, behind)).values())
 
     async def _start_shared_producer(self, *, wait_for_broker: bool = False) -> bool:
         """The at-least-once producer every task shares, guarded by the stages' leases.

@@ -47,6 +47,9 @@ from aiokafka.client import ConnectionGroup
 
 log = logging.getLogger(__name__)
 
+#: the warning that a transport cannot be guarded (another event loop) is logged once a process
+_unguarded_transport_logged = False
+
 
 class LeaseExpired(RuntimeError):
     """The worker cannot be sure it still owns its tasks: it must not write for them."""
@@ -251,6 +254,16 @@ class ProducerGuard:
             return
         write_ready = getattr(transport, "_write_ready", None)
         if write_ready is None:  # not a selector transport: the send-time check only
+            global _unguarded_transport_logged
+            if not _unguarded_transport_logged:
+                _unguarded_transport_logged = True
+                log.warning(
+                    "the producer's connections use %s, which has no _write_ready: after a "
+                    "pause longer than the lease, the unsent rest of a produce request can "
+                    "still leave this worker (the lease is checked when a batch is sent only; "
+                    "run on asyncio's default event loop to close that window)",
+                    type(transport).__name__,
+                )
             return
         guard = self
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import socket
 from types import SimpleNamespace
 from typing import Any
@@ -288,3 +289,23 @@ async def test_the_rest_of_a_request_is_not_sent_after_the_lease_expired(
     else:
         assert got == len(request) and bytes(received) == request
         assert guard.tripped is None
+
+
+def test_a_transport_that_cannot_be_guarded_is_named_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another event loop's transports (uvloop's) have no ``_write_ready`` to wrap: the worker
+    says so, once, instead of running without the check silently."""
+    monkeypatch.setattr("headrace.runtime.kafka.lease._unguarded_transport_logged", False)
+
+    class OtherLoopTransport:
+        pass
+
+    guard = ProducerGuard(lambda: [])
+    conn = SimpleNamespace(_writer=SimpleNamespace(transport=OtherLoopTransport()))
+    with caplog.at_level(logging.WARNING, logger="headrace.runtime.kafka.lease"):
+        guard.guard_transport(conn)
+        guard.guard_transport(conn)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "OtherLoopTransport" in warnings[0] and "no _write_ready" in warnings[0]
