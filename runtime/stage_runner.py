@@ -127,6 +127,8 @@ class RunnerOwner(Protocol):
     @property
     def stopping(self) -> bool: ...
 
+    async def until_stopping(self) -> None: ...
+
     def partition_counts(self) -> dict[str, int]: ...
 
     def open_store(self, operator_id: str, partition: int) -> OperatorStateStore: ...
@@ -232,9 +234,41 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.consumer.subscribe(list(self.stage.source.topics), listener=self)
 
     # -- the loop ------------------------------------------------------------------------------
+    async def _poll(self, max_records: int) -> dict[TopicPartition, list[Any]]:
+        """``getmany``, given up when the worker stops.
+
+        aiokafka's ``getmany`` waits, whatever its timeout, until a rebalance in progress ends
+        (its fetcher awaits the new assignment), and a join lasts until every member of the
+        group rejoined: up to the session timeout when a kill -9'd member is still in it. A
+        SIGTERM then waited for the join, and the tasks the join brought were taken over
+        (producers started, state restored) only to be closed again. While a reassignment is
+        under way the poll races the worker's stop; otherwise it is the plain call (no task
+        per poll on the hot path)."""
+        consumer = self.consumer
+        subscription = getattr(consumer, "_subscription", None)
+        if subscription is None or not subscription.reassignment_in_progress:
+            batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
+                timeout_ms=100, max_records=max_records
+            )
+            return batches
+        fetch: asyncio.Future[dict[TopicPartition, list[Any]]] = asyncio.ensure_future(
+            consumer.getmany(timeout_ms=100, max_records=max_records)
+        )
+        stop = asyncio.ensure_future(self.worker.until_stopping())
+        try:
+            await asyncio.wait((fetch, stop), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            fetch.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if fetch.done():
+            return fetch.result()
+        fetch.cancel()  # (a poll given up mutates nothing: it awaited the assignment)
+        return {}
+
     async def loop(self) -> None:
         s = self.worker.settings
-        consumer = self.consumer
         while not self.worker.stopping:
             if self.restore_error is not None:
                 failed, self.restore_error = self.restore_error, None
@@ -243,7 +277,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self.abandon(failed)
                 continue
             try:
-                batches = await consumer.getmany(timeout_ms=100, max_records=s.max_poll_records)
+                batches = await self._poll(s.max_poll_records)
                 started = time.perf_counter()
                 async with self.lock:
                     for tp, records in batches.items():

@@ -103,6 +103,9 @@ class Worker:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    async def until_stopping(self) -> None:
+        await self._stop.wait()
+
     def ready(self) -> bool:
         """Every stage is a confirmed member of its group (its write lease holds) and none of
         its assigned tasks is restoring: the worker does its share (the /ready endpoint, the
@@ -262,6 +265,12 @@ class Worker:
             control.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await control
+            # Every stage takes nothing over from here on, before the first one shuts down: a
+            # stage's shutdown can wait for its group's join to end, and the next stage's join
+            # ending meanwhile used to start a takeover (producers, restores) of tasks that
+            # were closed right after.
+            for r in self.runners:
+                r.stopping = True
             for r in self.runners:
                 try:
                     await r.shutdown(final_checkpoint=self.failure is None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar, cast
 
@@ -20,9 +21,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import ProducerFenced
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from headrace.runtime.config import Settings
 from headrace.runtime.kafka.fetch import FetchingConsumer
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_REQUEST_SIZE",
@@ -145,7 +149,7 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
     swallowed and the client closed, unless the caller itself is being cancelled.
     """
     try:
-        await consumer.stop()
+        await _stop_leaving_a_pending_join(consumer)
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
@@ -154,6 +158,57 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+#: how long a stop lets a join in progress end by itself before it leaves the group
+PENDING_JOIN_GRACE_S = 0.2
+
+
+async def _stop_leaving_a_pending_join(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``; if the member is in the middle of a join, it leaves the group first.
+
+    aiokafka's stop lets its coordinator finish the join under way before it leaves, and a
+    join lasts until every member of the group rejoined: up to the session timeout when a
+    kill -9'd member is still in the group, up to the rebalance timeout when one is slow.
+    A SIGTERM then took that long (5 s of every recovery test's final stop, with 6 s
+    sessions). Once the join has given the member its id, a LeaveGroup with that id makes the
+    broker answer the pending JoinGroup at once (UNKNOWN_MEMBER_ID, which ends aiokafka's
+    coordination routine as it is closing) and go on with the rebalance without this member;
+    without it the group would also have waited for, and then timed out, a member that never
+    comes back. The LeaveGroup goes on a connection of its own: the broker answers a
+    connection's requests in order, and the JoinGroup holds the coordinator connection."""
+    coordinator: Any = getattr(consumer, "_coordinator", None)
+    subscription: Any = getattr(consumer, "_subscription", None)
+    if (
+        coordinator is None
+        or subscription is None
+        or not subscription.reassignment_in_progress
+        or not getattr(coordinator, "member_id", "")
+    ):
+        await consumer.stop()
+        return
+    stopping = asyncio.ensure_future(consumer.stop())
+    try:
+        done, _ = await asyncio.wait((stopping,), timeout=PENDING_JOIN_GRACE_S)
+        if not done:
+            await _leave_group(consumer, coordinator)
+        await stopping
+    except asyncio.CancelledError:
+        stopping.cancel()
+        raise
+
+
+async def _leave_group(consumer: AIOKafkaConsumer, coordinator: Any) -> None:
+    node, member = coordinator.coordinator_id, coordinator.member_id
+    client: Any = getattr(consumer, "_client", None)
+    if node is None or not member or client is None:
+        return
+    try:
+        await client.send(node, LeaveGroupRequest(coordinator.group_id, member))
+    except Exception as exc:  # the stop goes on as before: it waits for the join
+        log.debug("LeaveGroup of a pending join of %s failed: %r", coordinator.group_id, exc)
+    else:
+        log.debug("left group %s during a pending join", coordinator.group_id)
 
 
 async def stop_producer(producer: AIOKafkaProducer) -> None:

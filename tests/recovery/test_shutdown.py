@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from scenario import PARTITIONS, MakeRun
+from test_pause import ZOMBIE_ENV
 
 from headrace.runtime.checkpoint.log import CheckpointAck
 from headrace.runtime.recovery import read_topic, wait_changelog_committed
@@ -104,3 +106,35 @@ async def test_rocksdb_restart_after_sigterm_reuses_every_store_and_replays_no_c
     applied = re.findall(r"restoring (\S+)\[(\d+)\]: (\d+)/(\d+) records", log)
     assert applied, run.diagnostics()
     assert all(int(n) == 0 for _t, _p, n, _total in applied), applied
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+async def test_sigterm_during_a_join_that_waits_for_a_killed_member_stops_at_once(
+    wordcount_run: MakeRun, guarantee: str
+) -> None:
+    """A worker started while a kill -9'd member is still in the groups joins a rebalance that
+    waits for that member's session to run out (6 s). SIGTERM during that join: the worker
+    leaves the groups at once instead of waiting for the join to end, takes nothing over (no
+    producer started, no state restored only to be closed), exits 0, and the survivor counts
+    exactly. aiokafka's stop alone waited for the join (5 s) and then took the tasks over."""
+    run = await wordcount_run(guarantee, "memory", seed=53, env=ZOMBIE_ENV)
+    d = run.driver
+    survivor, doomed = d.start_worker(), d.start_worker()
+    for w in (survivor, doomed):
+        assert await w.wait_started()
+    producer = run.produce(1500, rate=500)
+    await asyncio.sleep(3.0)  # both joined and counting
+    await d.kill(doomed)  # its members stay in the groups until their session runs out
+    late = d.start_worker()
+    assert await late.wait_started()
+    await asyncio.sleep(0.3)  # its consumers are in the join that waits for the dead member
+    started = asyncio.get_running_loop().time()
+    late.signal(signal.SIGTERM)
+    code = await late.wait(30)
+    took = asyncio.get_running_loop().time() - started
+    assert code == 0, run.diagnostics()
+    assert took < 3.0, f"the stop took {took:.1f} s (the join waits up to 6 s)\n{late.log()}"
+    assert "took over" not in late.log() and "restored task" not in late.log(), late.log()
+    await producer
+    report = await run.finish_and_verify(workers=1)
+    run.assert_ok(report)
