@@ -184,6 +184,8 @@ async def _stop_leaving_a_pending_join(consumer: AIOKafkaConsumer) -> None:
         or subscription is None
         or not subscription.reassignment_in_progress
         or not getattr(coordinator, "member_id", "")
+        # a static member (group.instance.id) keeps its place across restarts: it never leaves
+        or getattr(coordinator, "_group_instance_id", None) is not None
     ):
         await consumer.stop()
         return
