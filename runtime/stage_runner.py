@@ -245,8 +245,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
         under way the poll races the worker's stop; otherwise it is the plain call (no task
         per poll on the hot path)."""
         consumer = self.consumer
-        subscription = getattr(consumer, "_subscription", None)
-        if subscription is None or not subscription.reassignment_in_progress:
+        if not clients.rebalancing(consumer):
             batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
                 timeout_ms=100, max_records=max_records
             )

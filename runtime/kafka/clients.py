@@ -164,6 +164,15 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
 PENDING_JOIN_GRACE_S = 0.2
 
 
+def rebalancing(consumer: AIOKafkaConsumer) -> bool:
+    """The consumer's group is between assignments (a join or sync under way).
+
+    The one place that reads aiokafka's private subscription state for it (no public API says
+    so); False where that state is not there to ask."""
+    subscription: Any = getattr(consumer, "_subscription", None)
+    return subscription is not None and bool(subscription.reassignment_in_progress)
+
+
 async def _stop_leaving_a_pending_join(consumer: AIOKafkaConsumer) -> None:
     """``consumer.stop()``; if the member is in the middle of a join, it leaves the group first.
 
@@ -178,11 +187,9 @@ async def _stop_leaving_a_pending_join(consumer: AIOKafkaConsumer) -> None:
     comes back. The LeaveGroup goes on a connection of its own: the broker answers a
     connection's requests in order, and the JoinGroup holds the coordinator connection."""
     coordinator: Any = getattr(consumer, "_coordinator", None)
-    subscription: Any = getattr(consumer, "_subscription", None)
     if (
         coordinator is None
-        or subscription is None
-        or not subscription.reassignment_in_progress
+        or not rebalancing(consumer)
         or not getattr(coordinator, "member_id", "")
         # a static member (group.instance.id) keeps its place across restarts: it never leaves
         or getattr(coordinator, "_group_instance_id", None) is not None

@@ -16,10 +16,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.client import ConnectionGroup
 from aiokafka.protocol.group import LeaveGroupRequest
+from aiokafka.structs import TopicPartition
 
-from headrace.runtime.kafka.clients import stop_consumer
+from headrace.runtime.kafka.clients import rebalancing, stop_consumer
 
 #: how long the fake join takes when nobody leaves (the rest of the group's session)
 JOIN_S = 1.0
@@ -94,3 +96,21 @@ async def test_a_stop_sends_no_leave_of_its_own_otherwise(
     consumer = _Consumer(joining=joining, member_id=member_id, static=static)
     await _timed_stop(consumer)
     assert consumer._client.sent == []
+
+
+async def test_rebalancing_reads_the_state_a_real_aiokafka_consumer_has() -> None:
+    """``clients.rebalancing`` (the stop above and the stage loop's poll ask it) reads a
+    private attribute of aiokafka's: an aiokafka release that renames it fails here, not as
+    a stop that silently waits out joins again."""
+    real = AIOKafkaConsumer("t", bootstrap_servers="localhost:1", group_id="g")
+    try:
+        assert rebalancing(real) is True  # subscribed, not joined yet: no assignment
+        # what aiokafka's coordinator does when a join and sync bring the assignment ...
+        real._subscription.assign_from_subscribed({TopicPartition("t", 0)})
+        assert rebalancing(real) is False
+        # ... and when the member must join again (a rebalance, a lost membership)
+        real._subscription.begin_reassignment()
+        assert rebalancing(real) is True
+    finally:
+        await real.stop()
+    assert rebalancing(SimpleNamespace()) is False  # type: ignore[arg-type]
