@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -212,8 +213,22 @@ def _ratio_target(
             " (" + ", ".join(_short(s) for s, x in found.items() if x is None) + " not measured)"
         )
     # judged on the figure as shown (two decimals), so that the table never reads "0.92x: no"
-    met = all(round(x, 2) >= bound if at_least else round(x, 2) <= bound for _, x in measured)
-    return what, text, met if len(measured) == len(systems) else (False if not met else None)
+    return (
+        what,
+        text,
+        _overall(
+            None if x is None else (round(x, 2) >= bound if at_least else round(x, 2) <= bound)
+            for x in found.values()
+        ),
+    )
+
+
+def _overall(verdicts: Iterable[bool | None]) -> bool | None:
+    """Not met if one part is not; met if every part was measured and met; else not measured."""
+    seen = list(verdicts)
+    if False in seen:
+        return False
+    return True if seen and None not in seen else None
 
 
 def _versus(
@@ -233,8 +248,7 @@ def _versus(
         else:
             texts.append(f"{_short(ours)} {a / b:.1f}x")
             verdicts.append(a > factor * b)
-    met = False if False in verdicts else (True if verdicts and None not in verdicts else None)
-    return ", ".join(texts) or "not measured", met
+    return ", ".join(texts) or "not measured", _overall(verdicts)
 
 
 ALO_MEM = ("headrace-alo-mem",)
@@ -266,9 +280,7 @@ def targets_table(res: dict[str, Any]) -> list[str]:
                 texts.append(f"{backend}: {alo:.1f} vs {eos:.1f} CPU-s per M")
                 verdicts.append(alo <= eos)
         what = "S5 at-least-once never costlier than exactly-once (CPU per word)"
-        rows.append(
-            ("18", what, "; ".join(texts) or "not measured", all(verdicts) if verdicts else None)
-        )
+        rows.append(("18", what, "; ".join(texts) or "not measured", _overall(verdicts)))
     for scenario in ("s1", "s2", "s5", "s6"):
         if scenario not in res:
             continue
