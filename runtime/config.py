@@ -157,6 +157,14 @@ SETTINGS: tuple[SettingInfo, ...] = (
         "container needs).",
     ),
     SettingInfo(
+        "hop_format",
+        "hop-format",
+        "Format of the repartition records this worker writes: 2 (the default: channel and "
+        "sequence numbers once per record batch) or 1 (a header on every record). Every "
+        "version reads both; use 1 while workers of a version before hop format 2 still run "
+        "(a rolling upgrade), then 2.",
+    ),
+    SettingInfo(
         "status_interval_s",
         "status-interval-s",
         "How often a worker publishes its status for `headrace status` (default 5).",
@@ -232,6 +240,8 @@ class Settings:
     #: interface of the ops HTTP server (/metrics, /health, /ready); loopback unless asked
     metrics_host: str = "127.0.0.1"
     status_interval_s: float = 5.0
+    #: repartition record format written (runtime/kafka/hopformat.py); both are read
+    hop_format: int = 2
 
     def __post_init__(self) -> None:
         # Accept plain strings/ints from code as well as from the environment.
@@ -408,6 +418,7 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "metrics_port": _int(0, 65535),
     "metrics_host": _nonempty,
     "status_interval_s": _positive_float(" (seconds)"),
+    "hop_format": _int(1, 2),
 }
 
 

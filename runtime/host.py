@@ -42,6 +42,7 @@ from headrace.runtime.checkpoint.metadata import CheckpointMetadata, CheckpointM
 from headrace.runtime.checkpoint.pending import CommitResult, PendingCheckpoint
 from headrace.runtime.checkpoint.restore import RestoreTarget, StateWithoutCheckpointError, restore
 from headrace.runtime.faults import maybe_crash
+from headrace.runtime.kafka.fetch import aiokafka_fits
 from headrace.runtime.kafka.lease import MembershipLease
 from headrace.runtime.kafka.producer import BatchSender, Delivery, first_gap, last_offset
 from headrace.runtime.kafka.topics import TopicLayout
@@ -231,17 +232,17 @@ class StageHost:
         alignment_timeout_s: float = 60.0,
         error_policy: ErrorPolicy | None = None,
         first_round_delay_s: float = 0.0,
+        hop_format: int = 2,
     ) -> None:
         self.job = job
+        self.hop_format = hop_format if aiokafka_fits() else 1  # 2 needs kafka/fetch.py's reader
         self.first_round_delay_s = first_round_delay_s
-        self.stage = stage
-        self.layout = layout
+        self.stage, self.layout = stage, layout
         self.exactly_once = exactly_once
         self.checkpoint_interval_ms = checkpoint_interval_ms
         self.alignment_timeout_s = alignment_timeout_s
         self.error_policy = error_policy or ErrorPolicy(job.error_policy)
-        self.clock = clock
-        self.open_store = open_store
+        self.clock, self.open_store = clock, open_store
         self.group_id = job.group_id(stage)
         #: the ids of the stage's operators that declare state (one store and changelog each)
         self.stateful = [step.operator_id for st, step in job.stateful_operators() if st is stage]
@@ -275,6 +276,7 @@ class StageHost:
             clock=self.clock,
             error_policy=self.error_policy,
             sequence_outputs=not self.exactly_once,
+            hop_format=self.hop_format,
             record_limits=self.layout.record_limits,
             watched=self.watched.setdefault(partition, set()),
             first_round_delay_s=self.first_round_delay_s,

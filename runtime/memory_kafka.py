@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from headrace.runtime.kafka.producer import Delivery, OutRecord
+from headrace.runtime.kafka.producer import Delivery, OutRecord, as_format1
 
 __all__ = ["MemoryChangelogReader", "MemoryLog", "MemoryRecord"]
 
@@ -53,12 +53,20 @@ class MemoryLog:
         self.topics.setdefault(topic, [[] for _ in range(partitions)])
 
     def append(self, rec: OutRecord, partition: int, txn: int | None) -> int:
-        topic, _, key, value, headers, ts = rec
+        # hop marks as format-1 headers: this log keeps records, not batches
+        topic, _, key, value, headers, ts = as_format1(rec)
         log = self.topics[topic][partition]
         offset = len(log)
         log.append(
             MemoryRecord(
-                topic, partition, offset, key, value, list(headers), timestamp=ts or 0, txn=txn
+                topic,
+                partition,
+                offset,
+                key,
+                value,
+                list(headers) if isinstance(headers, list) else [],
+                timestamp=ts or 0,
+                txn=txn,
             )
         )
         return offset

@@ -196,6 +196,7 @@ class StageRunner(ConsumerRebalanceListener):  # type: ignore[misc]
             ),
             clock=worker.clock,
             open_store=worker.open_store,
+            hop_format=s.hop_format,
         )
         self.stateful = self.host.stateful
 

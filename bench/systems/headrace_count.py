@@ -112,6 +112,7 @@ async def main() -> None:
     ap.add_argument("--backend", default="memory")
     ap.add_argument("--state-dir", default=".headrace/bench-state")
     ap.add_argument("--interval-ms", type=int, default=1000)
+    ap.add_argument("--hop-format", type=int, default=2)  # runtime/kafka/hopformat.py
     ap.add_argument("--restore-only", action="store_true")
     a = ap.parse_args()
     times = _RestoreTimes()
@@ -132,6 +133,7 @@ async def main() -> None:
         checkpoint_interval_ms=a.interval_ms,
         state_backend=a.backend,
         state_dir=Path(a.state_dir),
+        hop_format=a.hop_format,
     )
     worker = Worker(job, settings)
     loop = asyncio.get_running_loop()

@@ -22,6 +22,7 @@ from headrace.runtime.checkpoint.barrier import (
     BARRIER_HEADER,
     CHANNEL_HEADER,
     SEQUENCE_HEADER,
+    BatchContext,
     dedupe_slot,
 )
 from headrace.runtime.checkpoint.metadata import CheckpointMetadata
@@ -79,6 +80,8 @@ def pending_data(headers: Sequence[tuple[str, bytes]], offset: int, tail: Tail) 
     same tests the task applies (task/cut.py), so a caught-up job shows lag 0."""
     channel: int | None = None
     seq: int | None = None
+    if type(headers) is BatchContext:  # hop format 2: channel and number from the batch
+        channel, seq = headers.channel, headers.sequence(offset)
     for name, value in headers:
         if name == BARRIER_HEADER:
             return False

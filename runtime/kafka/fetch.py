@@ -41,6 +41,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.consumer.fetcher import READ_COMMITTED, FetchResult, PartitionRecords
 from aiokafka.errors import CorruptRecordException
 
+from headrace.runtime.kafka import hopformat
+
 log = logging.getLogger("headrace.runtime.kafka")
 
 __all__ = ["FetchedRecord", "FetchingConsumer", "aiokafka_fits", "install"]
@@ -181,16 +183,48 @@ class _BatchReader:
                 continue
             first = records.next_fetch_offset
             topic, partition, make = tp.topic, tp.partition, FetchedRecord
-            decoded = [
-                make(topic, partition, r.offset, r.timestamp, r.key, r.value, r.headers)
-                for r in batch
-                if r.offset >= first
-            ]
+            # a list: aiokafka's batch is its own iterator, iterable once
+            batch_records = list(batch)
+            head = batch_records[0] if batch_records else None
+            context = None if head is None else _hop_context(head.headers, head.offset)
+            if context is None:
+                decoded = [
+                    make(topic, partition, r.offset, r.timestamp, r.key, r.value, r.headers)
+                    for r in batch_records
+                    if r.offset >= first
+                ]
+            else:
+                # hop format 2: every record of the batch without headers of its own gets
+                # the batch's context (kafka/hopformat.py), also when the fetch started
+                # inside the batch (the broker returns a batch from its first record)
+                ctx = context
+                decoded = [
+                    make(topic, partition, r.offset, r.timestamp, r.key, r.value, r.headers or ctx)
+                    for r in batch_records
+                    if r.offset >= first
+                ]
+                if decoded and decoded[0].offset == context.base:
+                    # the first record's own headers besides hr.b (a barrier's), if any
+                    decoded[0].headers = decoded[0].headers[1:] or context
             if decoded:
                 self.pending, self.at, self.batch_end = decoded, 0, batch.next_offset
                 return True
             records.next_fetch_offset = batch.next_offset
         return False
+
+
+def _hop_context(headers: list[tuple[str, bytes]], offset: int) -> hopformat.BatchContext | None:
+    """The batch context if the first header of a batch's first record is a hop format 2
+    ``hr.b`` header, else None (a record of any other topic, or of hop format 1)."""
+    if not headers:
+        return None
+    name, value = headers[0]
+    if name != hopformat.BATCH_HEADER:
+        return None
+    try:
+        return hopformat.decode(value, offset)
+    except ValueError:
+        return None  # not headrace's: the hop reader refuses the record (no channel)
 
 
 class _FetchResults(OrderedDict[Any, Any]):

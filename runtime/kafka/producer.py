@@ -13,18 +13,22 @@ import random
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache, partial
+from operator import itemgetter
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from headrace.runtime.kafka import hopformat
+from headrace.runtime.kafka.hopformat import BATCH_HEADER
+
 Headers = list[tuple[str, bytes]]
 #: A record to write: (topic, partition or None for the sink's partitioner, key bytes, value
-#: bytes, headers). Tasks produce them; the sender writes them.
-#: (topic, partition or None, key, value, headers, timestamp in ms or None). The timestamp is
-#: the record's event time (None: the broker's "now" through the producer); see
-#: runtime/task/timers.py
-OutRecord = tuple[str, int | None, bytes | None, bytes | None, Headers, int | None]
+#: bytes, headers, timestamp in ms or None). Tasks produce them; the sender writes them. The
+#: timestamp is the record's event time (None: the broker's "now" through the producer); see
+#: runtime/task/timers.py. A repartition record of hop format 2 has a *mark* (an int: its
+#: channel and sequence number, ``kafka/hopformat.py``) where the header list goes.
+OutRecord = tuple[str, int | None, bytes | None, bytes | None, Headers | int, int | None]
 
 
 _M = 0x5BD1E995
@@ -119,6 +123,41 @@ def _raw_append(batch: Any) -> Any:
 
 _PARTITION_CACHE_MAX = 131_072
 _NO_HEADERS: list[tuple[str, bytes]] = []  # shared, never mutated (aiokafka only reads it)
+#: records per hop batch tried first (the batch's ``hr.b`` header is written on its first
+#: record, so the sender decides how many records a batch holds before it appends them)
+_HOP_BATCH_RECORDS = 16_384
+
+
+#: an output tuple's headers or mark (C speed: once per hop record)
+_mark_of: Callable[[OutRecord], Headers | int] = itemgetter(4)
+
+
+def _hop_numbers(marks: list[Any]) -> tuple[int | None, list[int] | None]:
+    """The channel of a run of marks and their numbers (None: none is sequenced); channel
+    None when the run holds no mark at all (only records with headers of their own).
+
+    The common case (every record a mark of one channel) runs in two comprehensions; a run with
+    header lists among the marks (a record that keeps format 1) takes the loop."""
+    try:
+        channels = {m & 0xFFFFFFFF for m in marks}
+        numbers = [m >> 32 for m in marks]
+    except TypeError:
+        channels = {m & 0xFFFFFFFF for m in marks if type(m) is int}
+        numbers = [m >> 32 if type(m) is int else 0 for m in marks]
+    if not channels:
+        return None, None
+    if len(channels) != 1:
+        # one send() is one task's outputs (one channel): anything else is a bug, not data
+        raise ValueError(f"hop records of several channels in one batch: {sorted(channels)}")
+    return channels.pop(), numbers if any(numbers) else None
+
+
+def as_format1(rec: OutRecord) -> OutRecord:
+    """``rec`` with hop format 1 headers instead of a mark (writers without batch control)."""
+    m = rec[4]
+    if type(m) is not int:
+        return rec
+    return (rec[0], rec[1], rec[2], rec[3], hopformat.format1_headers(m), rec[5])
 
 
 class BatchSender:
@@ -133,6 +172,8 @@ class BatchSender:
         self.producer = producer
         self.partition_counts = partition_counts
         self._caches: dict[str, dict[bytes, int]] = {}
+        #: records per hop batch that fitted last, per topic (see :meth:`_fill_hop`)
+        self._hop_sizes: dict[str, int] = {}
 
     def _partition(self, topic: str, key: bytes | None) -> int:
         n = self.partition_counts[topic]
@@ -177,11 +218,63 @@ class BatchSender:
         return groups
 
     async def send(self, records: Iterable[OutRecord]) -> list[Delivery]:
-        """Submit ``records``; returns one delivery per batch (in submission order)."""
+        """Submit ``records``; returns one delivery per batch (in submission order).
+
+        The records of one call are one task's outputs: their hop records share a channel."""
         futures: list[Delivery] = []
         for (topic, p), recs in self._group(records).items():
-            await self._fill(futures, topic, p, recs, pairs=False)
+            if type(recs[0][4]) is int:
+                await self._fill_hop(futures, topic, p, recs)
+            else:
+                await self._fill(futures, topic, p, recs, pairs=False)
         return futures
+
+    async def _fill_hop(
+        self, futures: list[Delivery], topic: str, partition: int, records: list[OutRecord]
+    ) -> None:
+        """Hop format 2 (``kafka/hopformat.py``): each batch's first record carries the batch's
+        channel and numbers in ``hr.b``, the others no internal header.
+
+        The header must be written before the records it describes, so the number of records
+        of a batch is chosen first: as many as fitted last time (``_hop_sizes``, per topic),
+        and when the batch fills up before, the unsubmitted batch is dropped and built again
+        with the records that fitted (rare: the guess then shrinks to what fits)."""
+        create = self.producer.create_batch
+        sizes = self._hop_sizes
+        total = len(records)
+        i = 0
+        while i < total:
+            batch = create()
+            append = _raw_append(batch)
+            if append is None:  # another batch type: format 1, per-record headers
+                rest = [as_format1(r) for r in records[i:]]
+                await self._fill_public(
+                    futures, topic, partition, rest, batch, pairs=False, headers=_NO_HEADERS
+                )
+                return
+            want = min(total - i, sizes.get(topic, _HOP_BATCH_RECORDS))
+            chunk = records[i : i + want]
+            channel, numbers = _hop_numbers(list(map(_mark_of, chunk)))
+            first = chunk[0]
+            own = first[4]
+            head = [] if channel is None else [(BATCH_HEADER, hopformat.encode(channel, numbers))]
+            if not isinstance(own, int):
+                head += own
+            if append(0, first[5], first[2], first[3], head) is None:  # an empty batch takes one
+                raise ValueError(f"a record for topic {topic!r} exceeds max_batch_size")
+            n = 1
+            for rec in chunk[1:] if want > 1 else ():
+                m = rec[4]
+                if append(n, rec[5], rec[2], rec[3], _NO_HEADERS if type(m) is int else m) is None:
+                    break
+                n += 1
+            if n < want:  # full before the chunk's end: build it again with what fitted
+                sizes[topic] = max(1, (n * 9) // 10)
+                continue
+            if want == sizes.get(topic, _HOP_BATCH_RECORDS) < _HOP_BATCH_RECORDS:
+                sizes[topic] = min(_HOP_BATCH_RECORDS, want * 2)  # it fitted: try more
+            await self._submit_raw(futures, batch, topic, partition, n, full=False)
+            i += n
 
     async def send_pairs(
         self,
@@ -219,7 +312,12 @@ class BatchSender:
         n = 0
         if not pairs:
             for rec in records:
-                if append(n, rec[5], rec[2], rec[3], rec[4]) is None:
+                try:
+                    appended = append(n, rec[5], rec[2], rec[3], rec[4])
+                except TypeError:  # a hop mark among header lists: that record in format 1
+                    rec = as_format1(rec)
+                    appended = append(n, rec[5], rec[2], rec[3], rec[4])
+                if appended is None:
                     await self._submit_raw(futures, batch, topic, partition, n, full=True)
                     batch = create()
                     append = _raw_append(batch)
@@ -274,7 +372,11 @@ class BatchSender:
         count = 0
         shared = headers
         for rec in records:
-            key, value, headers, ts = (rec[0], rec[1], shared, None) if pairs else rec[2:6]
+            if pairs:
+                key, value, headers, ts = rec[0], rec[1], shared, None
+            else:
+                key, value, own, ts = as_format1(rec)[2:6]
+                headers = own if isinstance(own, list) else shared
             if batch.append(key=key, value=value, timestamp=ts, headers=headers) is None:
                 futures.append(await self._submit(batch, topic, partition, count))
                 batch = producer.create_batch()

@@ -81,6 +81,7 @@ class ChainOwner(Protocol):
     key_deserialize: Callable[[Any], Any]
     value_deserialize: Callable[[Any], Any]
     sequence_outputs: bool
+    hop_format: int
     topic_index: dict[str, int]
     #: index of the next output of the record being processed (at-least-once sequences)
     out_index: int
@@ -222,7 +223,14 @@ def compile_output(task: ChainOwner) -> Step:
             raise ValueError(f"{task.stage.name} repartitions: downstream_partitions needed")
         rtopic, key_fn = output.topic, output.key_fn
         rkser, rvser = output.key_serde.serialize, output.value_serde.serialize
+        timed = task.time is not None
         headers = channel_headers(task.partition)
+        # Hop format 2 (kafka/hopformat.py): a record carries a *mark* (one int: channel and
+        # sequence number) and the sender writes them once per batch. Event-time jobs write
+        # format 1: their records carry their own time (hr.ts) anyway.
+        marks = task.hop_format >= 2 and not timed
+        own = task.partition
+        plain: Any = own if marks else headers
         crc32 = zlib.crc32
         rlimit = task.record_limit(rtopic)
         rroom = rlimit - RECORD_OVERHEAD
@@ -233,10 +241,9 @@ def compile_output(task: ChainOwner) -> Step:
             vb = rvser(v)
             if len(vb) > rroom - len(kb):
                 raise RecordTooLargeError(rtopic, len(vb) + len(kb), rlimit)
-            out_append((rtopic, crc32(kb) % n, kb, vb, headers, None))
+            out_append((rtopic, crc32(kb) % n, kb, vb, plain, None))
 
         channel = headers[0]
-        timed = task.time is not None
         if not task.sequence_outputs and not timed:
             return repartition
         topic_index = task.topic_index
@@ -260,13 +267,15 @@ def compile_output(task: ChainOwner) -> Step:
                 task.out_index = index + 1
                 # barrier.sequence(offset, index, topic), inlined: once per output record
                 seq = (((offset << index_bits) | index) << topic_bits) | topic_index[r.topic]
-                if timed:
+                if marks:
+                    h: Any = ((seq + 1) << 32) | own  # hopformat.mark, inlined
+                elif timed:
                     ts = b"%d" % r.timestamp
                     h = [channel, (SEQUENCE_HEADER, b"%d" % seq), (TIME_HEADER, ts)]
                 else:
                     h = [channel, (SEQUENCE_HEADER, b"%d" % seq)]
             else:
-                h = [channel, (TIME_HEADER, b"%d" % r.timestamp)] if timed else [channel]
+                h = [channel, (TIME_HEADER, b"%d" % r.timestamp)] if timed else plain
             out_append((rtopic, crc32(kb) % n, kb, vb, h, None))
 
         return repartition_sequenced

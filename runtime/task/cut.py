@@ -31,6 +31,7 @@ from headrace.runtime.checkpoint.barrier import (
     SEQUENCE_HEADER,
     TIME_HEADER,
     WATERMARK_HEADER,
+    BatchContext,
     barrier_id,
     dedupe_slot,
     read_header,
@@ -195,26 +196,45 @@ class AlignedCut:
         n = len(records)
         i = start
         batch: list[RawRecord] = []
+        # hop format 2 (kafka/hopformat.py): the records of one batch share one BatchContext
+        context: object = None
+        context_channel = 0
+        context_numbers: Sequence[int] | None = None
+        context_base = 0
         while i < n:
             r = records[i]
             i += 1
-            # Headers by name (barrier.py): the writer's own shape is checked first (fast);
-            # anything else (a foreign header anywhere) is searched by name.
             headers = r.headers
-            barrier = seq = None
-            nh = len(headers)
-            h0 = headers[0] if nh else None
-            if nh == 1 and h0[0] == CHANNEL_HEADER:  # type: ignore[index]
-                channel = int(h0[1])  # type: ignore[index]
-            elif nh == 2 and h0[0] == CHANNEL_HEADER:  # type: ignore[index]
-                channel = int(h0[1])  # type: ignore[index]
-                name, value = headers[1]
-                if name == BARRIER_HEADER:
-                    barrier = value
-                elif name == SEQUENCE_HEADER:
-                    seq = value
+            barrier = None
+            seq: int | None = None
+            nh = 0
+            if headers is context or type(headers) is BatchContext:
+                if headers is not context:
+                    context = headers
+                    context_channel = headers.channel  # type: ignore[attr-defined]
+                    context_numbers = headers.numbers  # type: ignore[attr-defined]
+                    context_base = headers.base  # type: ignore[attr-defined]
+                channel = context_channel
+                if context_numbers is not None:
+                    number = context_numbers[r.offset - context_base]
+                    if number:
+                        seq = number - 1
             else:
-                channel, barrier, seq = read_internal(headers, r.topic, r.partition, r.offset)
+                # Format 1, headers by name (barrier.py): the writer's own shape is checked
+                # first (fast); anything else (a foreign header anywhere) by name.
+                nh = len(headers)
+                h0 = headers[0] if nh else None
+                if nh == 1 and h0[0] == CHANNEL_HEADER:  # type: ignore[index]
+                    channel = int(h0[1])  # type: ignore[index]
+                elif nh == 2 and h0[0] == CHANNEL_HEADER:  # type: ignore[index]
+                    channel = int(h0[1])  # type: ignore[index]
+                    name, value = headers[1]
+                    if name == BARRIER_HEADER:
+                        barrier = value
+                    elif name == SEQUENCE_HEADER:
+                        seq = int(value)
+                else:
+                    channel, barrier, seq = read_internal(headers, r.topic, r.partition, r.offset)
             if not aligner.admit(channel, r.offset):
                 continue
             if channel >= aligner.channels:  # the upstream stage gained partitions
@@ -246,12 +266,11 @@ class AlignedCut:
                 # self._fresh, inlined (once per record of the hop)
                 counted += 1
                 if seq is not None:
-                    number = int(seq)
-                    slot = (channel << SEQ_TOPIC_BITS) | (number & topic_mask)  # dedupe_slot
-                    if number <= seen_get(slot, -1):
+                    slot = (channel << SEQ_TOPIC_BITS) | (seq & topic_mask)  # dedupe_slot
+                    if seq <= seen_get(slot, -1):
                         deduplicated += 1
                         continue
-                    seen[slot] = number
+                    seen[slot] = seq
                 batch.append(r)
         task.counters.records_in += counted
         task.counters.deduplicated += deduplicated
@@ -261,13 +280,12 @@ class AlignedCut:
             time.fire_overdue()
         return i
 
-    def _fresh(self, r: RawRecord, channel: int, seq_header: bytes | None) -> bool:
+    def _fresh(self, r: RawRecord, channel: int, seq: int | None) -> bool:
         """Count a repartition record; False if an upstream replay already delivered it.
         (:meth:`feed` does the same inline.)"""
         task = self.task
         task.counters.records_in += 1
-        if seq_header is not None:
-            seq = int(seq_header)
+        if seq is not None:
             slot = dedupe_slot(channel, seq)
             if seq <= task.seen.get(slot, -1):
                 task.counters.deduplicated += 1

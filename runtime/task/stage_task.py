@@ -73,6 +73,7 @@ class StageTask:
         clock: Callable[[], float],
         error_policy: ErrorPolicy | None = None,
         sequence_outputs: bool = False,
+        hop_format: int = 2,
         record_limits: Mapping[str, int] | None = None,
         watched: set[bytes] | None = None,
         first_round_delay_s: float = 0.0,
@@ -119,6 +120,9 @@ class StageTask:
         self.value_deserialize: Callable[[Any], Any] = stage.source.value_serde.deserialize
         # at-least-once dedupe across the repartition hop (see headrace.runtime.checkpoint.barrier)
         self.sequence_outputs = sequence_outputs and not stage.source.internal
+        #: how this task writes repartition records (kafka/hopformat.py): 2, or 1 for a
+        #: rolling upgrade from a version that reads only 1
+        self.hop_format = hop_format
         self.out_index = 0
         self.topic_index = {t: i for i, t in enumerate(stage.source.topics)}
         #: at-least-once: highest sequence processed per upstream slot (part of the cut)

@@ -1,9 +1,14 @@
-"""Internal headers are read by name (issue 15 item 5).
+"""Internal headers are read by name (issue 15 item 5), and hop format 2 reads as format 1.
 
 Records written to a real repartition-shaped topic (channel, sequence and barrier headers as
 headrace writes them), once as written and once with a foreign header (tracing, an interceptor)
 in every position: read back from the broker and fed through a repartition-fed task's aligned
 cut, both give the same processed records, the same dedupe and the same checkpoints.
+
+The same records written in hop format 2 (kafka/hopformat.py: channel and sequence numbers in
+one header per batch, by headrace's own BatchSender) and read by headrace's consumer from any
+offset, the middle of a batch included, give what format 1 gives from that offset; on the wire
+only the first record of each data batch carries an internal header.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition
 
 from headrace.runtime.checkpoint.barrier import (
     SEQUENCE_HEADER,
@@ -21,6 +27,9 @@ from headrace.runtime.checkpoint.barrier import (
     channel_headers,
     sequence,
 )
+from headrace.runtime.config import Settings
+from headrace.runtime.kafka import clients, hopformat
+from headrace.runtime.kafka.producer import BatchSender, wait_delivered
 from headrace.runtime.task.cut import AlignedCut
 from headrace.runtime.task.records import TaskCounters
 
@@ -114,13 +123,7 @@ async def _round_trip(servers: str, topic: str, foreign: bool) -> _Owner:
         await consumer.stop()
     if foreign:
         assert all(FOREIGN in list(r.headers) for r in records)
-    owner = _Owner(stage=_Stage(_Source([topic])))
-    cut = AlignedCut(owner, upstream_partitions=2, timeout=60.0)  # type: ignore[arg-type]
-    owner.cut = cut
-    i = 0
-    while i < len(records):
-        i = cut.feed(records, i)
-    return owner
+    return _feed(topic, records)
 
 
 async def test_foreign_headers_on_a_repartition_topic_change_nothing(
@@ -135,3 +138,121 @@ async def test_foreign_headers_on_a_repartition_topic_change_nothing(
     assert traced.checkpoints == plain.checkpoints
     assert traced.counters.deduplicated == plain.counters.deduplicated
     assert traced.seen == plain.seen
+
+
+def _sends_format2(topic: str) -> list[list[Any]]:
+    """``_written()`` as a task's sends: one channel's outputs per send, marks instead of
+    header lists, barriers in a send of their own (as checkpoint/commit.py sends them)."""
+    sends: list[list[Any]] = []
+    for ch in (0, 1):
+        sends.append(
+            [
+                (
+                    topic,
+                    0,
+                    b"k%d" % i,
+                    b"v%d-%d" % (ch, i),
+                    hopformat.mark(ch, sequence(i, 0, 0)),
+                    None,
+                )
+                for i in range(5)
+            ]
+        )
+    sends.append(
+        [
+            (topic, 0, b"k%d" % i, b"v0-%d" % i, hopformat.mark(0, sequence(i, 0, 0)), None)
+            for i in range(3)
+        ]
+    )
+    sends.append([(topic, 0, None, b"", barrier_headers(ch, 7), None) for ch in (0, 1)])
+    for ch in (0, 1):
+        sends.append([(topic, 0, b"late", b"late-%d" % ch, hopformat.mark(ch, None), None)])
+    return sends
+
+
+async def _write(servers: str, topic: str, fmt: int) -> None:
+    if fmt == 1:
+        producer = AIOKafkaProducer(bootstrap_servers=servers)
+        await producer.start()
+        try:
+            for k, v, h in _written():
+                await producer.send_and_wait(topic, v, key=k, partition=0, headers=h)
+        finally:
+            await producer.stop()
+        return
+    producer = AIOKafkaProducer(bootstrap_servers=servers, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        sender = BatchSender(producer, {topic: 1})
+        for records in _sends_format2(topic):
+            await wait_delivered(await sender.send(records))
+    finally:
+        await producer.stop()
+
+
+async def _read_from(servers: str, topic: str, start: int) -> list[Any]:
+    """The records from ``start`` on, through headrace's consumer (kafka/fetch.py)."""
+    consumer = clients.reader(Settings(bootstrap_servers=servers), client_id="hop-format-test")
+    await consumer.start()
+    tp = TopicPartition(topic, 0)
+    records: list[Any] = []
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        while len(records) < len(_written()) - start:
+            batch = await consumer.getmany(timeout_ms=2000)
+            for rs in batch.values():
+                records.extend(rs)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def _feed(topic: str, records: list[Any]) -> _Owner:
+    owner = _Owner(stage=_Stage(_Source([topic])))
+    cut = AlignedCut(owner, upstream_partitions=2, timeout=60.0)  # type: ignore[arg-type]
+    owner.cut = cut
+    i = 0
+    while i < len(records):
+        i = cut.feed(records, i)
+    return owner
+
+
+async def test_hop_format_2_reads_as_format_1_from_any_offset(
+    kafka_bootstrap_servers: str, topic_factory: Any
+) -> None:
+    servers = kafka_bootstrap_servers
+    one = await topic_factory("rp-format1")
+    two = await topic_factory("rp-format2")
+    await _write(servers, one, 1)
+    await _write(servers, two, 2)
+
+    # on the wire: the first record of each data batch carries hr.b, the others nothing
+    raw = AIOKafkaConsumer(two, bootstrap_servers=servers, auto_offset_reset="earliest")
+    await raw.start()
+    wire: list[Any] = []
+    try:
+        while len(wire) < len(_written()):
+            for rs in (await raw.getmany(timeout_ms=2000)).values():
+                wire.extend(rs)
+    finally:
+        await raw.stop()
+    names = [[n for n, _ in r.headers] for r in wire]
+    batch_starts = {0, 5, 10, 15, 16}  # a batch per send: 5, 5, 3 records, 2 barriers, 1, 1
+    for offset, got in enumerate(names):
+        if offset in (13, 14):  # the barriers keep their own headers (a batch of format 1)
+            assert got == ["hr.ch", "hr.barrier"]
+        elif offset in batch_starts:
+            assert got == ["hr.b"], (offset, got)
+        else:
+            assert got == [], (offset, got)
+
+    for start in range(len(_written())):
+        plain = _feed(one, await _read_from(servers, one, start))
+        batched = _feed(two, await _read_from(servers, two, start))
+        assert batched.processed == plain.processed, start
+        assert batched.counters.deduplicated == plain.counters.deduplicated, start
+        assert batched.seen == plain.seen, start
+        assert batched.checkpoints == plain.checkpoints, start
+    full = _feed(two, await _read_from(servers, two, 0))
+    assert len(full.processed) == 12 and full.counters.deduplicated == 3

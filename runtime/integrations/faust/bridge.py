@@ -171,6 +171,9 @@ class FaustBridge:
             open_store=self._open_store,
             clock=time.time,
             error_policy=ErrorPolicy.FAIL,
+            # the reading bridge gets the hop's records from faust's consumer, not from
+            # headrace's batch reader: a header on every record (kafka/hopformat.py)
+            hop_format=1,
         )
         return self.host
 

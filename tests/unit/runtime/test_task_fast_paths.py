@@ -468,11 +468,14 @@ def test_compiled_steps_see_state_restored_after_the_task_was_built(name: str) -
     assert task.out == reference.out
 
 
-def test_the_inlined_hop_sequence_is_barrier_sequence() -> None:
-    """The at-least-once hop writes ``hr.seq`` inline (chain.repartition_sequenced): it must
+@pytest.mark.parametrize("hop_format", [1, 2])
+def test_the_inlined_hop_sequence_is_barrier_sequence(hop_format: int) -> None:
+    """The at-least-once hop writes its sequence inline (chain.repartition_sequenced): in
+    ``hr.seq`` (hop format 1) or in the record's mark (format 2, kafka/hopformat.py), it must
     stay the number barrier.sequence gives, which is what readers of records already in a
     repartition topic compare against."""
     from headrace.runtime.checkpoint.barrier import SEQUENCE_HEADER, sequence
+    from headrace.runtime.kafka import hopformat
 
     job = Job("seq")
     (
@@ -484,11 +487,24 @@ def test_the_inlined_hop_sequence_is_barrier_sequence() -> None:
     )
     stage = job.stages[0]
     task = StageTask(
-        job, stage, 0, {}, clock=lambda: 1_000.0, downstream_partitions=4, sequence_outputs=True
+        job,
+        stage,
+        3,
+        {},
+        clock=lambda: 1_000.0,
+        downstream_partitions=4,
+        sequence_outputs=True,
+        hop_format=hop_format,
     )
     task.open()
     lines = records([(STR.serialize("k"), STR.serialize("a b c")), (None, STR.serialize("d"))])
     task.run(lines, 0, len(lines))
-    got = [dict(out[4])[SEQUENCE_HEADER] for out in task.out]
     want = [sequence(0, 0, 0), sequence(0, 1, 0), sequence(0, 2, 0), sequence(1, 0, 0)]
-    assert got == [b"%d" % s for s in want]
+    if hop_format == 1:
+        got = [dict(out[4])[SEQUENCE_HEADER] for out in task.out]  # type: ignore[arg-type]
+        assert got == [b"%d" % s for s in want]
+    else:
+        marks = [out[4] for out in task.out]
+        assert all(isinstance(m, int) for m in marks)
+        assert [hopformat.mark_sequence(m) for m in marks] == want  # type: ignore[arg-type]
+        assert {hopformat.mark_channel(m) for m in marks} == {3}  # type: ignore[arg-type]
