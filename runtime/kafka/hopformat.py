@@ -8,8 +8,9 @@ partition that wrote it: alignment) and, under at-least-once from a source stage
 format (hop format 1) put both in headers of every record: ``hr.ch`` and ``hr.seq``. In Python
 on aiokafka that was the most expensive part of a two-stage job: per record a header list built,
 a decimal number formatted and parsed, one or two headers encoded and decoded by the record
-batch builder and reader (~1.9 µs per word across the hop under at-least-once, ~0.7 µs under
-exactly-once: bench/README.md, issue 18, thirteenth round).
+batch builder and reader. Format 2 saves ~2.5 µs per word across the hop under at-least-once
+and ~1.3 µs under exactly-once (``bench/hop_micro.py``); end to end, S5's at-least-once went
+from 0.62x to 0.87x the hand-written floor's rate (bench/README.md, issue 18, thirteenth round).
 
 Hop format 2 writes them once per Kafka record batch, in one header ``hr.b`` on the batch's
 *first* record: the channel (4 bytes) and, for a sequenced batch, one 8-byte number per record
