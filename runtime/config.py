@@ -160,9 +160,9 @@ SETTINGS: tuple[SettingInfo, ...] = (
         "hop_format",
         "hop-format",
         "Format of the repartition records this worker writes: 2 (the default: channel and "
-        "sequence numbers once per record batch) or 1 (a header on every record). Every "
-        "version reads both; use 1 while workers of a version before hop format 2 still run "
-        "(a rolling upgrade), then 2.",
+        "sequence numbers once per record batch) or 1 (a header on every record). This "
+        "version reads both, older ones only 1: in a rolling upgrade from an older version "
+        "use 1 until none of its workers is left, then 2.",
     ),
     SettingInfo(
         "status_interval_s",

@@ -202,6 +202,14 @@ def test_settings_from_code_are_validated_too() -> None:
     assert Settings(checkpoint_interval_ms="250").checkpoint_interval_ms == 250  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", [0, 3, "two"])
+def test_a_hop_format_other_than_1_or_2_is_refused(value: object) -> None:
+    with pytest.raises(SettingsError, match=r"--hop-format / HEADRACE_HOP_FORMAT.*from 1 to 2"):
+        Settings(hop_format=value)  # type: ignore[arg-type]
+    assert Settings().hop_format == 2
+    assert Settings(hop_format="1").hop_format == 1  # type: ignore[arg-type]
+
+
 # -- MODULE:JOB --------------------------------------------------------------------------------
 
 
