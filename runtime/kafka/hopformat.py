@@ -24,7 +24,11 @@ Why this is as safe as a number on every record
   batch (the fetch returns batches from their first record). So headrace's batch reader
   (``kafka/fetch.py``) always sees the first record and resolves every record of the batch
   against it, including after a seek into the middle of a batch (a restore to a cut that lies
-  there). Nothing has to be counted across batches.
+  there). Nothing has to be counted across batches. Nor are batches merged on the way: a
+  producer sends at most one batch per partition in a request (aiokafka's accumulator drains
+  one per partition, as Java's does), and a broker that recompresses (a topic
+  ``compression.type`` other than the producer's) rebuilds a request's batch for a partition
+  as one batch, headers included.
 * **The numbers are still the self-describing ones** (input offset, output index, input
   topic): a paused worker's late batch is numbered by where its records came from, exactly as
   with per-record headers, so the dedupe drops its replays and nothing new (ARCHITECTURE.md
@@ -33,8 +37,8 @@ Why this is as safe as a number on every record
   version since issue 15 (``read_internal``: "not written by headrace"); a worker of an older
   version never mistakes a format-2 record for one without a sequence. A rolling upgrade from
   a version that reads only format 1 is done with ``hop_format=1`` first (``--hop-format 1``,
-  ``HEADRACE_HOP_FORMAT=1``), then without it: every version reads both formats, records of
-  both may be mixed in one partition.
+  ``HEADRACE_HOP_FORMAT=1``), then without it: this version and later ones read both
+  formats, and records of both may be mixed in one partition.
 
 Where the batch is made and read: ``kafka/producer.py`` (``BatchSender``: a task's output tuple
 carries a *mark*, one int with the channel and number, instead of a header list; the sender
